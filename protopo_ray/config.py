@@ -1,0 +1,316 @@
+"""Typed run configuration: data / model / train / resources, loaded from TOML with `--set` overrides.
+
+Every section is a frozen dataclass whose `__post_init__` rejects nonsense, so a bad experiment fails before
+any worker starts. Ray Tune hands plain dicts around; `Config.from_dict` / `Config.to_dict` are the one
+place where they are converted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protopo_ray.alphabet import LABELS, PROTEIN_TYPES
+
+GC_OPERATORS = ("gcn", "graphconv", "cfconv")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class DataConfig:
+    path: str = "data/synthetic"
+    """Shard directory written by `protopo_ray.prepare` (local path, or s3:// / gs://)."""
+    train_folds: tuple[str, ...] = ("train",)
+    """Folds (the `fold` column of the shards) used for training."""
+    val_folds: tuple[str, ...] = ("val",)
+    """Folds used for validation every epoch."""
+    test_folds: tuple[str, ...] = ("test",)
+    """Held-out folds, evaluated once at the end of a search."""
+    batch_size: int = 32
+    """Proteins per batch (per worker)."""
+    max_residues_per_batch: int = 0
+    """Optional residue budget per batch: a batch closes early when it would exceed it (0 = no budget)."""
+    bucket_batches: int = 16
+    """Length bucketing: proteins are sorted by length inside windows of this many batches (1 = random)."""
+    type_weights: dict[str, float] = field(default_factory=dict)
+    """Per-type resampling weights for training, e.g. {"TM" = 2.0}; missing types weigh 1."""
+    max_proteins: int = 0
+    """Use only the first N proteins of each split (0 = all); for quick runs and tests."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path must name a shard directory")
+        _check(bool(self.train_folds), "data.train_folds must list at least one fold")
+        _check(bool(self.val_folds), "data.val_folds must list at least one fold")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_residues_per_batch >= 0, "data.max_residues_per_batch must be >= 0 (0 = no budget)")
+        _check(self.bucket_batches >= 1, f"data.bucket_batches must be >= 1, got {self.bucket_batches}")
+        _check(self.max_proteins >= 0, "data.max_proteins must be >= 0 (0 = all)")
+        for name, weight in self.type_weights.items():
+            _check(name in PROTEIN_TYPES, f"data.type_weights: unknown type {name!r}; known: {PROTEIN_TYPES}")
+            _check(weight > 0, f"data.type_weights[{name!r}] must be > 0, got {weight}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ModelConfig:
+    gc_size: int = 64
+    """Width of the graph-convolution encoder (the seed's GCSize)."""
+    gc_layers: int = 2
+    """Number of graph-convolution layers."""
+    gc_operator: str = "gcn"
+    """gcn (GCNConv), graphconv (GraphConv) or cfconv (distance-aware continuous filter on edge attributes)."""
+    lstm_size: int = 128
+    """Hidden size of each LSTM direction."""
+    lstm_layers: int = 2
+    """Stacked LSTM layers."""
+    bidirectional: bool = True
+    """Run the LSTM in both directions along the chain."""
+    dropout: float = 0.1
+    """Dropout between layers and before the head."""
+    aa_embed_dim: int = 32
+    """Size of the learned amino-acid embedding."""
+
+    def __post_init__(self) -> None:
+        _check(self.gc_size >= 1, f"model.gc_size must be >= 1, got {self.gc_size}")
+        _check(self.gc_layers >= 1, f"model.gc_layers must be >= 1, got {self.gc_layers}")
+        _check(self.gc_operator in GC_OPERATORS, f"model.gc_operator must be one of {GC_OPERATORS}, got {self.gc_operator!r}")
+        _check(self.lstm_size >= 1, f"model.lstm_size must be >= 1, got {self.lstm_size}")
+        _check(self.lstm_layers >= 1, f"model.lstm_layers must be >= 1, got {self.lstm_layers}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.aa_embed_dim >= 1, f"model.aa_embed_dim must be >= 1, got {self.aa_embed_dim}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class TrainConfig:
+    epochs: int = 10
+    """Epochs to train (the total, also when resuming)."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    clip_grad_norm: float = 4.0
+    """Clip the global gradient norm to this value (0 = no clipping; statistics are still recorded)."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warm-up: constant, linear (decay to 0) or cosine."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (fractions allowed)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    label_weights: dict[str, float] = field(default_factory=dict)
+    """Per-residue-class loss weights, e.g. {"M" = 1.5}; missing labels weigh 1."""
+    seed: int = 0
+    """Seed for model init, shuffling and sampling."""
+    metric: str = "val_overlap_acc"
+    """Metric that selects the best checkpoint (and the default search metric)."""
+    mode: str = "max"
+    """max or min, for `metric`."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every N epochs (the last epoch is always saved)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept, the best by `metric`."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    num_threads: int = 0
+    """torch threads per worker (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a positive number, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip_grad_norm >= 0, f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        _check(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name, weight in self.label_weights.items():
+            _check(name in LABELS, f"train.label_weights: unknown label {name!r}; labels are {LABELS}")
+            _check(weight > 0, f"train.label_weights[{name!r}] must be > 0, got {weight}")
+        _check(self.mode in ("max", "min"), f"train.mode must be 'max' or 'min', got {self.mode!r}")
+        _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.num_threads >= 0, f"train.num_threads must be >= 0, got {self.num_threads}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks); 0 runs the loop in the trial's own process."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; fractions only with a single worker (NCCL refuses two ranks on one GPU)."""
+    accelerator_type: str = ""
+    """Ray accelerator type to pin workers to (e.g. A100), empty = any."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train may do before the run fails."""
+    storage: str = "runs"
+    """Where runs, checkpoints and metrics go (local path, or s3:// / gs://)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 0, f"resources.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        fractional = 0 < self.gpus_per_worker < 1 or self.gpus_per_worker != int(self.gpus_per_worker)
+        _check(not (fractional and self.num_workers > 1),
+               f"resources.gpus_per_worker={self.gpus_per_worker} is a GPU fraction; it is only allowed with one worker "
+               f"(got num_workers={self.num_workers}): DDP ranks sharing a GPU fail in NCCL")
+        _check(self.max_failures >= -1, "resources.max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Config:
+    name: str = "run"
+    """Run name: the directory under `resources.storage`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> Config:
+        return _build(cls, values, where)
+
+    def replace(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied, e.g. {"model.lstm_size": 512}."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(values, key, value, where="override")
+        return Config.from_dict(values, where="override")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "resources": ResourcesConfig}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a (nested) dict, naming the offending key on any error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return {str(k): float(v) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML syntax (numbers, booleans, lists, quoted strings), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['model.lstm_size=512', ...] -> {'model.lstm_size': 512, ...}."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. --set model.lstm_size=512")
+        overrides[key.strip()] = parse_value(text.strip())
+    return overrides
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set `a.b.c` in a nested dict, creating tables on the way."""
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}: {key!r} goes through a value that is not a table")
+    node[parts[-1]] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: experiment/config file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- TOML file (sections data/model/train/resources, plus `name`) <- dotted overrides."""
+    values: dict[str, Any] = read_toml(path) if path else {}
+    values = {k: v for k, v in values.items() if k in SECTIONS or k == "name" or k not in _EXPERIMENT_KEYS}
+    for key, value in (overrides or {}).items():
+        set_dotted(values, key, value, where="--set")
+    return Config.from_dict(values, where=str(path) if path else "config")
+
+
+#: Keys an experiment file may carry beside the run config (read by `protopo_ray.experiment`).
+_EXPERIMENT_KEYS = {"stages", "experiment"}
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (what the run actually used)."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
