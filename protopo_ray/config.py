@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from protopo_ray.alphabet import LABELS, PROTEIN_TYPES
 
@@ -124,6 +125,8 @@ class TrainConfig:
     """bf16 autocast on GPU (ignored on CPU)."""
     num_threads: int = 0
     """torch threads per worker (0 = leave torch's default)."""
+    init_checkpoint: str = ""
+    """Continue from this checkpoint directory (weights, optimiser, epoch); how promotion extends a trial."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")

@@ -1,0 +1,102 @@
+"""Checkpoints: everything needed to resume or predict, in one directory, loadable on CPU.
+
+Layout of a checkpoint directory: `state.pt` (model, optimiser, scheduler, epoch, RNG states, resolved
+config, metrics of that epoch) and `meta.json` (epoch and metrics, readable without torch). `meta.json` is
+written last, so a directory without it is a checkpoint whose writing was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under a DDP wrapper (state dicts are saved without the `module.` prefix)."""
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, epoch: int, config: dict,
+                    metrics: dict[str, float]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "rng": rng_state(),
+        "config": config,
+        "metrics": metrics,
+    }
+    torch.save(state, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps({"epoch": epoch, "metrics": metrics}, indent=1, default=float))
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU; a partial or corrupt one raises CheckpointError naming the path."""
+    directory = Path(directory)
+    if not (directory / META_FILE).exists():
+        raise CheckpointError(f"{directory}: incomplete checkpoint (no {META_FILE}); its writing was interrupted")
+    try:
+        # weights_only=False: the state holds numpy RNG state and the config dict, both written by us.
+        return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated zip, pickling garbage, missing file
+        raise CheckpointError(f"{directory / STATE_FILE}: unreadable checkpoint ({type(error).__name__}: {error})") from None
+
+
+def checkpoint_epoch(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / META_FILE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def load_latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest loadable checkpoint among `candidates`; corrupt ones are skipped with a warning."""
+    ordered = sorted(candidates, key=lambda p: (checkpoint_epoch(p), p.name), reverse=True)
+    for directory in ordered:
+        try:
+            return directory, load_checkpoint(directory)
+        except CheckpointError as error:
+            log.warning("skipping checkpoint: %s; trying the previous one", error)
+    return None
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories (those holding a state file) anywhere under a run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return []
+    return [p.parent for p in run_dir.rglob(STATE_FILE)]

@@ -1,0 +1,229 @@
+"""One training run, start to finish: `fit(config, session)`.
+
+The same function runs in-process (`LocalSession`, `python -m protopo_ray.train --local`) and inside every
+Ray Train worker (`worker.RaySession`). A session says where the split tables come from, how the model is
+wrapped (DDP or not), how per-protein results are gathered across ranks, and where metrics and
+checkpoints go. Everything else (the plan of batches, the loop, the metrics) is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from protopo_ray import batching, loop, shards
+from protopo_ray.checkpoint import find_checkpoints, load_latest_valid, restore_rng, save_checkpoint, unwrap
+from protopo_ray.config import Config
+from protopo_ray.metrics import METRIC_KEYS, aggregate
+from protopo_ray.model import TopologyModel
+
+log = logging.getLogger(__name__)
+
+SPLIT_FOLDS = {"train": "train_folds", "val": "val_folds", "test": "test_folds"}
+
+#: Every metric a run reports each epoch (a stage metric must be one of these).
+REPORTED_METRICS = (
+    ("epoch", "val_loss", "epoch_time_s")
+    + tuple(f"val_{key}" for key in METRIC_KEYS)
+    + tuple(loop.EpochStats().as_metrics().keys())
+)
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+
+    def load_split(self, split: str) -> pa.Table: ...
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
+    def gather(self, value: Any) -> list[Any]: ...
+    def resume_state(self) -> dict[str, Any] | None: ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+
+def split_table(table: pa.Table, config: Config) -> pa.Table:
+    """Deterministic row order (by id) whatever order the shards were read in; optional size cap."""
+    table = table.sort_by("id")
+    if config.data.max_proteins:
+        table = table.slice(0, config.data.max_proteins)
+    return table
+
+
+def validate_data(config: Config) -> dict[str, Any]:
+    """Fail before any worker starts: shards exist, every configured fold is in them, no split is empty."""
+    manifest = shards.read_manifest(config.data.path)
+    folds = manifest.get("counts", {}).get("fold", {})
+    for split, attr in SPLIT_FOLDS.items():
+        wanted = getattr(config.data, attr)
+        missing = [f for f in wanted if f not in folds]
+        if missing:
+            raise ValueError(f"data.{attr}: fold(s) {missing} not in the shards at {config.data.path} "
+                             f"(folds there: {sorted(folds)}); fix the experiment's folds or re-run prepare")
+        if split != "test" and sum(folds.get(f, 0) for f in wanted) == 0:
+            raise ValueError(f"data.{attr} = {list(wanted)}: the {split} split is empty in {config.data.path}")
+    return manifest
+
+
+def row_weights(table: pa.Table, config: Config) -> np.ndarray | None:
+    if not config.data.type_weights:
+        return None
+    types = table.column("type").to_pylist()
+    return np.array([config.data.type_weights.get(t, 1.0) for t in types], dtype=np.float64)
+
+
+def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2):
+    """Collate the planned batches (Arrow rows -> PyG Batch) ahead of the training step."""
+    return loop.prefetch(lambda idx: shards.table_to_batch(table.take(pa.array(idx))), plan, prefetch_depth)
+
+
+def evaluate_split(model, table: pa.Table, config: Config, device, session: Session | None = None) -> dict[str, float]:
+    """Loss and the full metric dict over a split; with a session, over all ranks' slices of it."""
+    plan = batching.eval_batches(table.column("length").to_numpy(), config.data.batch_size,
+                                 config.data.max_residues_per_batch)
+    if session is not None and session.world_size > 1:
+        plan = plan[session.rank :: session.world_size]  # every protein on exactly one rank
+    loss_sum, residues, results = loop.evaluate(model, iter_batches(table, plan), device, config.train.bf16)
+    if session is not None and session.world_size > 1:
+        gathered = session.gather((loss_sum, residues, results))
+        loss_sum = sum(g[0] for g in gathered)
+        residues = sum(g[1] for g in gathered)
+        results = [r for g in gathered for r in g[2]]
+    metrics = aggregate(results)
+    metrics["loss"] = loss_sum / max(1, residues)
+    return metrics
+
+
+def fit(config: Config, session: Session) -> dict[str, float]:
+    """Train for `config.train.epochs` epochs (resuming where a checkpoint says), report every epoch."""
+    cfg = config.train
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = loop.resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        device = torch.device("cuda", session.rank % torch.cuda.device_count())
+    loop.set_seed(cfg.seed)
+    train_table = split_table(session.load_split("train"), config)
+    val_table = split_table(session.load_split("val"), config)
+    lengths = train_table.column("length").to_numpy()
+    weights = row_weights(train_table, config)
+
+    def epoch_plan(epoch: int) -> list[np.ndarray]:
+        plan = batching.plan_batches(lengths, config.data.batch_size, max_residues=config.data.max_residues_per_batch,
+                                     bucket_batches=config.data.bucket_batches, seed=cfg.seed, epoch=epoch,
+                                     weights=weights)
+        return batching.shard_batches(plan, session.rank, session.world_size)
+
+    model = session.prepare_model(TopologyModel(config.model).to(device), device)
+    optimizer = loop.build_optimizer(model, cfg)
+    scheduler = loop.build_scheduler(optimizer, cfg, steps_per_epoch=max(1, len(epoch_plan(0))))
+    loss_fn = loop.build_loss(cfg)
+
+    start_epoch = 0
+    state = session.resume_state()
+    if state is not None:
+        unwrap(model).load_state_dict(state["model"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start_epoch = int(state["epoch"])
+        log.info("resumed at epoch %d", start_epoch)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        plan = epoch_plan(epoch)
+        stats = loop.train_epoch(model, iter_batches(train_table, plan), optimizer, scheduler, loss_fn, cfg, device)
+        val = evaluate_split(model, val_table, config, device, session)
+        metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
+                   **stats.as_metrics(), "train_padding_efficiency": batching.padding_efficiency(lengths, plan),
+                   "epoch_time_s": time.perf_counter() - started}
+        metrics = {k: float(v) for k, v in metrics.items()}
+        last = epoch + 1 == cfg.epochs
+        keep = last or (epoch + 1) % cfg.checkpoint_every == 0
+        with tempfile.TemporaryDirectory(prefix="protopo-ckpt-") as tmp:
+            checkpoint_dir = None
+            if keep and session.rank == 0:
+                checkpoint_dir = save_checkpoint(Path(tmp) / f"epoch_{epoch + 1:04d}", model=model, optimizer=optimizer,
+                                                 scheduler=scheduler, epoch=epoch + 1, config=config.to_dict(),
+                                                 metrics=metrics)
+            session.report(metrics, checkpoint_dir)
+    return metrics
+
+
+class LocalSession:
+    """In-process run: tables from the shard directory, checkpoints and metrics.jsonl under storage/name."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, config: Config, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(config.resources.storage) / config.name
+        existing = find_checkpoints(self.run_dir)
+        if existing and not resume and not config.train.init_checkpoint:
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
+                                  f"or choose another name (--set name=...)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.kept: list[tuple[float, Path]] = []
+
+    def load_split(self, split: str) -> pa.Table:
+        return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
+
+    def prepare_model(self, model, device):
+        return model
+
+    def gather(self, value):
+        return [value]
+
+    def resume_state(self):
+        candidates = find_checkpoints(self.run_dir) if self.resume else []
+        if not candidates and self.config.train.init_checkpoint:
+            candidates = [Path(self.config.train.init_checkpoint)]
+        found = load_latest_valid(candidates)
+        return found[1] if found else None
+
+    def report(self, metrics, checkpoint_dir):
+        with (self.run_dir / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+        log.info("epoch %d: %s", metrics["epoch"], {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")})
+        if checkpoint_dir is None:
+            return
+        target = self.run_dir / f"checkpoint_{checkpoint_dir.name}"
+        shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+        self._keep_best(metrics, target)
+
+    def _keep_best(self, metrics: dict[str, float], target: Path) -> None:
+        cfg = self.config.train
+        score = metrics.get(cfg.metric, float("nan"))
+        self.kept.append((score, target))
+        # The newest checkpoint always stays (it is what --resume needs); the rest compete on the metric.
+        newest = self.kept[-1]
+        ranked = sorted(self.kept[:-1], key=lambda item: (np.nan_to_num(item[0], nan=-np.inf if cfg.mode == "max"
+                                                                         else np.inf)), reverse=cfg.mode == "max")
+        keep = ranked[: max(0, cfg.keep_checkpoints - 1)]
+        for item in ranked[len(keep):]:
+            shutil.rmtree(item[1], ignore_errors=True)
+        self.kept = keep + [newest]
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, config: Config | None = None, split: str = "val",
+                        device: str = "cpu") -> dict[str, float]:
+    """Single-process evaluation of a checkpoint on a split of its (or the given) config's data."""
+    from protopo_ray.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint_dir)
+    config = config or Config.from_dict(state["config"])
+    model = TopologyModel(config.model)
+    model.load_state_dict(state["model"])
+    table = split_table(shards.read_table(config.data.path, folds=getattr(config.data, SPLIT_FOLDS[split])), config)
+    return evaluate_split(model.to(device), table, config, torch.device(device))

@@ -1,0 +1,159 @@
+"""`python -m protopo_ray.train`: one training run, in-process (`--local`) or as a Ray Train DDP job.
+
+    python -m protopo_ray.train --config experiments/smoke.toml --local
+    python -m protopo_ray.train --config experiments/train_default.toml --num-workers 2 --storage runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from protopo_ray.config import Config, load_config, parse_overrides, save_config
+from protopo_ray.runner import LocalSession, fit, validate_data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m protopo_ray.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="TOML file with [data] [model] [train] [resources] sections")
+    parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
+    parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions only with one worker)")
+    parser.add_argument("--storage", help="where runs go: local directory or s3:// / gs:// URI")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set model.lstm_size=512")
+    parser.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.set)
+    if args.num_workers is not None:
+        overrides["resources.num_workers"] = args.num_workers
+    if args.gpus_per_worker is not None:
+        overrides["resources.gpus_per_worker"] = args.gpus_per_worker
+    if args.storage:
+        overrides["resources.storage"] = args.storage
+    return load_config(args.config, overrides)
+
+
+def ray_init(**kwargs: Any) -> None:
+    """Join the running cluster (RAY_ADDRESS or a local `ray start`), else start one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address is None:
+        try:
+            ray.init(address="auto", **kwargs)
+        except (ConnectionError, RuntimeError):
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
+    print(f"Ray dashboard: http://{url or ray.worker.get_dashboard_url()}", flush=True)
+
+
+def split_dataset(config: Config, folds: tuple[str, ...]):
+    import pyarrow.compute as pc
+    import ray.data
+
+    from protopo_ray.shards import shard_files
+
+    files, filesystem = shard_files(config.data.path)
+    return ray.data.read_parquet(files, filesystem=filesystem, filter=pc.field("fold").isin(list(folds)))
+
+
+def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None):
+    """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from protopo_ray.worker import train_fn_per_worker
+
+    res = config.resources
+    use_gpu = res.gpus_per_worker > 0
+    resources_per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        resources_per_worker["GPU"] = res.gpus_per_worker
+    scaling = ray.train.ScalingConfig(num_workers=max(1, res.num_workers), use_gpu=use_gpu,
+                                      resources_per_worker=resources_per_worker,
+                                      accelerator_type=res.accelerator_type or None)
+    cfg = config.train
+    run_config = ray.train.RunConfig(
+        name=run_name or config.name,
+        storage_path=storage_uri(res.storage),
+        failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.metric,
+                                                     checkpoint_score_order=cfg.mode),
+        callbacks=callbacks,
+    )
+    datasets = {"train": split_dataset(config, config.data.train_folds), "val": split_dataset(config, config.data.val_folds)}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+        # No Ray-side split: every rank reads the whole split and takes its slice of one global plan.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+
+
+def storage_uri(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).resolve())
+
+
+def run_ray(config: Config, resume: bool = False) -> dict[str, float]:
+    validate_data(config)
+    run_dir = Path(storage_uri(config.resources.storage)) / config.name
+    if "://" not in config.resources.storage and run_dir.exists() and not resume:
+        raise FileExistsError(f"{run_dir} exists; pass --resume to continue that run or choose another name (--set name=...)")
+    ray_init()
+    result = build_trainer(config).fit()
+    metrics = dict(result.metrics or {})
+    if "://" not in config.resources.storage:
+        write_metrics_jsonl(result, run_dir / "metrics.jsonl")
+        save_config(config, run_dir / "config.json")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+    return metrics
+
+
+def write_metrics_jsonl(result, path: Path) -> None:
+    frame = result.metrics_dataframe
+    if frame is None:
+        return
+    with path.open("w") as handle:
+        for row in frame.to_dict(orient="records"):
+            handle.write(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(args)
+        if args.local:
+            validate_data(config)
+            session = LocalSession(config, resume=args.resume)
+            save_config(config, session.run_dir / "config.json")
+            metrics = fit(config, session)
+        else:
+            metrics = run_ray(config, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

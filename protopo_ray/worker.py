@@ -1,0 +1,92 @@
+"""Ray Train side of a run: the per-worker function and its session (datasets, DDP, gather, report).
+
+Data path: the driver builds one Ray Data `read_parquet` dataset per split (fold filter pushed into the
+Parquet read); each worker streams the whole split once as Arrow batches and keeps it in memory. Every
+rank then cuts the same seeded, length-bucketed global plan and takes its own slice (`batching.shard_batches`)
+so ranks see disjoint data, the same number of steps, and a fresh global shuffle each epoch. Measured here:
+re-running a Ray Data pipeline every epoch cost seconds per epoch on 2 cores, more than the epoch itself on
+small splits, so the split is streamed once and collated on the worker in a prefetch thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from protopo_ray.checkpoint import CheckpointError, load_checkpoint, load_latest_valid
+from protopo_ray.config import Config
+from protopo_ray.runner import fit
+
+log = logging.getLogger(__name__)
+
+
+class RaySession:
+    def __init__(self, config: Config) -> None:
+        import ray.train
+
+        self.config = config
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+
+    def load_split(self, split: str) -> pa.Table:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(split)
+        parts = list(shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2))
+        if not parts:
+            raise ValueError(f"the {split} split streamed no rows from {self.config.data.path}")
+        return pa.concat_tables(parts).combine_chunks()
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world_size <= 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def gather(self, value: Any) -> list[Any]:
+        if self.world_size <= 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def resume_state(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            path = Path(checkpoint.path)
+            try:
+                with checkpoint.as_directory() as directory:
+                    return load_checkpoint(directory)
+            except CheckpointError as error:
+                # Ray hands back only its latest checkpoint; fall back to earlier ones of this run.
+                log.warning("%s; looking for an earlier checkpoint of this run", error)
+                siblings = [p for p in path.parent.iterdir() if p.is_dir() and p != path]
+                found = load_latest_valid(siblings)
+                if found:
+                    return found[1]
+        if self.config.train.init_checkpoint:
+            return load_checkpoint(self.config.train.init_checkpoint)
+        return None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
+
+
+def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
+    """Ray Train entry point: one call per worker, the config as a plain dict."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = Config.from_dict(config_dict)
+    fit(config, RaySession(config))
