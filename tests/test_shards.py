@@ -1,0 +1,201 @@
+"""Shards: write -> read round trip, shard bounds, fold filter, manifest, and the vectorised collation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from protopo_ray.alphabet import encode_labels
+from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph, edge_features
+from protopo_ray.records import ProteinRecord
+from protopo_ray.shards import (
+    SCHEMA_VERSION,
+    read_manifest,
+    read_table,
+    record_to_row,
+    records_to_batch,
+    sha256_file,
+    table_to_batch,
+    table_to_data_list,
+    write_shards,
+)
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch_geometric")
+from torch_geometric.data import Batch  # noqa: E402
+
+
+def make_proteins(num: int, seed: int = 0, k: int = 4) -> tuple[list[ProteinRecord], list]:
+    """Mixed proteins: every third has no structure, every fourth is unlabelled, one has a missing residue."""
+    rng = np.random.default_rng(seed)
+    records, graphs = [], []
+    for i in range(num):
+        length = int(rng.integers(3, 40))
+        sequence = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), length))
+        labelled = i % 4 != 3
+        labels = "".join(rng.choice(list("IOM"), length)) if labelled else ""
+        ca = None
+        if i % 3:
+            ca = np.cumsum(rng.normal(scale=2.2, size=(length, 3)), axis=0).astype(np.float32)
+            if i == 1:
+                ca[1] = np.nan
+        records.append(ProteinRecord(id=f"P{i:03d}", sequence=sequence, labels=labels,
+                                     type=("TM", "GLOBULAR")[i % 2] if labelled else "", fold=f"cv{i % 3}"))
+        graphs.append(build_graph(sequence, ca, k=k))
+    return records, graphs
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    records, graphs = make_proteins(12)
+    source = tmp_path / "labels.3line"
+    source.write_text(">x\nA\nI\n")
+    manifest = write_shards((record_to_row(r, g) for r, g in zip(records, graphs)), tmp_path / "shards", k=4,
+                            sources={str(source): sha256_file(source)}, extra={"note": "test"},
+                            max_rows_per_shard=5)
+    return tmp_path / "shards", records, graphs, manifest
+
+
+def test_round_trip_is_exact_for_ints_and_float16_close_for_floats(shard_dir):
+    path, records, graphs, _ = shard_dir
+    table = read_table(path)
+    assert table["id"].to_pylist() == [r.id for r in records]
+    for row, record, graph in zip(table.to_pylist(), records, graphs):
+        assert (row["sequence"], row["labels"], row["fold"], row["length"]) == (
+            record.sequence, record.labels, record.fold, len(record.sequence))
+        assert row["aa"] == graph.aa.tolist()
+        assert [row["edge_src"], row["edge_dst"]] == graph.edge_index.tolist()
+        np.testing.assert_allclose(np.reshape(row["node_features"], (-1, len(NODE_FEATURES))),
+                                   graph.node_features, rtol=1e-3, atol=1e-3)
+        if graph.graph_source == "structure":
+            np.testing.assert_allclose(np.array(row["edge_distance"], dtype=np.float32), graph.edge_distance,
+                                       rtol=1e-3, equal_nan=True)
+            np.testing.assert_array_equal(np.reshape(np.array(row["ca"], dtype=np.float32), (-1, 3)), graph.ca)
+        else:
+            assert row["edge_distance"] is None and row["ca"] is None
+
+
+def test_batch_tensors_match_the_graphs(shard_dir):
+    path, records, graphs, _ = shard_dir
+    batch = table_to_batch(read_table(path))
+    assert batch.num_graphs == len(records)
+    lengths = [len(r.sequence) for r in records]
+    assert batch.lengths.tolist() == lengths
+    assert batch.ptr.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    assert batch.batch.tolist() == np.repeat(np.arange(len(records)), lengths).tolist()
+    assert batch.aa.dtype == torch.long and batch.aa.tolist() == np.concatenate([g.aa for g in graphs]).tolist()
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    expected_edges = np.concatenate([g.edge_index + o for g, o in zip(graphs, offsets)], axis=1)
+    assert batch.edge_index.dtype == torch.long and batch.edge_index.tolist() == expected_edges.tolist()
+    expected_attr = np.concatenate([edge_features(g.edge_index, g.edge_distance) for g in graphs])
+    assert batch.edge_attr.shape == (expected_edges.shape[1], len(EDGE_FEATURES))
+    np.testing.assert_allclose(batch.edge_attr.numpy(), expected_attr, rtol=1e-3, atol=1e-4)
+    assert not torch.isnan(batch.edge_attr).any()  # the missing residue's NaN distances become 0
+    np.testing.assert_allclose(batch.x.numpy(), np.concatenate([g.node_features for g in graphs]), atol=1e-3)
+    assert batch.x.dtype == torch.float32
+    assert batch.protein_id == [r.id for r in records] and batch.sequence == [r.sequence for r in records]
+    assert batch.ptype == [r.type for r in records]
+
+
+def test_unlabelled_rows_give_ignore_index(shard_dir):
+    path, records, _, _ = shard_dir
+    batch = table_to_batch(read_table(path))
+    for i, record in enumerate(records):
+        y = batch.y[batch.ptr[i]:batch.ptr[i + 1]].tolist()
+        assert y == (encode_labels(record.labels) if record.labels else [-100] * len(record.sequence))
+
+
+def test_batch_equals_from_data_list(shard_dir):
+    path, _, _, _ = shard_dir
+    table = read_table(path)
+    fast, slow = table_to_batch(table), Batch.from_data_list(table_to_data_list(table))
+    assert set(fast.keys()) == set(slow.keys())
+    for key in slow.keys():
+        if isinstance(slow[key], torch.Tensor):
+            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), key
+        else:
+            assert fast[key] == slow[key], key
+    assert fast.num_graphs == slow.num_graphs
+    # The slice bookkeeping matches too, so splitting a batch back into graphs works.
+    for one, other in [(fast.get_example(3), slow.get_example(3)), (fast.to_data_list()[1], slow.to_data_list()[1])]:
+        assert set(one.keys()) == set(other.keys())
+        for key in other.keys():
+            value = other[key]
+            assert torch.equal(one[key], value) if isinstance(value, torch.Tensor) else one[key] == value, key
+    moved = fast.to("cpu")
+    assert moved.num_graphs == fast.num_graphs and torch.equal(moved["x"], fast.x)
+
+
+def test_batch_over_several_record_batches_and_slices(shard_dir):
+    path, _, _, _ = shard_dir
+    table = read_table(path)  # one chunk per shard: the flattening must cross chunk boundaries
+    assert table["id"].num_chunks > 1
+    sliced = table.slice(3, 6)  # Ray Data hands slices with non-zero offsets
+    fast, slow = table_to_batch(sliced), Batch.from_data_list(table_to_data_list(sliced))
+    for key in ("x", "y", "edge_index", "edge_attr", "aa", "batch", "ptr"):
+        assert torch.equal(fast[key], slow[key]), key
+
+
+def test_shards_are_bounded(tmp_path):
+    records, graphs = make_proteins(23)
+    rows = [record_to_row(r, g) for r, g in zip(records, graphs)]
+    manifest = write_shards(rows, tmp_path / "rows", k=4, max_rows_per_shard=5)
+    assert [s["num_rows"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
+    assert sorted(p.name for p in (tmp_path / "rows").glob("part-*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(5)]
+    by_bytes = write_shards(rows, tmp_path / "bytes", k=4, max_bytes_per_shard=2000)
+    assert len(by_bytes["shards"]) > 2 and sum(s["num_rows"] for s in by_bytes["shards"]) == 23
+    assert read_table(tmp_path / "bytes").num_rows == 23
+
+
+def test_manifest_counts_and_sources(shard_dir):
+    path, records, graphs, manifest = shard_dir
+    assert read_manifest(path) == json.loads((path / "manifest.json").read_text()) == manifest
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["num_proteins"] == 12
+    assert manifest["counts"]["fold"] == {"cv0": 4, "cv1": 4, "cv2": 4}
+    assert manifest["counts"]["type"] == {"": 3, "GLOBULAR": 3, "TM": 6}
+    assert manifest["counts"]["graph_source"] == {"sequence": 4, "structure": 8}
+    assert manifest["num_residues"] == sum(len(r.sequence) for r in records)
+    assert manifest["k"] == 4 and manifest["node_features"] == list(NODE_FEATURES)
+    assert manifest["edge_features"] == list(EDGE_FEATURES) and manifest["extra"] == {"note": "test"}
+    (source, digest), = manifest["sources"].items()
+    assert len(digest) == 64 and digest == sha256_file(source)
+
+
+def test_fold_filter_and_columns(shard_dir):
+    path, records, _, _ = shard_dir
+    table = read_table(path, folds=["cv1", "cv2"], columns=["id", "length"])
+    assert table.column_names == ["id", "length"]
+    assert table["id"].to_pylist() == [r.id for r in records if r.fold in ("cv1", "cv2")]
+    with pytest.raises(ValueError, match="cv9"):
+        read_table(path, folds=["cv9"])
+
+
+def test_missing_manifest_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m protopo_ray.prepare") as error:
+        read_table(tmp_path)
+    assert str(tmp_path) in str(error.value)
+
+
+def test_other_schema_version_is_rejected(shard_dir):
+    path = shard_dir[0]
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="schema version"):
+        read_manifest(path)
+
+
+def test_records_to_batch_for_prediction():
+    records = [ProteinRecord(id="q1", sequence="ACDEFG"), ProteinRecord(id="q2", sequence="MKV")]
+    graphs = [build_graph(r.sequence) for r in records]
+    batch = records_to_batch(records, graphs)
+    assert batch.num_graphs == 2 and batch.protein_id == ["q1", "q2"]
+    assert (batch.y == -100).all() and batch.x.shape == (9, len(NODE_FEATURES))
+
+
+def test_row_rejects_a_graph_of_another_length():
+    with pytest.raises(ValueError, match="P1"):
+        record_to_row(ProteinRecord(id="P1", sequence="ACD"), build_graph("ACDE"))
