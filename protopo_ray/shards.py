@@ -229,6 +229,13 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def shard_files(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> tuple[list[str], pafs.FileSystem]:
+    """The Parquet files the manifest lists (never stray files of an interrupted run) and their filesystem."""
+    manifest = manifest or read_manifest(path)
+    fs, root = _filesystem(path)
+    return [f"{root}/{shard['file']}" for shard in manifest["shards"]], fs
+
+
 def read_table(path: str | os.PathLike, folds: Sequence[str] | None = None,
                columns: Sequence[str] | None = None) -> pa.Table:
     """All shards of `path` as one table (rows in shard order), optionally only the given folds/columns."""
@@ -240,8 +247,7 @@ def read_table(path: str | os.PathLike, folds: Sequence[str] | None = None,
         unknown = [fold for fold in folds if fold not in known]
         if unknown:
             raise ValueError(f"{path}: fold(s) {unknown} not in the shards; folds there: {sorted(known)}")
-    fs, root = _filesystem(path)
-    files = [f"{root}/{shard['file']}" for shard in manifest["shards"]]
+    files, fs = shard_files(path, manifest)
     columns = list(columns) if columns is not None else None
     if not files:
         table = SCHEMA.empty_table()

@@ -1,0 +1,241 @@
+"""`python -m protopo_ray.tune`: the whole search — stages of Ray Tune trials, promotion, winner, report.
+
+    python -m protopo_ray.tune                          # experiments/default.toml on the synthetic set
+    python -m protopo_ray.tune experiments/full.toml --data data/deeptmhmm --storage s3://bucket/runs
+    python -m protopo_ray.tune experiments/full.toml --dry-run          # print the hardware plan and exit
+    python -m protopo_ray.tune experiments/full.toml --resume           # continue an interrupted search
+
+Layout of an experiment directory (STORAGE/NAME): experiment.json, stages/<stage>.json (one per finished
+stage), tune/<stage>/ (Ray Tune's own state, what --resume restores), train/ (the trials' Ray Train runs and
+checkpoints), winner/ (winner.json + the winning checkpoint), report.md and plots/, wandb/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from protopo_ray import hardware, stages
+from protopo_ray.config import Config, parse_overrides
+from protopo_ray.experiment import Experiment, StageSpec, load_experiment
+
+log = logging.getLogger(__name__)
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m protopo_ray.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", nargs="?", help="experiment TOML (default: experiments/default.toml)")
+    parser.add_argument("--data", help="shard directory (overrides data.path)")
+    parser.add_argument("--storage", help="where the experiment goes (overrides resources.storage)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config value")
+    parser.add_argument("--dry-run", action="store_true", help="print the inventory and the stage plans, then exit")
+    parser.add_argument("--cluster", help="plan for this cluster.yaml's full size instead of the running cluster (dry run)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    parser.add_argument("--stages", help="comma-separated subset of stages to run")
+    parser.add_argument("--no-wandb", action="store_true", help="no W&B runs")
+    return parser
+
+
+def resolve_experiment(args: argparse.Namespace) -> Experiment:
+    overrides = parse_overrides(args.set)
+    if args.data:
+        overrides["data.path"] = args.data
+    if args.storage:
+        overrides["resources.storage"] = args.storage
+    experiment = load_experiment(args.experiment or EXPERIMENTS / "default.toml", overrides)
+    # Trials run in other processes (and other working directories on a cluster): make local paths absolute.
+    fixes = {}
+    if "://" not in experiment.base.data.path:
+        fixes["data.path"] = str(Path(experiment.base.data.path).resolve())
+    if "://" not in experiment.base.resources.storage:
+        fixes["resources.storage"] = str(Path(experiment.base.resources.storage).resolve())
+    if fixes:
+        experiment = Experiment(name=experiment.name, base=experiment.base.replace(fixes), stages=experiment.stages,
+                                synthetic=experiment.synthetic, seed=experiment.seed,
+                                wandb_project=experiment.wandb_project, source=experiment.source)
+    return experiment
+
+
+def max_length(config: Config) -> int:
+    from protopo_ray.shards import read_table
+
+    lengths = read_table(config.data.path, columns=["length"]).column("length")
+    return int(max(lengths.to_pylist(), default=1))
+
+
+def stage_configs(stage: StageSpec, base: Config) -> list[Config]:
+    if stage.search == "grid":
+        return [base.replace(point) for point in stages.grid_points(stage)]
+    # HyperOpt: size the plan for the largest corner of the space.
+    corner = {k: (max(s["values"]) if s["dist"] == "choice" else s["high"]) for k, s in stage.space.items()}
+    return [base.replace({k: v for k, v in corner.items() if not isinstance(v, str)})]
+
+
+def plan_stage(stage: StageSpec, base: Config, inventory, max_len: int, promoted: int | None = None):
+    if stage.kind == "promotion":
+        footprint = max(hardware.trial_footprints([base], max_len))
+        return hardware.plan_promotion(inventory, footprint, num_trials=promoted or stage.top_k)
+    configs = stage_configs(stage, base)
+    return hardware.plan_search(inventory, hardware.trial_footprints(configs, max_len),
+                                num_trials=stages.num_trials(stage), cpus_per_trial=base.resources.cpus_per_worker)
+
+
+def ensure_data(experiment: Experiment) -> None:
+    from protopo_ray.shards import read_manifest
+
+    path = experiment.base.data.path
+    try:
+        read_manifest(path)
+    except FileNotFoundError:
+        if not experiment.synthetic:
+            raise
+        from protopo_ray.prepare import ensure_synthetic
+
+        print(f"preparing the embedded synthetic set ({experiment.synthetic} proteins) at {path}", flush=True)
+        ensure_synthetic(path, experiment.synthetic, experiment.seed)
+
+
+def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_dir: Path, inventory, max_len: int,
+              records: dict[str, dict], resume: bool, use_wandb: bool) -> dict[str, Any]:
+    from ray import tune
+
+    from protopo_ray.tracking import wandb_callbacks
+
+    promoted = None
+    if stage.kind == "promotion":
+        sources = [records[name] for name in (stage.from_stages or [list(records)[-1]])]
+        promoted = stages.promotion_candidates(sources, stage)
+        if not promoted:
+            raise RuntimeError(f"stage {stage.name!r}: no trial with a checkpoint to promote from {list(stage.from_stages)}")
+        base = base.replace({k: v for k, v in promoted[0].items() if not k.startswith("_")})
+    plan = plan_stage(stage, base, inventory, max_len, promoted=len(promoted) if promoted else None)
+    print(hardware.format_plan(plan, inventory), flush=True)
+    tune_dir = exp_dir / "tune" / stage.name
+    restore = resume and tune.Tuner.can_restore(str(tune_dir))
+    callbacks = wandb_callbacks(enabled=use_wandb, project=experiment.wandb_project, experiment=experiment.name,
+                                stage=stage.name, log_dir=exp_dir / "wandb")
+    train_storage = str(exp_dir / "train")
+    started = time.time()
+    tuner = stages.build_tuner(stage, base=base, plan=plan, tune_dir=tune_dir, train_storage=train_storage,
+                               driver_resources=hardware.driver_resources(inventory), callbacks=callbacks, seed=experiment.seed,
+                               promoted=promoted, restore=restore)
+    results = tuner.fit()
+    record = stages.collect_stage(results, stage, base=base, plan=plan, wall_time_s=time.time() - started,
+                                  train_storage=train_storage, overrides=plan.resources_overrides())
+    stages.save_stage(record, exp_dir / "stages" / f"{stage.name}.json")
+    print(f"stage {stage.name}: {len(record['trials'])} trials, best {record['best_trial']}, "
+          f"epochs {record['epochs_run']}/{record['epochs_full']}, {record['wall_time_s']:.0f} s", flush=True)
+    return record
+
+
+def best_trial(record: dict[str, Any]) -> dict[str, Any] | None:
+    return next((t for t in record["trials"] if t["trial_id"] == record["best_trial"]), None)
+
+
+def pick_winner(record: dict[str, Any], exp_dir: Path) -> dict[str, Any] | None:
+    """Copy the best trial's checkpoint to winner/ and evaluate it once on the held-out test folds."""
+    from protopo_ray.runner import evaluate_checkpoint
+
+    trial = best_trial(record)
+    if trial is None or not trial.get("checkpoint"):
+        return None
+    target = exp_dir / "winner" / "checkpoint"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(trial["checkpoint"], target)
+    config = Config.from_dict(trial["config"])
+    test: dict[str, Any] = {}
+    if config.data.test_folds:
+        test = evaluate_checkpoint(target, config.replace({"data.max_proteins": 0}), split="test")
+    winner = {"stage": record["stage"], "trial_id": trial["trial_id"], "params": trial["params"], "config": trial["config"],
+              "val": trial["best"], "test": test, "checkpoint": str(target)}
+    (exp_dir / "winner" / "winner.json").write_text(json.dumps(winner, indent=1, default=_json_nan))
+    return winner
+
+
+def _json_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        experiment = resolve_experiment(args)
+        selected = args.stages.split(",") if args.stages else [s.name for s in experiment.stages]
+        for name in selected:
+            experiment.stage(name)
+        exp_dir = Path(experiment.base.resources.storage) / experiment.name
+        if (exp_dir / "experiment.json").exists() and not (args.resume or args.dry_run or args.stages):
+            raise FileExistsError(f"{exp_dir} holds an experiment already; --resume continues it, "
+                                  f"--set name=... starts another")
+        ensure_data(experiment)
+        from protopo_ray.runner import validate_data
+
+        validate_data(experiment.base)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    if args.cluster:
+        inventory = hardware.inventory_from_cluster_yaml(args.cluster)
+    else:
+        from protopo_ray.train import ray_init
+
+        ray_init()
+        inventory = hardware.read_inventory()
+    print(hardware.format_inventory(inventory))
+    max_len = max_length(experiment.base)
+    try:
+        for stage in experiment.stages:
+            if stage.kind == "search":
+                print(hardware.format_plan(plan_stage(stage, experiment.base, inventory, max_len), inventory))
+    except hardware.PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / "experiment.json").write_text(json.dumps(
+        {"name": experiment.name, "source": experiment.source, "stages": [s.name for s in experiment.stages],
+         "base": experiment.base.to_dict()}, indent=1))
+    records: dict[str, dict] = {}
+    base = experiment.base
+    started = time.time()
+    for stage in experiment.stages:
+        record_path = exp_dir / "stages" / f"{stage.name}.json"
+        if stage.inherit == "best" and records:
+            previous = best_trial(list(records.values())[-1])
+            if previous:
+                base = Config.from_dict(previous["config"]).replace(
+                    {"resources.storage": experiment.base.resources.storage})
+        if record_path.exists() and (args.resume or stage.name not in selected):
+            records[stage.name] = json.loads(record_path.read_text())
+            print(f"stage {stage.name}: already finished, loaded {record_path}")
+            continue
+        if stage.name not in selected:
+            continue
+        records[stage.name] = run_stage(stage, base, experiment=experiment, exp_dir=exp_dir, inventory=inventory,
+                                        max_len=max_len, records=records, resume=args.resume,
+                                        use_wandb=not args.no_wandb)
+    winner = pick_winner(list(records.values())[-1], exp_dir) if records else None
+    from protopo_ray.report import write_report
+
+    report = write_report(exp_dir)
+    print(f"search finished in {time.time() - started:.0f} s; report: {report}")
+    if winner:
+        print(f"winner: {winner['trial_id']} ({winner['stage']}), checkpoint {winner['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
