@@ -1,0 +1,174 @@
+"""TopologyModel on hand-built PyG batches: shapes, padding invariance, every operator's gradients, causality,
+parameter counts and the memory footprint's monotonicity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch_geometric.data import Batch, Data
+
+from protopo_ray.alphabet import NUM_LABELS
+from protopo_ray.config import GC_OPERATORS, ModelConfig
+from protopo_ray.model import TopologyModel, count_parameters, footprint, reverse_within_length
+
+SMALL = ModelConfig(gc_size=16, gc_layers=2, lstm_size=12, lstm_layers=2, aa_embed_dim=8, dropout=0.2)
+
+
+def protein(length: int, seed: int, window: int = 2, with_edges: bool = True) -> Data:
+    """A chain of `length` residues; edges to sequence neighbours within `window`, every third with a distance."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(i, j) for i in range(length) for j in range(length) if i != j and abs(i - j) <= window]
+    if not with_edges:
+        pairs = []
+    edge_index = torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
+    num_edges = edge_index.size(1)
+    has_distance = (torch.arange(num_edges) % 3 == 0).float()
+    separation = (edge_index[1] - edge_index[0]).float()
+    edge_attr = torch.stack([
+        has_distance * (0.38 + 0.1 * torch.rand(num_edges, generator=g)),
+        separation.sign() * torch.log1p(separation.abs()) / torch.log1p(torch.tensor(1000.0)),
+        has_distance,
+    ], dim=1)
+    return Data(
+        aa=torch.randint(0, 21, (length,), generator=g),
+        x=torch.rand(length, 8, generator=g),
+        edge_index=edge_index,
+        edge_attr=edge_attr,
+        y=torch.randint(0, NUM_LABELS, (length,), generator=g),
+        num_nodes=length,
+    )
+
+
+def build(cfg: ModelConfig = SMALL, seed: int = 0) -> TopologyModel:
+    torch.manual_seed(seed)
+    return TopologyModel(cfg)
+
+
+def test_logits_one_row_per_residue_for_three_graphs_of_different_lengths():
+    batch = Batch.from_data_list([protein(5, 0), protein(9, 1), protein(3, 2)])
+    logits = build()(batch)
+    assert logits.shape == (17, NUM_LABELS)
+    assert logits.shape[0] == batch.y.shape[0]
+    assert torch.isfinite(logits).all()
+
+
+def test_keyword_call_matches_batch_call():
+    batch = Batch.from_data_list([protein(5, 0), protein(9, 1)])
+    model = build().eval()
+    by_keyword = model(aa=batch.aa, x=batch.x, edge_index=batch.edge_index, edge_attr=batch.edge_attr,
+                       batch_vec=batch.batch, ptr=batch.ptr)
+    torch.testing.assert_close(by_keyword, model(batch))
+
+
+def test_reverse_within_length_reverses_real_positions_and_keeps_padding():
+    rev = reverse_within_length(torch.tensor([3, 1, 4]), 4)
+    assert rev.tolist() == [[2, 1, 0, 3], [0, 1, 2, 3], [3, 2, 1, 0]]
+
+
+@pytest.mark.parametrize("operator", GC_OPERATORS)
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_padding_does_not_change_a_proteins_logits(operator, bidirectional):
+    cfg = dataclasses.replace(SMALL, gc_operator=operator, bidirectional=bidirectional)
+    model = build(cfg).eval()
+    short = protein(6, 7)
+    with torch.no_grad():
+        alone = model(Batch.from_data_list([short]))
+        batched = model(Batch.from_data_list([protein(15, 8), short, protein(11, 9)]))
+    torch.testing.assert_close(batched[15:21], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("operator", GC_OPERATORS)
+def test_every_operator_trains_with_finite_gradients_on_every_parameter(operator):
+    model = build(dataclasses.replace(SMALL, gc_operator=operator)).train()
+    batch = Batch.from_data_list([protein(7, 3), protein(12, 4), protein(4, 5)])
+    torch.nn.functional.cross_entropy(model(batch), batch.y).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def test_cfconv_uses_the_distances():
+    model = build(dataclasses.replace(SMALL, gc_operator="cfconv")).eval()
+    data = protein(8, 6)
+    moved = data.clone()
+    moved.edge_attr = data.edge_attr.clone()
+    moved.edge_attr[:, 0] = moved.edge_attr[:, 0] * 2.0
+    with torch.no_grad():
+        assert not torch.allclose(model(Batch.from_data_list([data])), model(Batch.from_data_list([moved])))
+
+
+def test_unidirectional_lstm_is_causal_along_the_chain():
+    model = build(dataclasses.replace(SMALL, bidirectional=False)).eval()
+    data = protein(10, 11, with_edges=False)  # no graph edges: only the LSTM can carry information along the chain
+    changed = data.clone()
+    changed.aa = data.aa.clone()
+    changed.aa[6] = (data.aa[6] + 1) % 21
+    with torch.no_grad():
+        before = model(Batch.from_data_list([data]))
+        after = model(Batch.from_data_list([changed]))
+    torch.testing.assert_close(after[:6], before[:6], atol=0, rtol=0)
+    assert not torch.allclose(after[6:], before[6:])
+
+
+def test_bidirectional_lstm_carries_later_residues_back_to_earlier_ones():
+    model = build(SMALL).eval()
+    data = protein(10, 11, with_edges=False)
+    changed = data.clone()
+    changed.aa = data.aa.clone()
+    changed.aa[6] = (data.aa[6] + 1) % 21
+    with torch.no_grad():
+        before = model(Batch.from_data_list([data]))
+        after = model(Batch.from_data_list([changed]))
+    assert not torch.allclose(after[:6], before[:6])
+
+
+@pytest.mark.parametrize("operator", GC_OPERATORS)
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_count_parameters_matches_the_built_model(operator, bidirectional):
+    cfg = dataclasses.replace(SMALL, gc_operator=operator, bidirectional=bidirectional, lstm_layers=3)
+    model = build(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_lstm_parameter_count_equals_torch_lstm():
+    cfg = ModelConfig(gc_size=64, lstm_size=128, lstm_layers=4)
+    ours = build(cfg).lstm
+    reference = torch.nn.LSTM(64, 128, num_layers=4, bidirectional=True)
+    assert count_parameters(ours) == count_parameters(reference)
+
+
+def test_footprint_adds_up():
+    cfg = ModelConfig()
+    fp = footprint(cfg, batch_size=8, max_len=300)
+    assert fp.num_parameters == count_parameters(cfg)
+    assert fp.weights_bytes == fp.grads_bytes == 4 * fp.num_parameters
+    assert fp.optimizer_bytes == 2 * fp.weights_bytes
+    assert fp.batch_activation_bytes == fp.activation_bytes_per_residue * 8 * 300
+    assert fp.total_bytes == fp.weights_bytes + fp.grads_bytes + fp.optimizer_bytes + fp.batch_activation_bytes
+    assert footprint(cfg, 8, 300, dtype_bytes=2).batch_activation_bytes < fp.batch_activation_bytes
+
+
+@pytest.mark.parametrize("operator", GC_OPERATORS)
+@pytest.mark.parametrize("knob", ["gc_size", "gc_layers", "lstm_size", "lstm_layers", "aa_embed_dim"])
+def test_footprint_is_monotone_in_model_knobs(operator, knob):
+    base = ModelConfig(gc_operator=operator)
+    small, large = base, dataclasses.replace(base, **{knob: getattr(base, knob) * 2})
+    for field in ("num_parameters", "activation_bytes_per_residue", "total_bytes"):
+        assert getattr(footprint(large, 32, 500), field) > getattr(footprint(small, 32, 500), field), field
+
+
+def test_footprint_is_monotone_in_batch_and_length_and_direction():
+    cfg = ModelConfig()
+    assert footprint(cfg, 64, 500).total_bytes > footprint(cfg, 32, 500).total_bytes
+    assert footprint(cfg, 32, 1000).total_bytes > footprint(cfg, 32, 500).total_bytes
+    uni = dataclasses.replace(cfg, bidirectional=False)
+    assert footprint(cfg, 32, 500).total_bytes > footprint(uni, 32, 500).total_bytes
+
+
+def test_footprint_rejects_empty_batches():
+    with pytest.raises(ValueError, match="batch_size"):
+        footprint(ModelConfig(), 0, 100)
