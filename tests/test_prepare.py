@@ -1,0 +1,151 @@
+"""prepare: CLI end to end on real labels + the BamA structure, refusal/overwrite, invalid records, atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protopo_ray import prepare, shards
+from protopo_ray.prepare import OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protopo_ray.prepare", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def subset(tmp_path, partitions_json, bama_pdb) -> tuple[Path, Path]:
+    """A 3-line file of 99 real records plus BamA (B7MBF8), and a structures dir holding only BamA."""
+    data = json.loads(partitions_json.read_text())
+    entries = [e for fold in data.values() for e in fold]
+    bama = next(e for e in entries if e["id"] == "B7MBF8")
+    chosen = [e for e in entries if e["id"] != "B7MBF8"][:99] + [bama]
+    labels = tmp_path / "subset.3line"
+    labels.write_text("".join(f">{e['id']}\n{e['sequence']}\n{e['labels']}\n" for e in chosen))
+    structures = tmp_path / "structures"
+    structures.mkdir()
+    shutil.copy(bama_pdb, structures / bama_pdb.name)
+    return labels, structures
+
+
+def test_cli_end_to_end_on_real_labels(subset, tmp_path):
+    labels, structures = subset
+    out = tmp_path / "shards"
+    done = run_cli("--labels", labels, "--structures", structures, "--out", out, "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    manifest = shards.read_manifest(out)
+    assert manifest["num_proteins"] == 100
+    assert manifest["counts"]["graph_source"] == {"sequence": 99, "structure": 1}
+    assert manifest["sources"] == {"subset.3line": shards.sha256_file(labels)}
+    assert manifest["k"] == 16 and manifest["extra"]["graph_builder"] == prepare.GRAPH_BUILDER
+    table = shards.read_table(out)
+    assert table.num_rows == 100
+    assert dict(zip(table["id"].to_pylist(), table["graph_source"].to_pylist()))["B7MBF8"] == "structure"
+    assert "1 from structure, 99 sequence fallback" in done.stdout and "no structure file (99)" in done.stdout
+    assert not list(tmp_path.glob("shards.tmp-*"))
+
+    again = run_cli("--labels", labels, "--structures", structures, "--out", out)
+    assert again.returncode == 2 and "already holds a complete shard set" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    replaced = run_cli("--labels", labels, "--out", out, "--overwrite", "--k", "8")
+    assert replaced.returncode == 0, replaced.stderr
+    assert shards.read_manifest(out)["k"] == 8
+    assert shards.read_manifest(out)["counts"]["graph_source"] == {"sequence": 100}
+
+
+def test_invalid_record_is_reported_or_fails_with_location(subset, tmp_path):
+    labels, _ = subset
+    lines = labels.read_text().splitlines()
+    lines[5] = lines[5][:-1] + "Z"  # record 2's labels (line 6 of the file): unknown label letter
+    bad = tmp_path / "bad.3line"
+    bad.write_text("\n".join(lines) + "\n")
+    bad_id = lines[3][1:]
+
+    failed = run_cli("--labels", bad, "--out", tmp_path / "a")
+    assert failed.returncode == 2 and "bad.3line:6" in failed.stderr and bad_id in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "a").exists()
+
+    skipped = run_cli("--labels", bad, "--out", tmp_path / "b", "--skip-invalid")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "invalid records skipped (1)" in skipped.stdout and bad_id in skipped.stdout
+    manifest = shards.read_manifest(tmp_path / "b")
+    assert manifest["num_proteins"] == 99 and len(manifest["extra"]["skipped"]) == 1
+
+
+def test_missing_labels_file_is_bad_input(tmp_path):
+    done = run_cli("--labels", tmp_path / "nope.3line", "--out", tmp_path / "out")
+    assert done.returncode == 2 and "not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_synthetic_prepare_writes_a_readable_set(tmp_path):
+    done = run_cli("--synthetic", "40", "--out", tmp_path / "syn", "--seed", "5")
+    assert done.returncode == 0, done.stderr
+    manifest = shards.read_manifest(tmp_path / "syn")
+    assert manifest["num_proteins"] == 40 and manifest["counts"]["graph_source"] == {"structure": 40}
+    assert manifest["extra"]["generator"] == {"module": "protopo_ray.synthetic", "n": 40, "seed": 5}
+    assert set(manifest["counts"]["fold"]) == {"train", "val", "test"}
+    table = shards.read_table(tmp_path / "syn", folds=["train"])
+    assert 0 < table.num_rows < 40 and table["id"][0].as_py().startswith("SYN")
+
+
+def test_parallel_and_serial_synthetic_shards_match(tmp_path):
+    serial = prepare_synthetic(12, tmp_path / "a", seed=1)
+    parallel = prepare_synthetic(12, tmp_path / "b", seed=1, workers=2)
+    assert serial.num_written == parallel.num_written == 12
+    assert shards.read_table(tmp_path / "a").drop(["fold"]).equals(shards.read_table(tmp_path / "b").drop(["fold"]))
+
+
+def test_crash_mid_run_leaves_previous_set_intact(tmp_path, monkeypatch):
+    out = tmp_path / "syn"
+    prepare_synthetic(10, out, seed=0)
+    before = shards.read_table(out)
+    calls = {"n": 0}
+    real = prepare.build_graph
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "build_graph", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_synthetic(20, out, seed=1, overwrite=True)
+    assert shards.read_table(out).equals(before)  # the old complete set, untouched
+    assert not list(tmp_path.glob("syn.tmp-*")) and not list(tmp_path.glob("syn.old-*"))
+
+    fresh = tmp_path / "fresh"
+    calls["n"] = 0
+    with pytest.raises(RuntimeError):
+        prepare_synthetic(20, fresh, seed=1)
+    assert not (fresh / shards.MANIFEST).exists()
+
+
+def test_ensure_synthetic_prepares_once(tmp_path):
+    out = tmp_path / "syn"
+    assert ensure_synthetic(out, 10, seed=2) == out
+    created = shards.read_manifest(out)["created_at"]
+    mtime = (out / shards.MANIFEST).stat().st_mtime_ns
+    ensure_synthetic(out, 10, seed=2)
+    assert (out / shards.MANIFEST).stat().st_mtime_ns == mtime and shards.read_manifest(out)["created_at"] == created
+    with pytest.raises(OutputExists, match="different shard set"):
+        ensure_synthetic(out, 11, seed=2)
+
+
+def test_records_api_refuses_non_shard_directory(tmp_path, subset):
+    labels, _ = subset
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExists, match="not a complete shard set"):
+        prepare_records(labels, out)
+    assert (out / "notes.txt").read_text() == "mine"
