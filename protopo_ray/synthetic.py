@@ -13,6 +13,8 @@ Each protein is generated from its own generator `default_rng([seed, index])`: s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protopo_ray.alphabet import AMINO_ACIDS, PROTEIN_TYPES
@@ -194,14 +196,23 @@ def _sequence(rng, segments: list[tuple]) -> str:
 # ------------------------------------------------------------------------------------------ coordinates
 
 
+# Plain-float norm and cross: these run per residue, where numpy's small-array overhead dominated the profile.
+def _norm(v: np.ndarray) -> float:
+    return math.sqrt(float(v @ v))
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
-    return v / max(float(np.linalg.norm(v)), 1e-9)
+    return v / max(_norm(v), 1e-9)
 
 
 def _frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = _unit(np.cross(axis, helper))
-    return u, np.cross(axis, u)
+    u = _unit(_cross(axis, helper))
+    return u, _cross(axis, u)
 
 
 def _helix(n: int, axis: np.ndarray, phase: float) -> np.ndarray:
@@ -274,10 +285,10 @@ class _Tracer:
             d[2] += 0.8 * side * (abs(p[2]) < MEMBRANE_HALF + 8 or np.sign(p[2]) != side)
             # ... but fold up near the bundle instead of wandering off (long loops are soluble domains).
             home = np.array([0.0, 0.0, side * (MEMBRANE_HALF + 20.0)])
-            d += 0.6 * _unit(home - p) * min(1.0, np.linalg.norm(home - p) / 30.0)
+            d += 0.6 * _unit(home - p) * min(1.0, _norm(home - p) / 30.0)
         elif len(self.points) > 3:  # globular: drift back to the centre for a compact fold
             centre = self.total / len(self.points)
-            d += 0.5 * _unit(centre - p) * min(1.0, np.linalg.norm(centre - p) / 12.0)
+            d += 0.5 * _unit(centre - p) * min(1.0, _norm(centre - p) / 12.0)
         return _unit(d)
 
     def coil(self, label: str, n: int, target: np.ndarray | None, after: int) -> None:
@@ -293,14 +304,14 @@ class _Tracer:
             elif target is not None and steps_left == 2:
                 # Last residue before the target: close exactly with two 3.8 A steps.
                 gap = target - p
-                half = np.linalg.norm(gap) / 2
-                perp = _unit(np.cross(gap, self.rng.normal(size=3)))
+                half = _norm(gap) / 2
+                perp = _unit(_cross(gap, self.rng.normal(size=3)))
                 q = p + gap / 2 + np.sqrt(max(STEP**2 - half**2, 0.0)) * perp
             else:
                 q = None
                 for _ in range(16):
                     q = p + STEP * self._direction(p, label, target, steps_left)
-                    if target is None or np.linalg.norm(target - q) <= 0.92 * STEP * (steps_left - 1):
+                    if target is None or _norm(target - q) <= 0.92 * STEP * (steps_left - 1):
                         break
                 else:
                     q = p + STEP * _unit(target - p)  # always keeps the target reachable
@@ -313,7 +324,7 @@ class _Tracer:
         for _ in range(8):
             start = p + STEP * self._direction(p, label, target, after + len(xyz) + 1) if self.points else p
             placed = xyz + start
-            if target is None or np.linalg.norm(target - placed[-1]) <= 0.92 * STEP * (after + 1):
+            if target is None or _norm(target - placed[-1]) <= 0.92 * STEP * (after + 1):
                 self.add(placed)
                 return True
         return False
@@ -334,8 +345,8 @@ def _coordinates(rng, segments: list[tuple]) -> np.ndarray:
                 # Pull the next anchor towards this one when the residues between cannot span the gap.
                 gap = anchors[nxt][0] - anchors[i][-1]
                 reach = 0.85 * STEP * (after + 1)
-                if np.linalg.norm(gap) > reach:
-                    anchors[nxt] = anchors[nxt] - gap * (1 - reach / np.linalg.norm(gap))
+                if _norm(gap) > reach:
+                    anchors[nxt] = anchors[nxt] - gap * (1 - reach / _norm(gap))
             continue
         axis = _unit(rng.normal(size=3))
         if shape == "helix" and n > 1:
