@@ -25,7 +25,7 @@ CHECKPOINT_KEY = "checkpoint_path"  # what TuneReportCallback adds to a report t
 
 
 def trial_driver(params: dict[str, Any], *, base: dict[str, Any], stage: dict[str, Any], train_storage: str,
-                 overrides: dict[str, Any]) -> None:
+                 overrides: dict[str, Any], datasets: dict[str, Any]) -> None:
     """One Tune trial: build the trial's run config and fit its TorchTrainer, reporting through Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -39,7 +39,7 @@ def trial_driver(params: dict[str, Any], *, base: dict[str, Any], stage: dict[st
     values.update({"train.epochs": stage["max_epochs"], "resources.storage": train_storage,
                    "name": f"{stage['name']}_{trial_id}"})
     config = Config.from_dict(base).replace(values)
-    build_trainer(config, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(config, callbacks=[TuneReportCallback()], datasets=datasets).fit()
 
 
 def _public(values: dict[str, Any]) -> dict[str, Any]:
@@ -84,14 +84,14 @@ def num_trials(stage: StageSpec, promoted: int = 0) -> int:
 
 
 def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: Path, train_storage: str,
-                driver_resources: dict[str, float], callbacks: list, seed: int,
+                driver_resources: dict[str, float], callbacks: list, seed: int, datasets: dict[str, Any],
                 promoted: list[dict[str, Any]] | None = None, restore: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base=base.to_dict(), stage={"name": stage.name, "max_epochs": stage.max_epochs},
-                             train_storage=train_storage, overrides=plan.resources_overrides()),
+                             train_storage=train_storage, overrides=plan.resources_overrides(), datasets=datasets),
         driver_resources,
     )
     if restore:

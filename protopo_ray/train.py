@@ -51,26 +51,38 @@ def ray_init(**kwargs: Any) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address is None:
         try:
-            ray.init(address="auto", **kwargs)
+            context = ray.init(address="auto", **kwargs)
         except (ConnectionError, RuntimeError):
-            ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+            # A local cluster keeps its dashboard on the loopback interface only.
+            context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
     else:
-        ray.init(address=address, **kwargs)
-    url = ray.get_runtime_context().dashboard_url if hasattr(ray.get_runtime_context(), "dashboard_url") else None
-    print(f"Ray dashboard: http://{url or ray.worker.get_dashboard_url()}", flush=True)
+        context = ray.init(address=address, **kwargs)
+    url = context.dashboard_url
+    print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)
 
 
-def split_dataset(config: Config, folds: tuple[str, ...]):
-    import pyarrow.compute as pc
+def load_datasets(config: Config) -> dict[str, Any]:
+    """Ray Data datasets of the train and validation splits, read from the Parquet shards and materialised.
+
+    Materialised in the object store before any worker starts: trial workers may hold every CPU of a node
+    (2 trials x 1 CPU here), and a Ray Data read task started after them would wait for a CPU forever.
+    A stage of a search loads them once and hands the same blocks to every trial.
+    """
     import ray.data
+    from ray.data.expressions import col
 
     from protopo_ray.shards import shard_files
 
     files, filesystem = shard_files(config.data.path)
-    return ray.data.read_parquet(files, filesystem=filesystem, filter=pc.field("fold").isin(list(folds)))
+    datasets = {}
+    for split, folds in (("train", config.data.train_folds), ("val", config.data.val_folds)):
+        dataset = ray.data.read_parquet(files, filesystem=filesystem)
+        datasets[split] = dataset.filter(expr=col("fold").is_in(list(folds))).materialize()
+    return datasets
 
 
-def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None):
+def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None,
+                  datasets: dict[str, Any] | None = None):
     """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -94,7 +106,7 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
                                                      checkpoint_score_order=cfg.mode),
         callbacks=callbacks,
     )
-    datasets = {"train": split_dataset(config, config.data.train_folds), "val": split_dataset(config, config.data.val_folds)}
+    datasets = datasets or load_datasets(config)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=config.to_dict(),

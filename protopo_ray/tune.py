@@ -125,9 +125,12 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_dir
                                 stage=stage.name, log_dir=exp_dir / "wandb")
     train_storage = str(exp_dir / "train")
     started = time.time()
+    from protopo_ray.train import load_datasets
+
+    datasets = load_datasets(base)  # once per stage; every trial's workers stream the same blocks
     tuner = stages.build_tuner(stage, base=base, plan=plan, tune_dir=tune_dir, train_storage=train_storage,
                                driver_resources=hardware.driver_resources(inventory), callbacks=callbacks, seed=experiment.seed,
-                               promoted=promoted, restore=restore)
+                               datasets=datasets, promoted=promoted, restore=restore)
     results = tuner.fit()
     record = stages.collect_stage(results, stage, base=base, plan=plan, wall_time_s=time.time() - started,
                                   train_storage=train_storage, overrides=plan.resources_overrides())
