@@ -132,20 +132,10 @@ def run_ray(config: Config, resume: bool = False) -> dict[str, float]:
     result = build_trainer(config).fit()
     metrics = dict(result.metrics or {})
     if "://" not in config.resources.storage:
-        write_metrics_jsonl(result, run_dir / "metrics.jsonl")
         save_config(config, run_dir / "config.json")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
     return metrics
-
-
-def write_metrics_jsonl(result, path: Path) -> None:
-    frame = result.metrics_dataframe
-    if frame is None:
-        return
-    with path.open("w") as handle:
-        for row in frame.to_dict(orient="records"):
-            handle.write(json.dumps({k: v for k, v in row.items() if isinstance(v, (int, float))}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

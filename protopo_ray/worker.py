@@ -10,6 +10,7 @@ small splits, so the split is streamed once and collated on the worker in a pref
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class RaySession:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
+        self.history: list[str] = []
 
     def load_split(self, split: str) -> pa.Table:
         import ray.train
@@ -81,8 +83,30 @@ class RaySession:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.train
 
+        if self.rank == 0:
+            self._write_metrics(metrics)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
+
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        """metrics.jsonl beside the run's checkpoints, rewritten whole (object stores cannot append)."""
+        from pyarrow import fs as pafs
+
+        storage = self.config.resources.storage
+        filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+        run_dir = f"{root}/{self.config.name}"
+        if not self.history:  # first report of this worker group: keep what earlier attempts wrote
+            try:
+                with filesystem.open_input_stream(f"{run_dir}/metrics.jsonl") as handle:
+                    lines = handle.read().decode().splitlines()
+                self.history = [line for line in lines if json.loads(line).get("epoch", 0) < metrics["epoch"]]
+            except (FileNotFoundError, OSError, ValueError):
+                self.history = []
+        self.history.append(json.dumps(metrics))
+        filesystem.create_dir(run_dir, recursive=True)
+        with filesystem.open_output_stream(f"{run_dir}/metrics.jsonl") as handle:
+            handle.write(("\n".join(self.history) + "\n").encode())
 
 
 def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
