@@ -162,9 +162,15 @@ class StagePlan:
         }
 
 
+#: Memory a trial driver reserves: it holds no CPU, and Tune refuses an all-zero resource request.
+DRIVER_MEMORY_BYTES = 256 * 2**20
+
+
 def driver_resources(inventory: Inventory) -> dict[str, float]:
     """What one trial driver asks for: no CPU (a 2-CPU box would deadlock), a `driver` slot where declared."""
-    return {"CPU": 0, DRIVER_RESOURCE: 1} if inventory.driver_slots else {"CPU": 0}
+    if inventory.driver_slots:
+        return {"CPU": 0, DRIVER_RESOURCE: 1}
+    return {"CPU": 0, "memory": DRIVER_MEMORY_BYTES}
 
 
 def _cap_by_drivers(concurrent: int, inventory: Inventory, notes: list[str]) -> int:

@@ -9,6 +9,7 @@ import pytest
 from protopo_ray.config import Config
 from protopo_ray.hardware import (
     CUDA_CONTEXT_BYTES,
+    DRIVER_MEMORY_BYTES,
     GIB,
     Inventory,
     PlanError,
@@ -120,7 +121,7 @@ def test_cpu_only_two_cores():
     search = plan_search(cpu_box(), SMALL, num_trials=36)
     assert (search.device, search.num_workers, search.cpus_per_worker, search.gpus_per_worker) == ("cpu", 1, 1.0, 0.0)
     assert search.max_concurrent_trials == 2
-    assert driver_resources(cpu_box()) == {"CPU": 0}
+    assert driver_resources(cpu_box()) == {"CPU": 0, "memory": DRIVER_MEMORY_BYTES}
     promotion = plan_promotion(cpu_box(), GIB, num_trials=1)
     assert (promotion.device, promotion.num_workers, promotion.cpus_per_worker) == ("cpu", 2, 1.0)
     assert promotion.max_concurrent_trials == 1
