@@ -32,7 +32,8 @@ SPLIT_FOLDS = {"train": "train_folds", "val": "val_folds", "test": "test_folds"}
 
 #: Every metric a run reports each epoch (a stage metric must be one of these).
 REPORTED_METRICS = (
-    ("epoch", "val_loss", "epoch_time_s")
+    ("epoch", "val_loss", "epoch_time_s", "train_padding_efficiency", "train_proteins_all_ranks", "train_rank_overlap",
+     "resumed_from_epoch")
     + tuple(f"val_{key}" for key in METRIC_KEYS)
     + tuple(loop.EpochStats().as_metrics().keys())
 )
@@ -142,10 +143,16 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         plan = epoch_plan(epoch)
+        # Which proteins each rank trains on this epoch (unique per rank; resampling may repeat one within a rank).
+        seen = session.gather(np.unique(np.concatenate(plan)) if plan else np.zeros(0, dtype=np.int64))
         stats = loop.train_epoch(model, iter_batches(train_table, plan), optimizer, scheduler, loss_fn, cfg, device)
         val = evaluate_split(model, val_table, config, device, session)
         metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
                    **stats.as_metrics(), "train_padding_efficiency": batching.padding_efficiency(lengths, plan),
+                   # Proteins this epoch over all ranks, and how many of them more than one rank trained on (0 = disjoint).
+                   "train_proteins_all_ranks": len(np.unique(np.concatenate(seen))),
+                   "train_rank_overlap": sum(len(s) for s in seen) - len(np.unique(np.concatenate(seen))),
+                   "resumed_from_epoch": start_epoch,
                    "epoch_time_s": time.perf_counter() - started}
         metrics = {k: float(v) for k, v in metrics.items()}
         last = epoch + 1 == cfg.epochs

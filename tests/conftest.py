@@ -36,3 +36,30 @@ def three_line() -> Path:
 @pytest.fixture
 def bama_pdb() -> Path:
     return require(BAMA_PDB)
+
+
+@pytest.fixture
+def ray_cluster():
+    """The one small local Ray cluster the Ray tests share (started on first use, bound to 127.0.0.1).
+
+    Started lazily and re-started if a test with its own logical resources shut it down; the CLI tests
+    that run in subprocesses join it through RAY_ADDRESS.
+    """
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                           logging_level="WARNING", log_to_driver=False)
+        os.environ["RAY_ADDRESS"] = context.address_info["address"]
+        os.environ["PROTOPO_TEST_DASHBOARD"] = context.dashboard_url or ""
+    yield os.environ["RAY_ADDRESS"]
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory) -> Path:
+    """A tiny synthetic shard set (60 proteins, folds train/val/test), prepared once per test session."""
+    from protopo_ray.prepare import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("smoke") / "shards"
+    prepare_synthetic(60, out, seed=0)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 
@@ -172,8 +173,10 @@ def test_format_plan_and_inventory():
 @pytest.fixture(scope="module")
 def logical_a10g_cluster():
     ray = pytest.importorskip("ray")
+    # This test needs its own logical resources: leave the shared test cluster (it restarts on next use).
     if ray.is_initialized():
-        pytest.skip("a Ray session is already running; this test needs its own logical resources")
+        ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=2, num_gpus=4, resources={"accelerator_type:A10G": 4}, include_dashboard=False)
     yield
     ray.shutdown()
