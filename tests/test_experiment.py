@@ -1,0 +1,57 @@
+"""Experiment files: every shipped one parses; bad ones fail with the file, stage and key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protopo_ray.experiment import load_experiment, parse_experiment
+from protopo_ray.stages import grid_points, num_trials
+
+EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.toml") if p.stem != "train_default")
+
+BASE = {"data": {"path": "x"}}
+
+
+def stage(**values):
+    return {"stages": [{"name": "s", "grid": {"model.gc_size": [8, 16]}, **values}], **BASE}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_shipped_experiments_parse(path):
+    experiment = load_experiment(path)
+    assert experiment.stages and experiment.name
+
+
+def test_seed_grid_has_36_trials():
+    (architecture,) = load_experiment(Path(__file__).parents[1] / "experiments" / "architecture.toml").stages
+    assert num_trials(architecture) == 36 and len(grid_points(architecture)) == 36
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (stage(shceduler="asha"), r"stages\[0\] \(s\): unknown key\(s\) \['shceduler'\]"),
+        ({"stages": [{"name": "s", "grid": {}}], **BASE}, "needs a non-empty \\[stages.grid\\]"),
+        ({"stages": [{"name": "s", "grid": {"model.gc_size": []}}], **BASE}, "must be a non-empty list"),
+        (stage(metric="val_f1"), "metric 'val_f1' is never reported by the trainer"),
+        ({"stages": [{"name": "s", "grid": {"model.gc_sise": [8]}}], **BASE}, "searches 'model.gc_sise'.*unknown key"),
+        ({"stages": [{"name": "s", "grid": {"train.lr": [-1.0]}}], **BASE}, "train.lr must be a positive number"),
+        ({"stages": [{"name": "p", "kind": "promotion"}], **BASE}, "needs an earlier stage"),
+        (stage(search="hyperopt"), "needs a non-empty \\[stages.space\\]"),
+        ({"stages": [{"name": "s", "search": "hyperopt", "space": {"train.lr": {"dist": "normal"}}}], **BASE},
+         "needs dist in"),
+        ({**BASE}, "no \\[\\[stages\\]\\]"),
+        ({"experiment": {"synthetc": 3}, **stage()}, "unknown key"),
+        (stage(grace_epochs=9, max_epochs=3), "grace_epochs must be in"),
+    ],
+)
+def test_bad_experiments_are_rejected(values, message):
+    with pytest.raises(ValueError, match=message):
+        parse_experiment(values, source="bad.toml")
+
+
+def test_overrides_apply_to_the_base():
+    experiment = parse_experiment(stage(), overrides={"model.lstm_size": 7, "experiment.synthetic": 5})
+    assert experiment.base.model.lstm_size == 7 and experiment.synthetic == 5
