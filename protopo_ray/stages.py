@@ -112,8 +112,18 @@ def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: Pa
                                     num_samples=stage.num_samples if stage.kind == "search" else 1,
                                     max_concurrent_trials=plan.max_concurrent_trials),
         run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  progress_reporter=progress_reporter(stage)),
     )
+
+
+def progress_reporter(stage: StageSpec):
+    """A compact status table: the searched values and a handful of metrics, not all forty."""
+    from ray import tune
+
+    metrics = {"epoch": "epoch", stage.metric: stage.metric, "val_loss": "val loss", "train_loss": "train loss"}
+    return tune.CLIReporter(metric_columns=metrics, parameter_columns=list(stage.searched_keys) or None,
+                            max_report_frequency=30, sort_by_metric=True, metric=stage.metric, mode=stage.mode)
 
 
 def _finite(value: Any) -> bool:
@@ -150,7 +160,7 @@ def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, w
         devices = plan.num_workers * (plan.gpus_per_worker if plan.device == "gpu" else plan.cpus_per_worker)
         trials.append({
             "trial_id": trial_id,
-            "params": _public({**params, **(promote or {})}),
+            "params": {**params, **promote["_params"], "promoted_from": promote["_from_trial"]} if promote else params,
             "config": config,
             "status": status,
             "error": str(result.error)[:500] if result.error else None,
@@ -189,6 +199,7 @@ def promotion_candidates(records: list[dict[str, Any]], stage: StageSpec) -> lis
         overrides["train.init_checkpoint"] = trial["checkpoint"]
         overrides["_start_epoch"] = trial["epochs"]
         overrides["_from_trial"] = trial["trial_id"]
+        overrides["_params"] = dict(trial["params"])
         chosen.append(overrides)
     return chosen
 
