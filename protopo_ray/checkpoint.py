@@ -100,3 +100,30 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     if not run_dir.exists():
         return []
     return [p.parent for p in run_dir.rglob(STATE_FILE)]
+
+
+class BestTracker:
+    """Whether an epoch's metric is the best so far (NaN never is); decides what goes to `<run>/best`."""
+
+    def __init__(self, metric: str, mode: str, best: float | None = None) -> None:
+        self.metric, self.mode, self.best = metric, mode, best
+
+    def update(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.metric, float("nan"))
+        if not np.isfinite(value):
+            return False
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = value
+            return True
+        return False
+
+
+def copy_checkpoint(source: Path, storage: str, relative: str) -> None:
+    """Copy a checkpoint directory to `storage/relative` (local path or s3:// / gs:// URI), replacing it."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    target = f"{root}/{relative}"
+    filesystem.delete_dir_contents(target, missing_dir_ok=True)
+    filesystem.create_dir(target, recursive=True)
+    pafs.copy_files(str(source), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)

@@ -112,13 +112,13 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init, shuffling and sampling."""
     metric: str = "val_overlap_acc"
-    """Metric that selects the best checkpoint (and the default search metric)."""
+    """Metric that picks the best epoch, whose checkpoint is copied to `<run>/best`."""
     mode: str = "max"
     """max or min, for `metric`."""
     checkpoint_every: int = 1
     """Save a checkpoint every N epochs (the last epoch is always saved)."""
     keep_checkpoints: int = 2
-    """Checkpoints kept, the best by `metric`."""
+    """Newest checkpoints kept (a restart resumes from the latest); `<run>/best` is kept besides."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     bf16: bool = True

@@ -21,7 +21,16 @@ import pyarrow as pa
 import torch
 
 from protopo_ray import batching, loop, shards
-from protopo_ray.checkpoint import find_checkpoints, load_latest_valid, restore_rng, save_checkpoint, unwrap
+from protopo_ray.checkpoint import (
+    BestTracker,
+    checkpoint_epoch,
+    copy_checkpoint,
+    find_checkpoints,
+    load_latest_valid,
+    restore_rng,
+    save_checkpoint,
+    unwrap,
+)
 from protopo_ray.config import Config
 from protopo_ray.metrics import METRIC_KEYS, aggregate
 from protopo_ray.model import TopologyModel
@@ -181,7 +190,7 @@ class LocalSession:
                                   f"or choose another name (--set name=...)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
-        self.kept: list[tuple[float, Path]] = []
+        self.best = BestTracker(config.train.metric, config.train.mode)
 
     def load_split(self, split: str) -> pa.Table:
         return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
@@ -193,7 +202,7 @@ class LocalSession:
         return [value]
 
     def resume_state(self):
-        candidates = find_checkpoints(self.run_dir) if self.resume else []
+        candidates = [p for p in find_checkpoints(self.run_dir) if p.name != "best"] if self.resume else []
         if not candidates and self.config.train.init_checkpoint:
             candidates = [Path(self.config.train.init_checkpoint)]
         found = load_latest_valid(candidates)
@@ -207,20 +216,13 @@ class LocalSession:
             return
         target = self.run_dir / f"checkpoint_{checkpoint_dir.name}"
         shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-        self._keep_best(metrics, target)
-
-    def _keep_best(self, metrics: dict[str, float], target: Path) -> None:
-        cfg = self.config.train
-        score = metrics.get(cfg.metric, float("nan"))
-        self.kept.append((score, target))
-        # The newest checkpoint always stays (it is what --resume needs); the rest compete on the metric.
-        newest = self.kept[-1]
-        ranked = sorted(self.kept[:-1], key=lambda item: (np.nan_to_num(item[0], nan=-np.inf if cfg.mode == "max"
-                                                                         else np.inf)), reverse=cfg.mode == "max")
-        keep = ranked[: max(0, cfg.keep_checkpoints - 1)]
-        for item in ranked[len(keep):]:
-            shutil.rmtree(item[1], ignore_errors=True)
-        self.kept = keep + [newest]
+        if self.best.update(metrics):
+            copy_checkpoint(checkpoint_dir, str(self.run_dir), "best")
+        # The newest k stay (resume needs the latest); the best epoch lives on in run_dir/best.
+        kept = sorted(find_checkpoints(self.run_dir), key=checkpoint_epoch)
+        kept = [p for p in kept if p.name.startswith("checkpoint_")]
+        for old in kept[: -self.config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, config: Config | None = None, split: str = "val",

@@ -151,7 +151,8 @@ def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, w
         params = dict(result.config or {})
         promote = params.pop("promote", None)
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        values = {**_public(promote or {}), **params, **overrides, "train.epochs": stage.max_epochs}
+        values = {**_public(promote or {}), **params, **overrides, "train.epochs": stage.max_epochs,
+                  "resources.storage": train_storage}
         config = base.replace(values).to_dict()
         config["name"] = f"{stage.name}_{trial_id}"
         epochs = int(max((row.get("epoch", 0) for row in history), default=0))

@@ -102,8 +102,8 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
         name=run_name or config.name,
         storage_path=storage_uri(res.storage),
         failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=cfg.metric,
-                                                     checkpoint_score_order=cfg.mode),
+        # Ray keeps the newest k (a restart resumes from the latest); rank 0 copies the best epoch to <run>/best.
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         callbacks=callbacks,
     )
     datasets = datasets or load_datasets(config)

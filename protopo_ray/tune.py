@@ -153,7 +153,9 @@ def pick_winner(record: dict[str, Any], exp_dir: Path) -> dict[str, Any] | None:
         return None
     target = exp_dir / "winner" / "checkpoint"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(trial["checkpoint"], target)
+    # The trial's best epoch (by its run metric) when its run kept one, else its latest checkpoint.
+    best = Path(trial["config"]["resources"]["storage"]) / trial["config"]["name"] / "best"
+    shutil.copytree(best if (best / "meta.json").exists() else trial["checkpoint"], target)
     config = Config.from_dict(trial["config"])
     test: dict[str, Any] = {}
     if config.data.test_folds:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             previous = best_trial(list(records.values())[-1])
             if previous:
                 base = Config.from_dict(previous["config"]).replace(
-                    {"resources.storage": experiment.base.resources.storage})
+                    {"resources.storage": experiment.base.resources.storage, "train.init_checkpoint": ""})
         if record_path.exists() and (args.resume or stage.name not in selected):
             records[stage.name] = json.loads(record_path.read_text())
             print(f"stage {stage.name}: already finished, loaded {record_path}")

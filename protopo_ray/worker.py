@@ -18,7 +18,14 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from protopo_ray.checkpoint import CheckpointError, load_checkpoint, load_latest_valid
+from protopo_ray.checkpoint import (
+    BestTracker,
+    CheckpointError,
+    copy_checkpoint,
+    find_checkpoints,
+    load_checkpoint,
+    load_latest_valid,
+)
 from protopo_ray.config import Config
 from protopo_ray.runner import fit
 
@@ -34,6 +41,7 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.history: list[str] = []
+        self.best = BestTracker(config.train.metric, config.train.mode)
 
     def load_split(self, split: str) -> pa.Table:
         import ray.train
@@ -61,21 +69,32 @@ class RaySession:
         return gathered
 
     def resume_state(self) -> dict[str, Any] | None:
+        """The newest loadable checkpoint of this run, else the configured starting checkpoint.
+
+        Ray registers a checkpoint only after every rank has reported and the controller has polled, so
+        after a crash its `get_checkpoint()` can lag behind what is already complete on disk (by several
+        epochs when epochs are short). On local or NFS storage the run directory is scanned as well;
+        `meta.json` is written last, so a checkpoint whose copy was cut short is skipped.
+        """
         import ray.train
 
+        candidates: list[Path] = []
+        storage = self.config.resources.storage
+        if "://" not in storage:
+            run_dir = Path(storage) / self.config.name
+            candidates += [p for p in find_checkpoints(run_dir) if p.name != "best"]
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            path = Path(checkpoint.path)
+        if checkpoint is not None and "://" not in checkpoint.path:
+            candidates.append(Path(checkpoint.path))
+        found = load_latest_valid(sorted(set(candidates)))
+        if found is None and checkpoint is not None and "://" in checkpoint.path:
             try:
                 with checkpoint.as_directory() as directory:
                     return load_checkpoint(directory)
             except CheckpointError as error:
-                # Ray hands back only its latest checkpoint; fall back to earlier ones of this run.
-                log.warning("%s; looking for an earlier checkpoint of this run", error)
-                siblings = [p for p in path.parent.iterdir() if p.is_dir() and p != path]
-                found = load_latest_valid(siblings)
-                if found:
-                    return found[1]
+                log.warning("%s; starting from the configured checkpoint instead", error)
+        if found is not None:
+            return found[1]
         if self.config.train.init_checkpoint:
             return load_checkpoint(self.config.train.init_checkpoint)
         return None
@@ -85,6 +104,8 @@ class RaySession:
 
         if self.rank == 0:
             self._write_metrics(metrics)
+            if checkpoint_dir is not None and self.best.update(metrics):
+                copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
