@@ -42,23 +42,27 @@ def resolve(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-def ray_init(**kwargs: Any) -> None:
-    """Join the running cluster (RAY_ADDRESS or a local `ray start`), else start one bound to 127.0.0.1."""
+def ray_init(**kwargs: Any):
+    """Join the running cluster (RAY_ADDRESS or a local `ray start`), else start one bound to 127.0.0.1.
+
+    Returns Ray's context (None when this process was already connected). `kwargs` go to a new local cluster.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = os.environ.get("RAY_ADDRESS")
     if address is None:
         try:
-            context = ray.init(address="auto", **kwargs)
+            context = ray.init(address="auto")
         except (ConnectionError, RuntimeError):
             # A local cluster keeps its dashboard on the loopback interface only.
             context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
     else:
-        context = ray.init(address=address, **kwargs)
+        context = ray.init(address=address)
     url = context.dashboard_url
     print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)
+    return context
 
 
 def load_datasets(config: Config) -> dict[str, Any]:

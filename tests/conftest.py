@@ -47,9 +47,12 @@ def ray_cluster():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
+        from protopo_ray.train import ray_init
+
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-                           logging_level="WARNING", log_to_driver=False)
+        os.environ.pop("RAY_ADDRESS", None)
+        # The project's own start-up path: no cluster running, so a local one with the dashboard on 127.0.0.1.
+        context = ray_init(num_cpus=2, logging_level="WARNING", log_to_driver=False)
         os.environ["RAY_ADDRESS"] = context.address_info["address"]
         os.environ["PROTOPO_TEST_DASHBOARD"] = context.dashboard_url or ""
     yield os.environ["RAY_ADDRESS"]

@@ -1,0 +1,131 @@
+"""The search CLI end to end on the shared local cluster: ASHA, HyperOpt, promotion, report, W&B,
+the dashboard, and --resume after the driver process is killed mid-stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from protopo_ray import tune
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tune_cmd(smoke_shards, storage, *extra):
+    return [sys.executable, "-m", "protopo_ray.tune", "experiments/smoke.toml", "--data", str(smoke_shards),
+            "--storage", str(storage), *extra]
+
+
+def train_histories(exp_dir: Path) -> dict[str, list[dict]]:
+    runs = {}
+    for path in (exp_dir / "train").glob("*/metrics.jsonl"):
+        runs[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines()]
+    return runs
+
+
+def test_bad_experiment_fails_before_any_trial(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[stages]]\nname = "a"\nmetric = "val_f1"\n[stages.grid]\n"model.gc_size" = [8]\n')
+    assert tune.main([str(bad), "--storage", str(tmp_path)]) == 2
+    assert "never reported by the trainer" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_dry_run_prints_the_plan(ray_cluster, smoke_shards, tmp_path, capsys):
+    assert tune.main(["experiments/smoke.toml", "--data", str(smoke_shards), "--storage", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "search" in out and "concurrent" in out and "1 x (1 CPU)" in out
+    assert not (tmp_path / "smoke" / "stages").exists()
+
+
+@pytest.mark.ray
+def test_dashboard_answers_on_loopback_only(ray_cluster):
+    url = os.environ["PROTOPO_TEST_DASHBOARD"]
+    host, port = url.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/version")
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        request.add_header("Authorization", f"Bearer {token.read_text().strip()}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200 and "ray_version" in response.read().decode()
+    # Not on other interfaces: the listening socket is bound to loopback, not 0.0.0.0 (checked without
+    # sending traffic anywhere but 127.0.0.1).
+    listeners = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)]
+    assert listeners and set(listeners) == {"127.0.0.1"}, listeners
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    exp_dir = tmp_path / "smoke"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(tune_cmd(smoke_shards, tmp_path), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    # Kill the driver process once a trial has finished an epoch, mid-way through the first stage.
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None:
+        progress = {name: len(rows) for name, rows in train_histories(exp_dir).items()}
+        if any(progress.values()):
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before_kill = {name: len(rows) for name, rows in train_histories(exp_dir).items()}
+    assert not (exp_dir / "stages" / "architecture.json").exists()
+
+    resumed = subprocess.run(tune_cmd(smoke_shards, tmp_path, "--resume"), cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    architecture = json.loads((exp_dir / "stages" / "architecture.json").read_text())
+    trials = architecture["trials"]
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4  # every trial present once
+    assert any(t["status"] == "stopped" for t in trials), [(t["params"], t["epochs"]) for t in trials]
+    assert architecture["epochs_run"] < architecture["epochs_full"]
+    histories = train_histories(exp_dir)
+    for name, done in before_kill.items():
+        rows = histories[name]
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        # Trials that had trained before the kill continued from their checkpoints, not from epoch 0.
+        assert all(r["resumed_from_epoch"] >= 1 for r in rows[done:]), (name, done, rows)
+
+    regularization = json.loads((exp_dir / "stages" / "regularization.json").read_text())
+    assert regularization["search"] == "hyperopt" and len(regularization["trials"]) == 2
+    for trial in regularization["trials"]:
+        assert 1e-3 <= trial["params"]["train.lr"] <= 1e-2 and 0.0 <= trial["params"]["model.dropout"] <= 0.3
+
+    promotion = json.loads((exp_dir / "stages" / "promotion.json").read_text())
+    (promoted,) = promotion["trials"]
+    source = next(t for s in (architecture, regularization) for t in s["trials"]
+                  if t["trial_id"] == promoted["params"]["promoted_from"])
+    assert promoted["start_epoch"] == source["epochs"] >= 1
+    assert [h["epoch"] for h in promoted["history"]] == list(range(source["epochs"] + 1, 6))
+    assert promoted["history"][0]["resumed_from_epoch"] == source["epochs"]
+
+    report = (exp_dir / "report.md").read_text()
+    for stage in (architecture, regularization, promotion):
+        for trial in stage["trials"]:
+            assert trial["trial_id"] in report
+    for png in ("val_curves_architecture.png", "grad_norms_promotion.png", "per_type_top5.png"):
+        assert (exp_dir / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    winner = json.loads((exp_dir / "winner" / "winner.json").read_text())
+    assert winner["test"]["n_proteins"] > 0 and (exp_dir / "winner" / "checkpoint" / "state.pt").exists()
+
+    runs = list((exp_dir / "wandb").rglob("offline-run-*"))
+    assert len(runs) >= 7
+    logged = b"".join(p.read_bytes() for run in runs for p in run.glob("*.wandb"))
+    assert b"val_loss" in logged and b"train_grad_norm_max" in logged
