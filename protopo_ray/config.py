@@ -48,6 +48,8 @@ class DataConfig:
     """Per-type resampling weights for training, e.g. {"TM" = 2.0}; missing types weigh 1."""
     max_proteins: int = 0
     """Use only the first N proteins of each split (0 = all); for quick runs and tests."""
+    reader: str = "arrow"
+    """How Ray runs load the shards: arrow (pyarrow in the driver, then Ray Data) or ray (read_parquet tasks)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path must name a shard directory")
@@ -57,6 +59,7 @@ class DataConfig:
         _check(self.max_residues_per_batch >= 0, "data.max_residues_per_batch must be >= 0 (0 = no budget)")
         _check(self.bucket_batches >= 1, f"data.bucket_batches must be >= 1, got {self.bucket_batches}")
         _check(self.max_proteins >= 0, "data.max_proteins must be >= 0 (0 = all)")
+        _check(self.reader in ("arrow", "ray"), f"data.reader must be arrow or ray, got {self.reader!r}")
         for name, weight in self.type_weights.items():
             _check(name in PROTEIN_TYPES, f"data.type_weights: unknown type {name!r}; known: {PROTEIN_TYPES}")
             _check(weight > 0, f"data.type_weights[{name!r}] must be > 0, got {weight}")
