@@ -85,6 +85,8 @@ class EpochStats:
     grad_norm_max: float = 0.0
     clipped_steps: int = 0
     lr: float = 0.0
+    first_step_unix: float = 0.0
+    """Wall-clock time when the epoch's first optimiser step finished (trial start-up overhead is measured to it)."""
 
     @property
     def residues_per_s(self) -> float:
@@ -173,6 +175,8 @@ def train_epoch(
         stats.num_residues += residues
         stats.num_proteins += int(batch.num_graphs)
         stats.steps += 1
+        if stats.steps == 1:
+            stats.first_step_unix = time.time()
     stats.seconds = time.perf_counter() - start
     stats.loss = loss_sum / max(1, stats.num_residues)
     finite = [n for n in norms if math.isfinite(n)]
