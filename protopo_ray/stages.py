@@ -83,7 +83,7 @@ def num_trials(stage: StageSpec, promoted: int = 0) -> int:
     return stage.num_samples
 
 
-def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: Path, train_storage: str,
+def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: str, train_storage: str,
                 driver_resources: dict[str, float], callbacks: list, seed: int, datasets: dict[str, Any],
                 promoted: list[dict[str, Any]] | None = None, restore: bool = False):
     from ray import tune
@@ -95,7 +95,7 @@ def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: Pa
         driver_resources,
     )
     if restore:
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
     if stage.kind == "search" and stage.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=stage.max_epochs, grace_period=stage.grace_epochs,
@@ -111,7 +111,8 @@ def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: Pa
         tune_config=tune.TuneConfig(metric=stage.metric, mode=stage.mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=stage.num_samples if stage.kind == "search" else 1,
                                     max_concurrent_trials=plan.max_concurrent_trials),
-        run_config=tune.RunConfig(name=tune_dir.name, storage_path=str(tune_dir.parent), callbacks=callbacks,
+        run_config=tune.RunConfig(name=tune_dir.rstrip("/").rsplit("/", 1)[1], storage_path=tune_dir.rstrip("/").rsplit("/", 1)[0],
+                                  callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   progress_reporter=progress_reporter(stage)),
     )

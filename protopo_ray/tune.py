@@ -18,11 +18,12 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from protopo_ray import hardware, stages
+from protopo_ray import hardware, stages, storage
 from protopo_ray.config import Config, parse_overrides
 from protopo_ray.experiment import Experiment, StageSpec, load_experiment
 
@@ -53,16 +54,11 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         overrides["resources.storage"] = args.storage
     experiment = load_experiment(args.experiment or EXPERIMENTS / "default.toml", overrides)
     # Trials run in other processes (and other working directories on a cluster): make local paths absolute.
-    fixes = {}
-    if "://" not in experiment.base.data.path:
-        fixes["data.path"] = str(Path(experiment.base.data.path).resolve())
-    if "://" not in experiment.base.resources.storage:
-        fixes["resources.storage"] = str(Path(experiment.base.resources.storage).resolve())
-    if fixes:
-        experiment = Experiment(name=experiment.name, base=experiment.base.replace(fixes), stages=experiment.stages,
-                                synthetic=experiment.synthetic, seed=experiment.seed,
-                                wandb_project=experiment.wandb_project, source=experiment.source)
-    return experiment
+    fixes = {"data.path": storage.resolve(experiment.base.data.path),
+             "resources.storage": storage.resolve(experiment.base.resources.storage)}
+    return Experiment(name=experiment.name, base=experiment.base.replace(fixes), stages=experiment.stages,
+                      synthetic=experiment.synthetic, seed=experiment.seed, wandb_project=experiment.wandb_project,
+                      source=experiment.source)
 
 
 def max_length(config: Config) -> int:
@@ -104,8 +100,9 @@ def ensure_data(experiment: Experiment) -> None:
         ensure_synthetic(path, experiment.synthetic, experiment.seed)
 
 
-def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_dir: Path, inventory, max_len: int,
-              records: dict[str, dict], resume: bool, use_wandb: bool) -> dict[str, Any]:
+def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri: str, exp_dir: Path, inventory,
+              max_len: int, records: dict[str, dict], resume: bool, use_wandb: bool) -> dict[str, Any]:
+    """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp_dir`."""
     from ray import tune
 
     from protopo_ray.tracking import wandb_callbacks
@@ -119,11 +116,11 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_dir
         base = base.replace({k: v for k, v in promoted[0].items() if not k.startswith("_")})
     plan = plan_stage(stage, base, inventory, max_len, promoted=len(promoted) if promoted else None)
     print(hardware.format_plan(plan, inventory), flush=True)
-    tune_dir = exp_dir / "tune" / stage.name
-    restore = resume and tune.Tuner.can_restore(str(tune_dir))
+    tune_dir = storage.join(exp_uri, "tune", stage.name)
+    restore = resume and tune.Tuner.can_restore(tune_dir)
     callbacks = wandb_callbacks(enabled=use_wandb, project=experiment.wandb_project, experiment=experiment.name,
                                 stage=stage.name, log_dir=exp_dir / "wandb")
-    train_storage = str(exp_dir / "train")
+    train_storage = storage.join(exp_uri, "train")
     started = time.time()
     from protopo_ray.train import load_datasets
 
@@ -135,6 +132,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_dir
     record = stages.collect_stage(results, stage, base=base, plan=plan, wall_time_s=time.time() - started,
                                   train_storage=train_storage, overrides=plan.resources_overrides())
     stages.save_stage(record, exp_dir / "stages" / f"{stage.name}.json")
+    storage.upload(exp_dir, exp_uri)
     print(f"stage {stage.name}: {len(record['trials'])} trials, best {record['best_trial']}, "
           f"epochs {record['epochs_run']}/{record['epochs_full']}, {record['wall_time_s']:.0f} s", flush=True)
     return record
@@ -154,8 +152,11 @@ def pick_winner(record: dict[str, Any], exp_dir: Path) -> dict[str, Any] | None:
     target = exp_dir / "winner" / "checkpoint"
     shutil.rmtree(target, ignore_errors=True)
     # The trial's best epoch (by its run metric) when its run kept one, else its latest checkpoint.
-    best = Path(trial["config"]["resources"]["storage"]) / trial["config"]["name"] / "best"
-    shutil.copytree(best if (best / "meta.json").exists() else trial["checkpoint"], target)
+    run_uri = storage.join(trial["config"]["resources"]["storage"], trial["config"]["name"])
+    best = storage.join(run_uri, "best")
+    source = best if storage.exists(storage.join(best, "meta.json")) else _checkpoint_uri(trial["checkpoint"], run_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(storage.fetch_dir(source, Path(tmp) / "checkpoint"), target)
     config = Config.from_dict(trial["config"])
     test: dict[str, Any] = {}
     if config.data.test_folds:
@@ -164,6 +165,13 @@ def pick_winner(record: dict[str, Any], exp_dir: Path) -> dict[str, Any] | None:
               "val": trial["best"], "test": test, "checkpoint": str(target)}
     (exp_dir / "winner" / "winner.json").write_text(json.dumps(winner, indent=1, default=_json_nan))
     return winner
+
+
+def _checkpoint_uri(path: str, run_uri: str) -> str:
+    """Ray reports checkpoint paths inside its filesystem ("bucket/key" on S3): give them their scheme back."""
+    if storage.is_uri(run_uri) and not storage.is_uri(path):
+        return f"{run_uri.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 def _json_nan(value: Any) -> Any:
@@ -178,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         selected = args.stages.split(",") if args.stages else [s.name for s in experiment.stages]
         for name in selected:
             experiment.stage(name)
-        exp_dir = Path(experiment.base.resources.storage) / experiment.name
-        if (exp_dir / "experiment.json").exists() and not (args.resume or args.dry_run or args.stages):
+        exp_uri = storage.join(experiment.base.resources.storage, experiment.name)
+        exp_dir = storage.working_dir(exp_uri)
+        if storage.exists(storage.join(exp_uri, "experiment.json")) and not (args.resume or args.dry_run or args.stages):
             raise FileExistsError(f"{exp_dir} holds an experiment already; --resume continues it, "
                                   f"--set name=... starts another")
         ensure_data(experiment)
@@ -210,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     exp_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume or args.stages:
+        storage.download(storage.join(exp_uri, "stages"), exp_dir / "stages")  # finished stages of a remote run
     (exp_dir / "experiment.json").write_text(json.dumps(
         {"name": experiment.name, "source": experiment.source, "stages": [s.name for s in experiment.stages],
          "base": experiment.base.to_dict()}, indent=1))
@@ -229,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if stage.name not in selected:
             continue
-        records[stage.name] = run_stage(stage, base, experiment=experiment, exp_dir=exp_dir, inventory=inventory,
+        records[stage.name] = run_stage(stage, base, experiment=experiment, exp_uri=exp_uri, exp_dir=exp_dir,
+                                        inventory=inventory,
                                         max_len=max_len, records=records, resume=args.resume,
                                         use_wandb=not args.no_wandb)
     winner = pick_winner(list(records.values())[-1], exp_dir) if records else None
     from protopo_ray.report import write_report
 
     report = write_report(exp_dir)
+    storage.upload(exp_dir, exp_uri)
     print(f"search finished in {time.time() - started:.0f} s; report: {report}")
     if winner:
         print(f"winner: {winner['trial_id']} ({winner['stage']}), checkpoint {winner['checkpoint']}")
