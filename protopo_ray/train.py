@@ -124,7 +124,8 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
         datasets=datasets,
         # No Ray-side split: every rank reads the whole split and takes its slice of one global plan.
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        # NCCL only where the workers really compute on GPUs (train.device = "cpu" forces gloo).
+        torch_config=TorchConfig(backend="nccl" if use_gpu and config.train.device != "cpu" else "gloo"),
     )
 
 

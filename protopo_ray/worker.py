@@ -57,6 +57,8 @@ class RaySession:
 
         if self.world_size <= 1:
             return model
+        if device.type == "cpu":  # also when GPUs are reserved but train.device forces the CPU
+            return torch.nn.parallel.DistributedDataParallel(model)
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
     def gather(self, value: Any) -> list[Any]:
