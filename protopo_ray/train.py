@@ -65,37 +65,13 @@ def ray_init(**kwargs: Any):
     return context
 
 
-def load_datasets(config: Config) -> dict[str, Any]:
-    """Ray Data datasets of the train and validation splits, ready in the object store before workers start.
-
-    `data.reader = "arrow"` (default): this process reads the Parquet shards with pyarrow (fold filter pushed
-    into the scan, local or s3:// / gs://) and hands the Arrow tables to Ray Data (`from_arrow`): ~0.1 s for a
-    split here. `"ray"`: `ray.data.read_parquet` read tasks, materialised — the route for shard sets too big
-    for one process, but 2.5-6 s per split on 2 cores, and its tasks need free CPUs.
-    Either way the data is in the object store before any worker starts: trial workers may hold every CPU
-    of a node (2 trials x 1 CPU here), and a read task started after them would wait for a CPU forever.
-    A stage of a search loads the splits once and hands the same blocks to every trial.
-    """
-    import ray.data
-
-    from protopo_ray import shards
-
-    splits = (("train", config.data.train_folds), ("val", config.data.val_folds))
-    if config.data.reader == "arrow":
-        return {split: ray.data.from_arrow(shards.read_table(config.data.path, folds=folds)) for split, folds in splits}
-    from ray.data.expressions import col
-
-    files, filesystem = shards.shard_files(config.data.path)
-    return {split: ray.data.read_parquet(files, filesystem=filesystem).filter(expr=col("fold").is_in(list(folds)))
-            .materialize() for split, folds in splits}
-
-
 def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None,
                   datasets: dict[str, Any] | None = None):
     """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from protopo_ray.loader import load_datasets
     from protopo_ray.worker import train_fn_per_worker
 
     res = config.resources

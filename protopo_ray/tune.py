@@ -122,7 +122,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
                                 stage=stage.name, log_dir=exp_dir / "wandb")
     train_storage = storage.join(exp_uri, "train")
     started = time.time()
-    from protopo_ray.train import load_datasets
+    from protopo_ray.loader import load_datasets
 
     datasets = load_datasets(base)  # once per stage; every trial's workers stream the same blocks
     tuner = stages.build_tuner(stage, base=base, plan=plan, tune_dir=tune_dir, train_storage=train_storage,

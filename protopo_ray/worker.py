@@ -1,12 +1,4 @@
-"""Ray Train side of a run: the per-worker function and its session (datasets, DDP, gather, report).
-
-Data path: the driver builds one Ray Data `read_parquet` dataset per split (fold filter pushed into the
-Parquet read); each worker streams the whole split once as Arrow batches and keeps it in memory. Every
-rank then cuts the same seeded, length-bucketed global plan and takes its own slice (`batching.shard_batches`)
-so ranks see disjoint data, the same number of steps, and a fresh global shuffle each epoch. Measured here:
-re-running a Ray Data pipeline every epoch cost seconds per epoch on 2 cores, more than the epoch itself on
-small splits, so the split is streamed once and collated on the worker in a prefetch thread.
-"""
+"""Ray Train side of a run: the per-worker function and its session (data, DDP, gather, resume, report)."""
 
 from __future__ import annotations
 
@@ -27,6 +19,7 @@ from protopo_ray.checkpoint import (
     load_latest_valid,
 )
 from protopo_ray.config import Config
+from protopo_ray.loader import stream_split
 from protopo_ray.runner import fit
 
 log = logging.getLogger(__name__)
@@ -44,13 +37,7 @@ class RaySession:
         self.best = BestTracker(config.train.metric, config.train.mode)
 
     def load_split(self, split: str) -> pa.Table:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(split)
-        parts = list(shard.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2))
-        if not parts:
-            raise ValueError(f"the {split} split streamed no rows from {self.config.data.path}")
-        return pa.concat_tables(parts).combine_chunks()
+        return stream_split(split, self.config)
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         import ray.train.torch
