@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 class RaySession:
     def __init__(self, config: Config) -> None:
+        import ray
         import ray.train
 
         self.config = config
@@ -34,7 +35,12 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.history: list[str] = []
+        self.placed = False
         self.best = BestTracker(config.train.metric, config.train.mode)
+        runtime = ray.get_runtime_context()
+        # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
+        self.placement = {"rank": self.rank, "node_id": runtime.get_node_id(),
+                          "gpu_ids": [str(i) for i in runtime.get_accelerator_ids().get("GPU", [])]}
 
     def load_split(self, split: str) -> pa.Table:
         return stream_split(split, self.config)
@@ -91,6 +97,11 @@ class RaySession:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.train
 
+        if not self.placed:  # first report of this worker group: record where every rank runs
+            placements = self.gather(self.placement)  # every rank takes part: it is a collective
+            if self.rank == 0:
+                self._write_file("workers.json", json.dumps(placements, indent=1))
+            self.placed = True
         if self.rank == 0:
             self._write_metrics(metrics)
             if checkpoint_dir is not None and self.best.update(metrics):
@@ -98,15 +109,24 @@ class RaySession:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
-
-    def _write_metrics(self, metrics: dict[str, float]) -> None:
-        """metrics.jsonl beside the run's checkpoints, rewritten whole (object stores cannot append)."""
+    def _run_dir(self):
         from pyarrow import fs as pafs
 
         storage = self.config.resources.storage
         filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
         run_dir = f"{root}/{self.config.name}"
+        filesystem.create_dir(run_dir, recursive=True)
+        return filesystem, run_dir
+
+    def _write_file(self, name: str, text: str) -> None:
+        filesystem, run_dir = self._run_dir()
+        with filesystem.open_output_stream(f"{run_dir}/{name}") as handle:
+            handle.write(text.encode())
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        """metrics.jsonl beside the run's checkpoints, rewritten whole (object stores cannot append)."""
         if not self.history:  # first report of this worker group: keep what earlier attempts wrote
+            filesystem, run_dir = self._run_dir()
             try:
                 with filesystem.open_input_stream(f"{run_dir}/metrics.jsonl") as handle:
                     lines = handle.read().decode().splitlines()
@@ -114,9 +134,7 @@ class RaySession:
             except (FileNotFoundError, OSError, ValueError):
                 self.history = []
         self.history.append(json.dumps(metrics))
-        filesystem.create_dir(run_dir, recursive=True)
-        with filesystem.open_output_stream(f"{run_dir}/metrics.jsonl") as handle:
-            handle.write(("\n".join(self.history) + "\n").encode())
+        self._write_file("metrics.jsonl", "\n".join(self.history) + "\n")
 
 
 def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
