@@ -1,0 +1,163 @@
+"""ASHA efficiency and trial start-up overhead, from one run of experiments/bench_asha.toml.
+
+    .venv/bin/python -m tools.bench_search [--storage runs/bench] [--from runs/bench/bench_asha_1458]
+
+The experiment searches the same 12-config grid twice on the same data: stage "asha" (ASHA, grace 1,
+reduction factor 2) and stage "full" (no scheduler, every trial to max_epochs). From the stage records
+(`EXP/stages/<stage>.json`): epochs ASHA trained / epochs of the full grid, whether ASHA's best validation
+metric is within 1 % of the full grid's best, and each stage's wall time. Trial overhead: for every trial,
+its start (first Tune result's `timestamp - time_total_s`, from Tune's result.json) to the end of its first
+optimiser step (`train_first_step_unix` of epoch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = "experiments/bench_asha.toml"
+# RAY_ADDRESS=local: a private Ray instance, never another job's cluster on this machine.
+# RAY_worker_niceness=0: Ray starts its workers at nice 15; on a machine shared with nice-0 jobs the trial workers
+# and Ray's placement-group cleaner starved, finished trials kept both CPUs reserved and the search stalled twice
+# (see docs/benchmarks.md). The longer worker-group start-up timeout: Ray Train's default 60 s expired under load.
+ENV = {"RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "RAY_worker_niceness": "0"}
+
+
+def tune_command(storage: str, name: str) -> list[str]:
+    return [sys.executable, "-m", "protopo_ray.tune", EXPERIMENT, "--storage", storage, "--no-wandb",
+            "--set", f"name={name}"]
+
+
+def run_search(storage: str, timeout_s: float) -> tuple[Path, str, float]:
+    name = f"bench_asha_{time.strftime('%H%M%S')}"
+    cmd = tune_command(storage, name)
+    command = " ".join([*(f"{k}={v}" for k, v in ENV.items()), ".venv/bin/python", *cmd[1:]])
+    print(f"[search] {command}", flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return ROOT / storage / name, command, time.time() - started
+
+
+def trial_overheads(exp_dir: Path, stage: str) -> list[dict]:
+    """Per trial: seconds from the trial's start to the end of its first training step."""
+    out = []
+    for result_file in sorted((exp_dir / "tune" / stage).glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        first = next((r for r in rows if r.get("epoch") == 1 and r.get("train_first_step_unix")), None)
+        if first is None:
+            continue
+        start = first["timestamp"] - first["time_total_s"]
+        out.append({"trial": result_file.parent.name, "start_unix": start,
+                    "first_step_s": first["train_first_step_unix"] - start,
+                    "first_epoch_end_s": first["time_total_s"]})
+    return out
+
+
+def summarize(exp_dir: Path) -> dict:
+    records = {s: json.loads((exp_dir / "stages" / f"{s}.json").read_text()) for s in ("asha", "full")}
+    asha, full = records["asha"], records["full"]
+    metric, mode = asha["metric"], asha["mode"]
+
+    def best(record):
+        trial = next(t for t in record["trials"] if t["trial_id"] == record["best_trial"])
+        return trial, trial["best"][metric]
+
+    def key(trial):
+        return tuple(sorted((k, v) for k, v in trial["params"].items()))
+
+    asha_trial, asha_best = best(asha)
+    full_trial, full_best = best(full)
+    # Where ASHA's winning config ranks in the full grid (1 = the full grid's own winner).
+    ranked = sorted(full["trials"], key=lambda t: t["best"].get(metric, np.nan), reverse=mode == "max")
+    rank = next((i + 1 for i, t in enumerate(ranked) if key(t) == key(asha_trial)), None)
+    gap = (asha_best - full_best) / abs(full_best) * (1 if mode == "min" else -1)  # > 0: ASHA's is worse
+    overheads = trial_overheads(exp_dir, "asha") + trial_overheads(exp_dir, "full")
+    seconds = [o["first_step_s"] for o in overheads]
+    return {
+        "experiment": str(exp_dir.relative_to(ROOT)) if exp_dir.is_relative_to(ROOT) else str(exp_dir),
+        "metric": metric, "mode": mode, "num_trials": len(full["trials"]), "max_epochs": full["max_epochs"],
+        "asha_epochs_run": asha["epochs_run"], "full_epochs_run": full["epochs_run"],
+        "grid_epochs": full["epochs_full"],
+        "epoch_fraction": asha["epochs_run"] / full["epochs_full"],
+        "asha_wall_s": asha["wall_time_s"], "full_wall_s": full["wall_time_s"],
+        "wall_fraction": asha["wall_time_s"] / full["wall_time_s"],
+        "asha_best": asha_best, "full_best": full_best, "asha_gap": gap, "within_1pct": gap <= 0.01,
+        "asha_winner": asha_trial["params"], "full_winner": full_trial["params"], "asha_winner_rank_in_full": rank,
+        "asha_trials_completed": sum(t["status"] == "completed" for t in asha["trials"]),
+        "asha_epochs_per_trial": sorted(t["epochs"] for t in asha["trials"]),
+        "overhead_s": {"median": float(np.median(seconds)), "min": float(np.min(seconds)),
+                       "max": float(np.max(seconds)), "count": len(seconds)} if seconds else {},
+        "overheads": overheads,
+    }
+
+
+def partial(exp_dir: Path) -> dict:
+    """What an unfinished search still tells: per-trial epochs and best metric from Tune's result files, overheads."""
+    stages = {}
+    for stage_dir in sorted((exp_dir / "tune").glob("*")):
+        trials = []
+        for result_file in sorted(stage_dir.glob("*/result.json")):
+            rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+            if rows:
+                trials.append({"trial": "_".join(result_file.parent.name.split("_")[2:4]), "epochs": int(rows[-1]["epoch"]),
+                               "best_val_loss": min(r["val_loss"] for r in rows)})
+        stages[stage_dir.name] = {"trials_reporting": len(trials), "epochs_run": sum(t["epochs"] for t in trials),
+                                  "trials": trials}
+    overheads = [o for stage in stages for o in trial_overheads(exp_dir, stage)]
+    seconds = [o["first_step_s"] for o in overheads]
+    return {"experiment": str(exp_dir), "partial_stages": stages, "overheads": overheads,
+            "overhead_s": {"median": float(np.median(seconds)), "min": float(np.min(seconds)),
+                           "max": float(np.max(seconds)), "count": len(seconds)} if seconds else {}}
+
+
+def run(storage: str, existing: str | None = None, timeout_s: float = 3600) -> dict:
+    from protopo_ray.config import load_config
+    from protopo_ray.shards import read_manifest
+
+    data = load_config(ROOT / EXPERIMENT).data.path
+    if existing:
+        exp_dir = Path(existing).resolve()
+        experiment = json.loads((exp_dir / "experiment.json").read_text())
+        command = " ".join([*(f"{k}={v}" for k, v in ENV.items()), ".venv/bin/python", *tune_command(
+            storage, experiment["name"])[1:]])
+        wall = None
+    else:
+        try:
+            read_manifest(ROOT / data)
+        except FileNotFoundError:
+            return {"skipped": f"no shards at {data}; prepare them from ../shared/data/deeptmhmm first"}
+        exp_dir, command, wall = run_search(storage, timeout_s)
+    missing = [s for s in ("asha", "full") if not (exp_dir / "stages" / f"{s}.json").exists()]
+    if missing:
+        out = {"command": command, "incomplete": f"stage record(s) {missing} missing: the search did not finish",
+               **partial(exp_dir)}
+        if "asha" not in missing:  # ASHA's share of the grid's epochs needs only its own record
+            asha = json.loads((exp_dir / "stages" / "asha.json").read_text())
+            out.update(asha_epochs_run=asha["epochs_run"], grid_epochs=asha["epochs_full"], asha_wall_s=asha["wall_time_s"],
+                       epoch_fraction=asha["epochs_run"] / asha["epochs_full"], metric=asha["metric"],
+                       asha_epochs_per_trial=sorted(t["epochs"] for t in asha["trials"]),
+                       asha_winner=next(t["params"] for t in asha["trials"] if t["trial_id"] == asha["best_trial"]))
+        return out
+    return {"command": command, "search_wall_s": wall, **summarize(exp_dir)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default="runs/bench")
+    parser.add_argument("--from", dest="existing", help="summarise this finished experiment directory instead")
+    args = parser.parse_args()
+    print(json.dumps(run(args.storage, args.existing), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
