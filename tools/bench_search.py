@@ -24,11 +24,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
-# RAY_ADDRESS=local: a private Ray instance, never another job's cluster on this machine.
-# RAY_worker_niceness=0: Ray starts its workers at nice 15; on a machine shared with nice-0 jobs the trial workers
-# and Ray's placement-group cleaner starved, finished trials kept both CPUs reserved and the search stalled twice
-# (see docs/benchmarks.md). The longer worker-group start-up timeout: Ray Train's default 60 s expired under load.
-ENV = {"RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "RAY_worker_niceness": "0"}
+# The search starts its own Ray instance through protopo_ray.train.ray_init (dashboard on, loopback only).
+# ray_init joins the cluster named in /tmp/ray/ray_current_cluster if one exists, so run_search refuses to start
+# while that file is there. A longer worker-group start-up timeout than Ray Train's 60 s, which expired for
+# trials on the loaded 2-core machine. On 2026-11-28 every attempt still stalled once finished trials' placement
+# groups kept both CPUs reserved (docs/benchmarks.md); `--asha-from` summarises whatever a search left.
+ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
 
 def tune_command(storage: str, name: str) -> list[str]:
@@ -42,7 +44,8 @@ def run_search(storage: str, timeout_s: float) -> tuple[Path, str, float]:
     command = " ".join([*(f"{k}={v}" for k, v in ENV.items()), ".venv/bin/python", *cmd[1:]])
     print(f"[search] {command}", flush=True)
     started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=timeout_s)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, **ENV}, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"{command} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return ROOT / storage / name, command, time.time() - started
@@ -136,6 +139,9 @@ def run(storage: str, existing: str | None = None, timeout_s: float = 3600) -> d
             read_manifest(ROOT / data)
         except FileNotFoundError:
             return {"skipped": f"no shards at {data}; prepare them from ../shared/data/deeptmhmm first"}
+        if CURRENT_CLUSTER.exists():
+            return {"skipped": f"{CURRENT_CLUSTER} names a running Ray cluster that the search would join; "
+                               f"stop it (ray stop) or run the search elsewhere"}
         exp_dir, command, wall = run_search(storage, timeout_s)
     missing = [s for s in ("asha", "full") if not (exp_dir / "stages" / f"{s}.json").exists()]
     if missing:
