@@ -104,7 +104,7 @@ def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, 
         assert all(r["resumed_from_epoch"] >= 1 for r in rows[done:]), (name, done, rows)
 
     regularization = json.loads((exp_dir / "stages" / "regularization.json").read_text())
-    assert regularization["search"] == "hyperopt" and len(regularization["trials"]) == 2
+    assert regularization["search"] == "hyperopt" and len(regularization["trials"]) == 1
     for trial in regularization["trials"]:
         assert 1e-3 <= trial["params"]["train.lr"] <= 1e-2 and 0.0 <= trial["params"]["model.dropout"] <= 0.3
 
@@ -126,6 +126,6 @@ def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, 
     assert winner["test"]["n_proteins"] > 0 and (exp_dir / "winner" / "checkpoint" / "state.pt").exists()
 
     runs = list((exp_dir / "wandb").rglob("offline-run-*"))
-    assert len(runs) >= 7
+    assert len(runs) >= 6  # one W&B run per trial: 4 + 1 + 1
     logged = b"".join(p.read_bytes() for run in runs for p in run.glob("*.wandb"))
     assert b"val_loss" in logged and b"train_grad_norm_max" in logged
