@@ -71,7 +71,7 @@ def ray_init(**kwargs: Any):
     if ray.is_initialized():
         return None
     address = os.environ.get("RAY_ADDRESS") or running_cluster()
-    if address:
+    if address and address != "local":  # RAY_ADDRESS=local: always a new local cluster (tests, benchmarks)
         context = ray.init(address=address)
     else:
         # Ray starts workers at nice 15 by default; on a machine shared with other jobs that starves the
@@ -79,6 +79,7 @@ def ray_init(**kwargs: Any):
         # (stalled searches). A local cluster's processes inherit this environment.
         os.environ.setdefault("RAY_worker_niceness", "0")
         # A local cluster keeps its dashboard on the loopback interface only.
+        os.environ.pop("RAY_ADDRESS", None)
         context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
     url = context.dashboard_url
     print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)

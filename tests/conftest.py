@@ -50,8 +50,9 @@ def ray_cluster():
         from protopo_ray.train import ray_init
 
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        os.environ.pop("RAY_ADDRESS", None)
-        # The project's own start-up path: no cluster running, so a local one with the dashboard on 127.0.0.1.
+        # The project's own start-up path, told to start a cluster of its own (never to join another one
+        # running on this machine): a local one with the dashboard on 127.0.0.1.
+        os.environ["RAY_ADDRESS"] = "local"
         context = ray_init(num_cpus=2, logging_level="WARNING", log_to_driver=False)
         os.environ["RAY_ADDRESS"] = context.address_info["address"]
         os.environ["PROTOPO_TEST_DASHBOARD"] = context.dashboard_url or ""
