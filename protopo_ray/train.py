@@ -83,7 +83,8 @@ def ray_init(**kwargs: Any):
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         # A local cluster keeps its dashboard on the loopback interface only.
         os.environ.pop("RAY_ADDRESS", None)
-        context = ray.init(dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+        # address="local": a new cluster even where an address file of another one lingers.
+        context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
     url = context.dashboard_url
     print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)
     return context
