@@ -78,9 +78,6 @@ def ray_init(**kwargs: Any):
         # training workers (measured: 0.54x of an in-process run) and Ray's own placement-group cleanup
         # (stalled searches). A local cluster's processes inherit this environment.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        # Ray Train gives a worker group 60 s to start; a loaded 2-core machine needs longer to spawn the worker
-        # and import torch, and a timed-out start only retries from scratch.
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         # A local cluster keeps its dashboard on the loopback interface only.
         os.environ.pop("RAY_ADDRESS", None)
         # address="local": a new cluster even where an address file of another one lingers.
