@@ -46,6 +46,10 @@ def resolve(args: argparse.Namespace) -> Config:
                            "resources.storage": storage.resolve(config.resources.storage)})
 
 
+#: True once this process started its own local cluster (so it may clean up after Ray's leaks there).
+STARTED_LOCAL_CLUSTER = False
+
+
 def running_cluster() -> str | None:
     """Address of a Ray cluster running on this machine (started by `ray start`), if its GCS is alive.
 
@@ -82,6 +86,8 @@ def ray_init(**kwargs: Any):
         os.environ.pop("RAY_ADDRESS", None)
         # address="local": a new cluster even where an address file of another one lingers.
         context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+        global STARTED_LOCAL_CLUSTER
+        STARTED_LOCAL_CLUSTER = True
     url = context.dashboard_url
     print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)
     return context

@@ -129,6 +129,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
                                driver_resources=hardware.driver_resources(inventory), callbacks=callbacks, seed=experiment.seed,
                                datasets=datasets, promoted=promoted, restore=restore)
     results = tuner.fit()
+    release_leaked_placement_groups()
     record = stages.collect_stage(results, stage, base=base, plan=plan, wall_time_s=time.time() - started,
                                   train_storage=train_storage, overrides=plan.resources_overrides())
     stages.save_stage(record, exp_dir / "stages" / f"{stage.name}.json")
@@ -136,6 +137,25 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     print(f"stage {stage.name}: {len(record['trials'])} trials, best {record['best_trial']}, "
           f"epochs {record['epochs_run']}/{record['epochs_full']}, {record['wall_time_s']:.0f} s", flush=True)
     return record
+
+
+def release_leaked_placement_groups() -> None:
+    """After a stage, on a local cluster this process started: remove the Train placement groups left behind.
+
+    Ray Train V2 placement groups can outlive a Tune trial that ASHA stopped (ray-project/ray#54305); the next
+    stage's worker groups then wait forever for their CPUs. Between stages no trial of ours runs, and on a
+    cluster we started nobody else's do, so every remaining placement group is a leak.
+    """
+    from protopo_ray import train
+
+    if not train.STARTED_LOCAL_CLUSTER:
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def best_trial(record: dict[str, Any]) -> dict[str, Any] | None:
