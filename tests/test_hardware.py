@@ -177,7 +177,9 @@ def logical_a10g_cluster():
     if ray.is_initialized():
         ray.shutdown()
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, num_gpus=4, resources={"accelerator_type:A10G": 4}, include_dashboard=False)
+    # address="local": a cluster of its own, even where another test's cluster (a `ray start` head) lingers.
+    ray.init(address="local", num_cpus=2, num_gpus=4, resources={"accelerator_type:A10G": 4},
+             include_dashboard=False)
     yield
     ray.shutdown()
 
