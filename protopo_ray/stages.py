@@ -160,6 +160,10 @@ def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, w
         start_epoch = int(promote.get("_start_epoch", 0)) if promote else 0
         status = "error" if result.error else ("completed" if epochs >= stage.max_epochs else "stopped")
         devices = plan.num_workers * (plan.gpus_per_worker if plan.device == "gpu" else plan.cpus_per_worker)
+        # When Tune ran the trial (1 s resolution): its start is the first result's timestamp less the time
+        # the trainable had run by then (start-up included), its end the last result's timestamp.
+        running = ([rows[0]["timestamp"] - rows[0].get("time_total_s", 0.0), rows[-1]["timestamp"]]
+                   if rows and _finite(rows[0].get("timestamp")) else None)
         trials.append({
             "trial_id": trial_id,
             "params": {**params, **promote["_params"], "promoted_from": promote["_from_trial"]} if promote else params,
@@ -174,6 +178,7 @@ def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, w
             "history": history,
             "checkpoint": checkpoints[-1] if checkpoints else None,
             "accelerator_hours": devices * sum(row.get("epoch_time_s", 0.0) for row in history) / 3600,
+            "running_unix": running,
         })
     ranked = sorted((t for t in trials if _finite(t["best"].get(stage.metric))),
                     key=lambda t: t["best"][stage.metric], reverse=stage.mode == "max")
