@@ -10,6 +10,7 @@ epoch on 2 cores, more than a small epoch itself, so the split is streamed once 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +32,10 @@ def load_datasets(config: Config) -> dict[str, Any]:
     """
     import ray.data
 
+    # Every trial's workers stream each split once; Ray Data's per-stream progress bars then flood the console
+    # (200k lines for a 24-trial benchmark search). The dashboard shows dataset progress; a dataset keeps the
+    # context it was created under, so this reaches the workers. RAY_DATA_DISABLE_PROGRESS_BARS=0 brings them back.
+    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "0"
     splits = (("train", config.data.train_folds), ("val", config.data.val_folds))
     if config.data.reader == "arrow":
         return {split: ray.data.from_arrow(shards.read_table(config.data.path, folds=folds)) for split, folds in splits}
