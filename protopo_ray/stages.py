@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -100,16 +101,23 @@ def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: st
     if stage.kind == "search" and stage.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=stage.max_epochs, grace_period=stage.grace_epochs,
                                   reduction_factor=stage.reduction_factor)
-    search_alg = None
+    search_alg, num_samples = None, stage.num_samples if stage.kind == "search" else 1
     if stage.kind == "search" and stage.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
         search_alg = HyperOptSearch(random_state_seed=seed)
+    elif stage.kind == "search" and stage.order == "shuffled":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Every grid point (times num_samples) as a preset, in seeded random order; each preset is one sample.
+        points = grid_points(stage) * stage.num_samples
+        random.Random(seed).shuffle(points)
+        search_alg, num_samples = BasicVariantGenerator(points_to_evaluate=points), len(points)
     return tune.Tuner(
         trainable,
         param_space=param_space(stage, promoted),
         tune_config=tune.TuneConfig(metric=stage.metric, mode=stage.mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=stage.num_samples if stage.kind == "search" else 1,
+                                    num_samples=num_samples,
                                     max_concurrent_trials=plan.max_concurrent_trials),
         run_config=tune.RunConfig(name=tune_dir.rstrip("/").rsplit("/", 1)[1], storage_path=tune_dir.rstrip("/").rsplit("/", 1)[0],
                                   callbacks=callbacks,
@@ -185,6 +193,7 @@ def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, w
     return {
         "stage": stage.name, "kind": stage.kind, "search": stage.search, "scheduler": stage.scheduler,
         "metric": stage.metric, "mode": stage.mode, "max_epochs": stage.max_epochs, "grace_epochs": stage.grace_epochs,
+        "reduction_factor": stage.reduction_factor,
         "plan": dataclasses.asdict(plan),
         "wall_time_s": wall_time_s,
         "epochs_run": sum(t["epochs"] - t["start_epoch"] for t in trials),

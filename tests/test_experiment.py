@@ -46,6 +46,7 @@ def test_seed_grid_has_36_trials():
         ({**BASE}, "no \\[\\[stages\\]\\]"),
         ({"experiment": {"synthetc": 3}, **stage()}, "unknown key"),
         (stage(grace_epochs=9, max_epochs=3), "grace_epochs must be in"),
+        (stage(order="random"), "order must be shuffled or listed"),
     ],
 )
 def test_bad_experiments_are_rejected(values, message):

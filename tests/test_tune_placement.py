@@ -76,6 +76,8 @@ def test_search_trials_share_the_logical_gpu_as_planned(smoke_shards, tmp_path):
     # 4 tiny trials on one 24 GiB A10G with 4 CPUs: 4 per GPU, a quarter GPU and one CPU each, one worker.
     assert (plan["device"], plan["accelerator_type"], plan["num_workers"]) == ("gpu", "A10G", 1)
     assert plan["gpus_per_worker"] == 0.25 and plan["max_concurrent_trials"] == 4
+    # The grid ran in shuffled order (the stage default): still every point exactly once.
+    assert sorted(t["params"]["train.lr"] for t in record["trials"]) == [1e-3, 2e-3, 3e-3, 4e-3]
     windows = []
     for trial in record["trials"]:
         assert trial["status"] == "completed"

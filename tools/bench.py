@@ -170,7 +170,8 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
                      f"ASHA stage wall {search['asha_wall_s']:.0f} s; epochs per trial {search['asha_epochs_per_trial']}",
                      search["command"]))
     elif "epoch_fraction" in search:
-        rows.append(("ASHA epochs / full-grid epochs (12 configs x 6)", _f(search["epoch_fraction"], 3), "<= 0.3",
+        rows.append((f"ASHA epochs / full-grid epochs ({search['num_trials']} configs x {search['max_epochs']})",
+                     _f(search["epoch_fraction"], 3), "<= 0.3",
                      _met(search["epoch_fraction"] <= 0.3),
                      f"{search['asha_epochs_run']} / {search['grid_epochs']} epochs; wall {search['asha_wall_s']:.0f} s vs "
                      f"{search['full_wall_s']:.0f} s ({_f(search['wall_fraction'])}x)", search["command"]))
@@ -178,6 +179,16 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
                      "within 1 %", _met(search["within_1pct"]),
                      f"{_f(search['asha_best'], 4)} vs {_f(search['full_best'], 4)}; ASHA's config ranks "
                      f"{search['asha_winner_rank_in_full']} of {search['num_trials']} in the full grid", search["command"]))
+        if "replay" in search:
+            r = search["replay"]
+            rows.append(("Halving rules replayed on the full grid's curves: epochs / grid",
+                         f"SHA {_f(r['sha_epoch_fraction'], 3)}", "(report)", "n/a",
+                         f"{r['rule']}: synchronous halving {_f(r['sha_epoch_fraction'], 3)} (winner "
+                         f"{_f(r['sha_gap'], 2, pct=True)} worse); Ray's async rule one trial at a time, listed order "
+                         f"{_f(r['asha_sequential_grid_order_fraction'], 3)}, shuffled order "
+                         f"{_f(r['asha_sequential_random_order_fraction_mean'], 3)} (mean of 1000 orders, winner within "
+                         f"1 % in {_f(100 * r['asha_sequential_random_order_within_1pct'], 1)} % of them)",
+                         "tools/bench_search.py replays (no training)"))
     if "incomplete" in search:
         stages = search.get("partial_stages", {})
         done = "; ".join(f"{name}: {st['trials_reporting']} trials reported, {st['epochs_run']} epochs, per trial "
