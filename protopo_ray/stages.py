@@ -84,6 +84,18 @@ def num_trials(stage: StageSpec, promoted: int = 0) -> int:
     return stage.num_samples
 
 
+def shuffled_grid(stage: StageSpec, seed: int, max_concurrent: int):
+    """Every grid point (times num_samples) as a preset in seeded random order, at most `max_concurrent` at once.
+
+    Returns Tune's variant generator and the number of samples (each preset is one sample).
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    points = grid_points(stage) * stage.num_samples
+    random.Random(seed).shuffle(points)
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent), len(points)
+
+
 def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: str, train_storage: str,
                 driver_resources: dict[str, float], callbacks: list, seed: int, datasets: dict[str, Any],
                 promoted: list[dict[str, Any]] | None = None, restore: bool = False):
@@ -102,23 +114,21 @@ def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: st
         scheduler = ASHAScheduler(time_attr="epoch", max_t=stage.max_epochs, grace_period=stage.grace_epochs,
                                   reduction_factor=stage.reduction_factor)
     search_alg, num_samples = None, stage.num_samples if stage.kind == "search" else 1
+    shuffled = stage.kind == "search" and stage.search == "grid" and stage.order == "shuffled"
     if stage.kind == "search" and stage.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
         search_alg = HyperOptSearch(random_state_seed=seed)
-    elif stage.kind == "search" and stage.order == "shuffled":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        # Every grid point (times num_samples) as a preset, in seeded random order; each preset is one sample.
-        points = grid_points(stage) * stage.num_samples
-        random.Random(seed).shuffle(points)
-        search_alg, num_samples = BasicVariantGenerator(points_to_evaluate=points), len(points)
+    elif shuffled:
+        search_alg, num_samples = shuffled_grid(stage, seed, plan.max_concurrent_trials)
     return tune.Tuner(
         trainable,
         param_space=param_space(stage, promoted),
         tune_config=tune.TuneConfig(metric=stage.metric, mode=stage.mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=plan.max_concurrent_trials),
+                                    # The shuffled grid's generator enforces its own limit (Tune ignores this one for
+                                    # generators); HyperOpt, a Searcher, gets Tune's ConcurrencyLimiter from it.
+                                    max_concurrent_trials=None if shuffled else plan.max_concurrent_trials),
         run_config=tune.RunConfig(name=tune_dir.rstrip("/").rsplit("/", 1)[1], storage_path=tune_dir.rstrip("/").rsplit("/", 1)[0],
                                   callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),

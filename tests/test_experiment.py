@@ -57,3 +57,16 @@ def test_bad_experiments_are_rejected(values, message):
 def test_overrides_apply_to_the_base():
     experiment = parse_experiment(stage(), overrides={"model.lstm_size": 7, "experiment.synthetic": 5})
     assert experiment.base.model.lstm_size == 7 and experiment.synthetic == 5
+
+
+def test_shuffled_grid_runs_every_point_once_seeded_and_at_most_max_concurrent_at_once():
+    pytest.importorskip("ray.tune")
+    from protopo_ray.stages import shuffled_grid
+
+    (architecture,) = [s for s in load_experiment(Path(__file__).parents[1] / "experiments" / "architecture.toml").stages if s.name == "architecture"]
+    generator, samples = shuffled_grid(architecture, seed=0, max_concurrent=8)
+    points = generator._points_to_evaluate
+    assert samples == len(points) == 36 and generator.max_concurrent == 8
+    assert sorted(map(str, points)) == sorted(map(str, grid_points(architecture)))
+    assert points != grid_points(architecture)  # shuffled, not as listed
+    assert shuffled_grid(architecture, seed=0, max_concurrent=8)[0]._points_to_evaluate == points

@@ -127,6 +127,13 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
                      + "; with a residue budget (data.max_residues_per_batch, bucket_batches/budget): "
                      + ", ".join(f"{k} {_f(v, 3)}" for k, v in pad.get("token_budget", {}).items()),
                      f"{command} --only padding"))
+        budget = pad.get("token_budget", {}).get("16/8192")
+        if budget is not None:
+            rows.append(("Padding efficiency, bucketed with a residue budget (max_residues_per_batch = 8192)",
+                         _f(budget, 3), ">= 0.95", _met(budget >= 0.95),
+                         f"random batches of 32 {_f(pad['random'], 3)}; budgeted / random = {_f(budget / pad['random'])}x; "
+                         f"batches close at 32 proteins or when proteins x longest would pass 8192 residues",
+                         f"{command} --only padding"))
     epoch = results.get("epoch", {})
     runs = epoch.get("runs", {})
     if "ray1_over_local" in epoch:
