@@ -161,8 +161,7 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
         rows.append(("DDP scaling, 2 workers / 1 worker (aggregate train residues/s)", _f(epoch["ray2_over_ray1"]) + "x",
                      ">= 1.6x", _met(epoch["ray2_over_ray1"] >= 1.6),
                      f"{ray2['train_residues_per_s']:.0f} vs {runs['ray1']['steady']['train_residues_per_s']:.0f} "
-                     f"residues/s; whole epoch (train + validation) {_f(epoch['ray2_epoch_speedup'])}x faster; "
-                     f"the quality run holds ~1 of the 2 cores", f"{command} --only scaling"))
+                     f"residues/s; whole epoch (train + validation) {_f(epoch['ray2_epoch_speedup'])}x faster", f"{command} --only scaling"))
     st = results.get("structures", {})
     if "read_align_graph_per_s" in st:
         rows.append(("Structure read + align + graph, BamA (810 res), per core", f"{st['read_align_graph_per_s']:.0f} /s",
@@ -191,8 +190,9 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
             rows.append(("Halving rules replayed on the full grid's curves: epochs / grid",
                          f"SHA {_f(r['sha_epoch_fraction'], 3)}", "(report)", "n/a",
                          f"{r['rule']}: synchronous halving {_f(r['sha_epoch_fraction'], 3)} (winner "
-                         f"{_f(r['sha_gap'], 2, pct=True)} worse); Ray's async rule one trial at a time, listed order "
-                         f"{_f(r['asha_sequential_grid_order_fraction'], 3)}, shuffled order "
+                         f"{_f(r['sha_gap'], 2, pct=True)} worse); Ray's async rule one trial at a time: in this run's order "
+                         f"{_f(r['asha_sequential_run_order_fraction'], 3)}, in the file's listed order "
+                         f"{_f(r['asha_sequential_grid_order_fraction'], 3)}, in random orders "
                          f"{_f(r['asha_sequential_random_order_fraction_mean'], 3)} (mean of 1000 orders, winner within "
                          f"1 % in {_f(100 * r['asha_sequential_random_order_within_1pct'], 1)} % of them)",
                          "tools/bench_search.py replays (no training)"))

@@ -69,12 +69,12 @@ def trial_overheads(exp_dir: Path, stage: str) -> list[dict]:
 def summarize(exp_dir: Path) -> dict:
     records = {s: json.loads((exp_dir / "stages" / f"{s}.json").read_text()) for s in ("asha", "full")}
     asha, full = records["asha"], records["full"]
-    if "reduction_factor" not in asha:  # records written before stage records kept it
-        from protopo_ray.experiment import load_experiment
+    from protopo_ray.experiment import load_experiment
+    from protopo_ray.stages import grid_points
 
-        source = json.loads((exp_dir / "experiment.json").read_text())["source"]
-        spec = next(s for s in load_experiment(ROOT / source).stages if s.name == "asha")
-        asha["reduction_factor"] = spec.reduction_factor
+    source = json.loads((exp_dir / "experiment.json").read_text())["source"]
+    spec = next(s for s in load_experiment(ROOT / source).stages if s.name == "asha")
+    asha.setdefault("reduction_factor", spec.reduction_factor)  # records written before stage records kept it
     metric, mode = asha["metric"], asha["mode"]
 
     def best(record):
@@ -107,7 +107,8 @@ def summarize(exp_dir: Path) -> dict:
         "overhead_s": {"median": float(np.median(seconds)), "min": float(np.min(seconds)),
                        "max": float(np.max(seconds)), "count": len(seconds)} if seconds else {},
         "overheads": overheads,
-        "replay": replays(full, asha),
+        # Tune's own order for a listed grid (order = "listed"): keys sorted by name, the first varying fastest.
+        "replay": replays(full, asha, sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])),
     }
 
 
@@ -154,11 +155,12 @@ def replay_sha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tu
     return epochs, best
 
 
-def replays(full: dict, asha: dict) -> dict:
+def replays(full: dict, asha: dict, listed: list[dict]) -> dict:
     """What the halving rules would have spent on the full grid's own curves (deterministic: the same seeds
-    give the same curves in both stages), to tell the rule from the way Ray applied it (async, 2 at a time)."""
+    give the same curves in both stages), to tell the rule from the way Ray applied it (async, 2 at a time).
+    `listed`: the grid points in the experiment file's order."""
     metric = full["metric"]
-    trials = full["trials"]
+    trials = sorted(full["trials"], key=lambda t: t["trial_id"])  # the order Tune started them in
     curves = [[row[metric] for row in t["history"]] for t in trials]
     max_t, rf, grace = full["max_epochs"], asha["reduction_factor"], asha["grace_epochs"]
     finals = [min(c) for c in curves]
@@ -169,13 +171,17 @@ def replays(full: dict, asha: dict) -> dict:
         return (finals[i] - best) / abs(best)
 
     sha_epochs, sha_best = replay_sha(curves, grace, rf, max_t)
-    seq_epochs, seq_best = replay_asha(curves, list(range(len(curves))), grace, rf, max_t)
+    run_epochs, run_best = replay_asha(curves, list(range(len(curves))), grace, rf, max_t)
+    position = {json.dumps(point, sort_keys=True): i for i, point in enumerate(listed)}
+    listed_order = sorted(range(len(trials)), key=lambda i: position[json.dumps(trials[i]["params"], sort_keys=True)])
+    seq_epochs, seq_best = replay_asha(curves, listed_order, grace, rf, max_t)
     rng = np.random.default_rng(0)
     shuffled = [replay_asha(curves, list(rng.permutation(len(curves))), grace, rf, max_t) for _ in range(1000)]
     return {
         "rule": f"grace {grace}, reduction factor {rf}, max {max_t}",
         "sha_epoch_fraction": sha_epochs / grid, "sha_gap": gap(sha_best),
         "asha_sequential_grid_order_fraction": seq_epochs / grid, "asha_sequential_grid_order_gap": gap(seq_best),
+        "asha_sequential_run_order_fraction": run_epochs / grid, "asha_sequential_run_order_gap": gap(run_best),
         "asha_sequential_random_order_fraction_mean": float(np.mean([e for e, _ in shuffled]) / grid),
         "asha_sequential_random_order_within_1pct": float(np.mean([gap(i) <= 0.01 for _, i in shuffled])),
     }
