@@ -191,7 +191,7 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
                          f"SHA {_f(r['sha_epoch_fraction'], 3)}", "(report)", "n/a",
                          f"{r['rule']}: synchronous halving {_f(r['sha_epoch_fraction'], 3)} (winner "
                          f"{_f(r['sha_gap'], 2, pct=True)} worse); Ray's async rule one trial at a time: in this run's order "
-                         f"{_f(r['asha_sequential_run_order_fraction'], 3)}, in the file's listed order "
+                         f"{_f(r['asha_sequential_run_order_fraction'], 3)}, with order = listed "
                          f"{_f(r['asha_sequential_grid_order_fraction'], 3)}, in random orders "
                          f"{_f(r['asha_sequential_random_order_fraction_mean'], 3)} (mean of 1000 orders, winner within "
                          f"1 % in {_f(100 * r['asha_sequential_random_order_within_1pct'], 1)} % of them)",
