@@ -22,6 +22,6 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check protopo_ray tests tools
 
-# `-m "not stalls"`: tests that can hang on a known Ray bug run by hand (`.venv/bin/python -m pytest tests -m stalls`).
+# `-m "not long"`: multi-minute end-to-end tests run by hand (`.venv/bin/python -m pytest tests -m long`).
 test: lint
-	$(PY) -m pytest -q tests -m "not stalls"
+	$(PY) -m pytest -q tests -m "not long"
