@@ -262,8 +262,10 @@ def write_markdown(results: dict, meta: dict, path: Path) -> None:
                   f"the full grid's {search['full_winner']}; ASHA epochs per trial {search['asha_epochs_per_trial']}."]
     lines += ["", "## Quality anchor", "",
               "The reference project's own test predictions (fold cv2) rescored with this project's metrics, next to "
-              "this project's quality run (filled in by hand once `runs/deeptmhmm_quality` finishes: evaluate its best "
-              "checkpoint on cv2 and replace the TBD row, keeping the QUALITY marker).", ""]
+              "this project's quality run (`python -m protopo_ray.train --config experiments/deeptmhmm_quality.toml "
+              "--local`), its best checkpoint (`runs/deeptmhmm_quality/best`) evaluated on cv2 with "
+              "`protopo_ray.runner.evaluate_checkpoint`. That row is carried over from the previous file (the line "
+              "marked QUALITY); a TBD row marks a quality run not yet evaluated.", ""]
     lines += quality_table(results, quality_row)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
