@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: setup run test lint
 setup: $(VENV)/.installed
 
+# Flags for the search go through ARGS, e.g. a second run: make run ARGS="--resume" or ARGS="--set name=default2".
 run: $(VENV)/.installed
-	$(PY) -m protopo_ray.tune
+	$(PY) -m protopo_ray.tune $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check protopo_ray tests tools
