@@ -206,7 +206,8 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
     if o:
         rows.append(("Trial overhead: Tune trial start to first training step", f"{o['median']:.1f} s median",
                      "(report)", "n/a", f"range {o['min']:.1f}-{o['max']:.1f} s over {o['count']} trials "
-                     f"(2 trials at a time; start = first result's timestamp - time_total_s, 1 s resolution)",
+                     f"({search.get('max_concurrent_trials', '?')} trials at a time; start = first result's timestamp - "
+                     f"time_total_s, 1 s resolution)",
                      search["command"]))
     return rows
 

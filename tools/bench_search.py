@@ -95,6 +95,7 @@ def summarize(exp_dir: Path) -> dict:
     return {
         "experiment": str(exp_dir.relative_to(ROOT)) if exp_dir.is_relative_to(ROOT) else str(exp_dir),
         "metric": metric, "mode": mode, "num_trials": len(full["trials"]), "max_epochs": full["max_epochs"],
+        "max_concurrent_trials": asha["plan"]["max_concurrent_trials"],
         "asha_epochs_run": asha["epochs_run"], "full_epochs_run": full["epochs_run"],
         "grid_epochs": full["epochs_full"],
         "epoch_fraction": asha["epochs_run"] / full["epochs_full"],

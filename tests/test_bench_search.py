@@ -1,0 +1,25 @@
+"""The halving-rule replays behind the ASHA benchmark rows (pure functions; no Ray)."""
+
+from __future__ import annotations
+
+from tools.bench_search import _rungs, replay_asha, replay_sha
+
+# Four trials, 9 epochs, lower is better; trial 3 is the best throughout, trial 0 the worst.
+CURVES = [[4.0 - 0.1 * e for e in range(9)], [3.0 - 0.1 * e for e in range(9)],
+          [2.0 - 0.1 * e for e in range(9)], [1.0 - 0.1 * e for e in range(9)]]
+
+
+def test_rungs_match_rays_milestones():
+    assert _rungs(1, 3, 9) == [1, 3] and _rungs(1, 2, 6) == [1, 2, 4] and _rungs(2, 2, 6) == [2, 4]
+
+
+def test_async_rule_lets_every_improving_newcomer_through_and_stops_a_worse_one():
+    # Best last: each newcomer beats everything recorded before it, so nobody stops (4 x 9 epochs).
+    assert replay_asha(CURVES, [0, 1, 2, 3], grace=1, rf=3, max_t=9) == (36, 3)
+    # Best first: the first trial always continues (no rivals yet); the rest stop at the first rung.
+    assert replay_asha(CURVES, [3, 2, 1, 0], grace=1, rf=3, max_t=9) == (9 + 1 + 1 + 1, 3)
+
+
+def test_synchronous_halving_keeps_the_best_third_at_each_rung():
+    # 4 trials to epoch 1, best 1 (4 // 3) on to epochs 3 and 9: 4 + 2 + 6 epochs.
+    assert replay_sha(CURVES, grace=1, rf=3, max_t=9) == (12, 3)
