@@ -24,13 +24,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
-# The search starts its own Ray instance through protopo_ray.train.ray_init (dashboard on, loopback only).
-# ray_init joins the cluster named in /tmp/ray/ray_current_cluster if one exists, so run_search refuses to start
-# while that file is there. A longer worker-group start-up timeout than Ray Train's 60 s, which expired for
-# trials on the loaded 2-core machine. On 2026-11-28 every attempt still stalled once finished trials' placement
-# groups kept both CPUs reserved (docs/benchmarks.md); `--asha-from` summarises whatever a search left.
+# The search starts its own Ray instance through protopo_ray.train.ray_init (dashboard on, loopback only);
+# ray_init would join a live local cluster instead, so `run` refuses to start beside one. A longer worker-group
+# start-up timeout than Ray Train's 60 s, which expired for trials on the 2-core machine under load (searches
+# then stalled, docs/benchmarks.md); `--asha-from` summarises whatever a search left.
 ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
 
 def tune_command(storage: str, name: str) -> list[str]:
@@ -70,7 +68,6 @@ def summarize(exp_dir: Path) -> dict:
     records = {s: json.loads((exp_dir / "stages" / f"{s}.json").read_text()) for s in ("asha", "full")}
     asha, full = records["asha"], records["full"]
     from protopo_ray.experiment import load_experiment
-    from protopo_ray.stages import grid_points
 
     source = json.loads((exp_dir / "experiment.json").read_text())["source"]
     spec = next(s for s in load_experiment(ROOT / source).stages if s.name == "asha")
@@ -108,13 +105,20 @@ def summarize(exp_dir: Path) -> dict:
         "overhead_s": {"median": float(np.median(seconds)), "min": float(np.min(seconds)),
                        "max": float(np.max(seconds)), "count": len(seconds)} if seconds else {},
         "overheads": overheads,
-        # Tune's own order for a listed grid (order = "listed"): keys sorted by name, the first varying fastest.
-        "replay": replays(full, asha, sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])),
+        "replay": replays(full, asha, tune_listed_order(spec)),
     }
 
 
+def tune_listed_order(spec) -> list[dict]:
+    """The grid points in the order Tune starts a listed grid (order = "listed"): keys sorted by name, the
+    first varying fastest (checked against the listed benchmark run's trial ids)."""
+    from protopo_ray.stages import grid_points
+
+    return sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])
+
+
 def _rungs(grace: int, rf: int, max_t: int) -> list[int]:
-    """Ray's AsyncHyperBand milestones for one bracket: grace * rf**k below max_t, plus max_t itself."""
+    """Ray's AsyncHyperBand milestones for one bracket where a trial can be stopped: grace * rf**k below max_t."""
     rungs, t = [], grace
     while t < max_t:
         rungs.append(t)
@@ -158,8 +162,8 @@ def replay_sha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tu
 
 def replays(full: dict, asha: dict, listed: list[dict]) -> dict:
     """What the halving rules would have spent on the full grid's own curves (deterministic: the same seeds
-    give the same curves in both stages), to tell the rule from the way Ray applied it (async, 2 at a time).
-    `listed`: the grid points in the experiment file's order."""
+    give the same curves in both stages), to tell the rule from the way Ray applied it (async, several trials at
+    a time). `listed`: the grid points in the order Tune starts them with order = "listed"."""
     metric = full["metric"]
     trials = sorted(full["trials"], key=lambda t: t["trial_id"])  # the order Tune started them in
     curves = [[row[metric] for row in t["history"]] for t in trials]
@@ -223,8 +227,10 @@ def run(storage: str, existing: str | None = None, timeout_s: float = 3600) -> d
             read_manifest(ROOT / data)
         except FileNotFoundError:
             return {"skipped": f"no shards at {data}; prepare them from ../shared/data/deeptmhmm first"}
-        if CURRENT_CLUSTER.exists():
-            return {"skipped": f"{CURRENT_CLUSTER} names a running Ray cluster that the search would join; "
+        from protopo_ray.train import running_cluster
+
+        if address := running_cluster():
+            return {"skipped": f"a Ray cluster is running on this machine ({address}) that the search would join; "
                                f"stop it (ray stop) or run the search elsewhere"}
         exp_dir, command, wall = run_search(storage, timeout_s)
     missing = [s for s in ("asha", "full") if not (exp_dir / "stages" / f"{s}.json").exists()]
