@@ -21,6 +21,8 @@ AA_INDEX.update({rare: AA_INDEX.get(to, UNKNOWN_AA) for rare, to in RARE_AMINO_A
 LABELS = "IOPSMB"
 LABEL_INDEX: dict[str, int] = {c: i for i, c in enumerate(LABELS)}
 NUM_LABELS = len(LABELS)
+#: Label index of residues without a label (prediction inputs): torch.nn.CrossEntropyLoss's default ignore_index.
+IGNORE_LABEL = -100
 
 #: Protein types read off the labels; INVALID is what a prediction can be and a truth never is.
 PROTEIN_TYPES = ("TM", "SP+TM", "SP", "GLOBULAR", "BETA")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protopo_ray.alphabet import LABEL_INDEX, LABELS, NUM_LABELS
+from protopo_ray.alphabet import IGNORE_LABEL, LABEL_INDEX, LABELS, NUM_LABELS
 from protopo_ray.config import TrainConfig
 from protopo_ray.metrics import ProteinResult, protein_result
 
@@ -69,8 +69,8 @@ def build_loss(cfg: TrainConfig) -> nn.CrossEntropyLoss:
         weight = torch.ones(NUM_LABELS)
         for letter, value in cfg.label_weights.items():
             weight[LABEL_INDEX[letter]] = value
-    # y = -100 marks residues without a label (prediction inputs); they never contribute.
-    return nn.CrossEntropyLoss(weight=weight, ignore_index=-100, label_smoothing=cfg.label_smoothing)
+    # IGNORE_LABEL marks residues without a label (prediction inputs); they never contribute.
+    return nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE_LABEL, label_smoothing=cfg.label_smoothing)
 
 
 @dataclass
@@ -168,7 +168,7 @@ def train_epoch(
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
         optimizer.step()
         scheduler.step()
-        residues = int((batch.y != -100).sum())
+        residues = int((batch.y != IGNORE_LABEL).sum())
         loss_sum += float(loss.detach()) * residues
         norms.append(norm)
         stats.clipped_steps += int(cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm)
@@ -197,9 +197,9 @@ def predict_labels(model: nn.Module, batches: Iterable, device: torch.device, bf
             logits = model(batch).float()
         pred = logits.argmax(dim=-1).cpu().numpy()
         y = batch.y.cpu().numpy()
-        labelled = y != -100
+        labelled = y != IGNORE_LABEL
         loss_sum = float(nn.functional.cross_entropy(logits[torch.from_numpy(labelled).to(device)],
-                                                     batch.y[batch.y != -100], reduction="sum")) if labelled.any() else 0.0
+                                                     batch.y[batch.y != IGNORE_LABEL], reduction="sum")) if labelled.any() else 0.0
         ptr = batch.ptr.cpu().numpy()
         out = []
         for i in range(int(batch.num_graphs)):

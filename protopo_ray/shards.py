@@ -23,13 +23,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from protopo_ray.alphabet import LABEL_INDEX
+from protopo_ray.alphabet import IGNORE_LABEL, LABEL_INDEX
 from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, ResidueGraph, edge_features
 from protopo_ray.records import ProteinRecord
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-IGNORE_LABEL = -100  # torch.nn.CrossEntropyLoss's default ignore_index
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -313,7 +312,7 @@ def table_to_batch(table: pa.Table):
     """A `torch_geometric.data.Batch` of every row of `table` (vectorised; runs in Ray Data map_batches).
 
     Fields: aa [N], x [N, F], edge_index [2, E] (batch-global node ids), edge_attr [E, len(EDGE_FEATURES)],
-    y [N] (-100 for unlabelled proteins), batch [N], ptr [B+1], lengths [B], protein_id / ptype / sequence
+    y [N] (IGNORE_LABEL for unlabelled proteins), batch [N], ptr [B+1], lengths [B], protein_id / ptype / sequence
     (lists of B strings); `num_graphs` = B. Slice bookkeeping matches `Batch.from_data_list`, so
     `to_data_list()`, `get_example(i)` and `.to(device)` work.
     """
