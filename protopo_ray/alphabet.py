@@ -42,3 +42,23 @@ def encode_labels(labels: str) -> list[int]:
 def decode_labels(indices) -> str:
     """Label string from an iterable of label indices."""
     return "".join(LABELS[int(i)] for i in indices)
+
+
+def protein_type(labels: str) -> str:
+    """Protein type read off a label string (DeepTMHMM's rule); INVALID_TYPE when it is none of the five.
+
+    B -> BETA; else M with S -> SP+TM; M -> TM; S -> SP; only I -> GLOBULAR. Anything else (only O/P, I with
+    O/P but no S, M or B, or empty) is INVALID: the chain would reach the outside without crossing the membrane.
+    Truth labels must have a type (`records` rejects those that do not); a prediction may be INVALID, which
+    `metrics` never counts as correct.
+    """
+    letters = set(labels)
+    if "B" in letters:
+        return "BETA"
+    if "M" in letters:
+        return "SP+TM" if "S" in letters else "TM"
+    if "S" in letters:
+        return "SP"
+    if letters == {"I"}:
+        return "GLOBULAR"
+    return INVALID_TYPE

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from itertools import groupby
 from typing import NamedTuple
 
-from protopo_ray.alphabet import INVALID_TYPE, LABELS, PROTEIN_TYPES
+from protopo_ray.alphabet import INVALID_TYPE, LABELS, PROTEIN_TYPES, protein_type  # the one type rule
 
 #: Short key suffix for each protein type, as used in metric names (topo_tm, type_sptm, n_glob, ...).
 TYPE_KEYS = {"TM": "tm", "SP+TM": "sptm", "SP": "sp", "GLOBULAR": "glob", "BETA": "beta"}
@@ -53,20 +53,6 @@ class ProteinResult(NamedTuple):
     """Topology match (see module docstring); implies pred_type == true_type."""
     num_correct_residues: int
     num_residues: int
-
-
-def protein_type(labels: str) -> str:
-    """Protein type read off a label string; INVALID_TYPE when it is none of the five."""
-    letters = set(labels)
-    if "B" in letters:
-        return "BETA"
-    if "M" in letters:
-        return "SP+TM" if "S" in letters else "TM"
-    if "S" in letters:
-        return "SP"
-    if letters == {"I"}:
-        return "GLOBULAR"
-    return INVALID_TYPE
 
 
 def segments(labels: str) -> list[tuple[str, int, int]]:

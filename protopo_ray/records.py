@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protopo_ray.alphabet import AMINO_ACIDS, LABELS, PROTEIN_TYPES, RARE_AMINO_ACIDS
+from protopo_ray.alphabet import AMINO_ACIDS, INVALID_TYPE, LABELS, PROTEIN_TYPES, RARE_AMINO_ACIDS, protein_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +67,8 @@ VALID_RESIDUES = frozenset(AMINO_ACIDS) | frozenset(RARE_AMINO_ACIDS)
 VALID_LABELS = frozenset(LABELS)
 
 
-def label_type(labels: str) -> str:
-    """Protein type from per-residue labels (the DeepTMHMM course rule): B > S and M > M > S > globular."""
-    if "B" in labels:
-        return "BETA"
-    if "M" in labels:
-        return "SP+TM" if "S" in labels else "TM"
-    return "SP" if "S" in labels else "GLOBULAR"
+#: The one protein-type rule (alphabet.protein_type), under the name the readers and the generator use.
+label_type = protein_type
 
 
 def _sequence_problem(sequence: str) -> tuple[str, str] | None:
@@ -91,6 +86,10 @@ def _sequence_problem(sequence: str) -> tuple[str, str] | None:
     if "*" in shown:
         return problem, "remove the stop codon '*'; only one-letter amino-acid codes are allowed"
     return problem, f"allowed are the 20 standard codes plus {''.join(RARE_AMINO_ACIDS)}"
+
+
+def _shown(text: str, width: int = 30) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _labels_problem(sequence: str, labels: str) -> tuple[str, str] | None:
@@ -148,6 +147,14 @@ class _Validator:
             if problem:
                 return self.fail(labels_where or where, protein_id, *problem)
             kind = label_type(labels)
+            if kind == INVALID_TYPE:
+                return self.fail(
+                    labels_where or where,
+                    protein_id,
+                    f"labels {_shown(labels)!r} make no protein type: they reach O/P without a signal peptide (S), "
+                    f"TM helix (M) or beta strand (B)",
+                    "a GLOBULAR protein is all I; fix the labels or leave the record out",
+                )
             if header_type and header_type != kind:
                 known = "" if header_type in PROTEIN_TYPES else f" (not one of {', '.join(PROTEIN_TYPES)})"
                 return self.fail(

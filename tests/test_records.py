@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from protopo_ray.metrics import protein_type
 from protopo_ray.records import (
     ProteinRecord,
     RecordError,
@@ -35,10 +36,18 @@ def raises(path, reader=read_3line) -> RecordError:
 
 @pytest.mark.parametrize(
     "labels, expected",
-    [("OOBBII", "BETA"), ("SSOMMI", "SP+TM"), ("IIMMOO", "TM"), ("SSOOO", "SP"), ("IIOOPP", "GLOBULAR"), ("SB", "BETA")],
+    [("OOBBII", "BETA"), ("SSOMMI", "SP+TM"), ("IIMMOO", "TM"), ("SSOOO", "SP"), ("IIII", "GLOBULAR"), ("SB", "BETA"),
+     ("IIOOPP", "INVALID"), ("OOO", "INVALID")],
 )
-def test_label_type(labels, expected):
-    assert label_type(labels) == expected
+def test_label_type_is_the_metrics_rule(labels, expected):
+    assert label_type(labels) == protein_type(labels) == expected
+
+
+@pytest.mark.parametrize("labels", ["OOOO", "IIOO", "PPPP"])
+def test_truth_labels_without_a_type_are_rejected(tmp_path, labels):
+    error = raises(write(tmp_path, "x.3line", f">Q1\nACDE\n{labels}\n"))
+    assert error.protein_id == "Q1" and error.where == 3 and "make no protein type" in str(error)
+    assert "GLOBULAR protein is all I" in str(error)
 
 
 def test_read_3line_good(tmp_path):
@@ -170,9 +179,9 @@ def test_skip_invalid_keeps_good_records(tmp_path):
 
 def test_skip_invalid_json(tmp_path):
     data = {
-        "cv0": [{"id": "A", "sequence": "MK", "labels": "IO"}, {"id": "B", "sequence": "MK", "labels": "I"}, 7],
+        "cv0": [{"id": "A", "sequence": "MK", "labels": "II"}, {"id": "B", "sequence": "MK", "labels": "I"}, 7],
         "cv1": "oops",
-        "cv2": [{"id": "A", "sequence": "MK", "labels": "IO"}, {"id": "C", "sequence": "MKL", "labels": "SSO"}],
+        "cv2": [{"id": "A", "sequence": "MK", "labels": "II"}, {"id": "C", "sequence": "MKL", "labels": "SSO"}],
     }
     result = read_partitions_json(write(tmp_path, "mixed.json", json.dumps(data)), skip_invalid=True)
     assert [(r.id, r.fold, r.source) for r in result.records] == [("A", "cv0", "mixed.json:$.cv0[0]"),
