@@ -56,7 +56,7 @@ def build_graphs(records: list[ProteinRecord], structures: str | Path | None, k:
 def predict_records(model: TopologyModel, records: list[ProteinRecord], graph_list: list[graphs.ResidueGraph],
                     device: torch.device, batch_size: int = 32) -> dict[str, str]:
     """Predicted label string per protein id, batched by length."""
-    from protopo_ray.shards import records_to_batch
+    from protopo_ray.collate import records_to_batch
 
     lengths = [len(r.sequence) for r in records]
     plan = batching.eval_batches(lengths, batch_size)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from protopo_ray import batching, loop, shards
+from protopo_ray import batching, collate, loop, shards
 from protopo_ray.checkpoint import (
     BestTracker,
     checkpoint_epoch,
@@ -91,7 +91,7 @@ def row_weights(table: pa.Table, config: Config) -> np.ndarray | None:
 
 def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2):
     """Collate the planned batches (Arrow rows -> PyG Batch) ahead of the training step."""
-    return loop.prefetch(lambda idx: shards.table_to_batch(table.take(pa.array(idx))), plan, prefetch_depth)
+    return loop.prefetch(lambda idx: collate.table_to_batch(table.take(pa.array(idx))), plan, prefetch_depth)
 
 
 def evaluate_split(model, table: pa.Table, config: Config, device, session: Session | None = None) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protopo_ray import batching, loop, shards
+from protopo_ray import batching, collate, loop, shards
 from protopo_ray.config import Config, TrainConfig
 from protopo_ray.model import TopologyModel
 
@@ -53,7 +53,7 @@ def test_loss_falls_within_a_few_epochs(smoke_shards):
     losses = []
     for epoch in range(5):
         plan = batching.plan_batches(table.column("length").to_numpy(), 8, epoch=epoch)
-        batches = (shards.table_to_batch(table.take(idx)) for idx in plan)
+        batches = (collate.table_to_batch(table.take(idx)) for idx in plan)
         stats = loop.train_epoch(model, batches, optimizer, scheduler, loop.build_loss(config.train), config.train,
                                  torch.device("cpu"))
         losses.append(stats.loss)
@@ -64,7 +64,7 @@ def test_loss_falls_within_a_few_epochs(smoke_shards):
 def test_gradient_statistics_count_clipped_steps(smoke_shards):
     config, table, model, optimizer, scheduler = small_setup(smoke_shards, clip_grad_norm=1e-3)
     plan = batching.plan_batches(table.column("length").to_numpy(), 8)
-    batches = loop.prefetch(lambda idx: shards.table_to_batch(table.take(idx)), plan)
+    batches = loop.prefetch(lambda idx: collate.table_to_batch(table.take(idx)), plan)
     stats = loop.train_epoch(model, batches, optimizer, scheduler, loop.build_loss(config.train), config.train,
                              torch.device("cpu"))
     assert stats.clipped_steps == stats.steps == len(plan)  # a tiny clip value clips every step
@@ -75,7 +75,7 @@ def test_gradient_statistics_count_clipped_steps(smoke_shards):
 def test_evaluate_scores_every_protein_once(smoke_shards):
     config, table, model, *_ = small_setup(smoke_shards)
     plan = batching.eval_batches(table.column("length").to_numpy(), 8)
-    loss_sum, residues, results = loop.evaluate(model, (shards.table_to_batch(table.take(i)) for i in plan),
+    loss_sum, residues, results = loop.evaluate(model, (collate.table_to_batch(table.take(i)) for i in plan),
                                                 torch.device("cpu"))
     assert len(results) == table.num_rows and residues == sum(table.column("length").to_pylist())
     assert loss_sum > 0

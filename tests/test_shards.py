@@ -1,4 +1,4 @@
-"""Shards: write -> read round trip, shard bounds, fold filter, manifest, and the vectorised collation."""
+"""Shards: write -> read round trip, shard bounds, fold filter, manifest (collation: test_collate.py)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from protopo_ray.alphabet import encode_labels
-from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph, edge_features
+from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph
 from protopo_ray.records import ProteinRecord
 from protopo_ray.shards import (
     SCHEMA_VERSION,
     read_manifest,
     read_table,
     record_to_row,
-    records_to_batch,
     sha256_file,
-    table_to_batch,
-    table_to_data_list,
     write_shards,
 )
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("torch_geometric")
-from torch_geometric.data import Batch  # noqa: E402
 
 
 def make_proteins(num: int, seed: int = 0, k: int = 4) -> tuple[list[ProteinRecord], list]:
@@ -77,65 +69,8 @@ def test_round_trip_is_exact_for_ints_and_float16_close_for_floats(shard_dir):
             assert row["edge_distance"] is None and row["ca"] is None
 
 
-def test_batch_tensors_match_the_graphs(shard_dir):
-    path, records, graphs, _ = shard_dir
-    batch = table_to_batch(read_table(path))
-    assert batch.num_graphs == len(records)
-    lengths = [len(r.sequence) for r in records]
-    assert batch.lengths.tolist() == lengths
-    assert batch.ptr.tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    assert batch.batch.tolist() == np.repeat(np.arange(len(records)), lengths).tolist()
-    assert batch.aa.dtype == torch.long and batch.aa.tolist() == np.concatenate([g.aa for g in graphs]).tolist()
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    expected_edges = np.concatenate([g.edge_index + o for g, o in zip(graphs, offsets)], axis=1)
-    assert batch.edge_index.dtype == torch.long and batch.edge_index.tolist() == expected_edges.tolist()
-    expected_attr = np.concatenate([edge_features(g.edge_index, g.edge_distance) for g in graphs])
-    assert batch.edge_attr.shape == (expected_edges.shape[1], len(EDGE_FEATURES))
-    np.testing.assert_allclose(batch.edge_attr.numpy(), expected_attr, rtol=1e-3, atol=1e-4)
-    assert not torch.isnan(batch.edge_attr).any()  # the missing residue's NaN distances become 0
-    np.testing.assert_allclose(batch.x.numpy(), np.concatenate([g.node_features for g in graphs]), atol=1e-3)
-    assert batch.x.dtype == torch.float32
-    assert batch.protein_id == [r.id for r in records] and batch.sequence == [r.sequence for r in records]
-    assert batch.ptype == [r.type for r in records]
 
 
-def test_unlabelled_rows_give_ignore_index(shard_dir):
-    path, records, _, _ = shard_dir
-    batch = table_to_batch(read_table(path))
-    for i, record in enumerate(records):
-        y = batch.y[batch.ptr[i]:batch.ptr[i + 1]].tolist()
-        assert y == (encode_labels(record.labels) if record.labels else [-100] * len(record.sequence))
-
-
-def test_batch_equals_from_data_list(shard_dir):
-    path, _, _, _ = shard_dir
-    table = read_table(path)
-    fast, slow = table_to_batch(table), Batch.from_data_list(table_to_data_list(table))
-    assert set(fast.keys()) == set(slow.keys())
-    for key in slow.keys():
-        if isinstance(slow[key], torch.Tensor):
-            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), key
-        else:
-            assert fast[key] == slow[key], key
-    assert fast.num_graphs == slow.num_graphs
-    # The slice bookkeeping matches too, so splitting a batch back into graphs works.
-    for one, other in [(fast.get_example(3), slow.get_example(3)), (fast.to_data_list()[1], slow.to_data_list()[1])]:
-        assert set(one.keys()) == set(other.keys())
-        for key in other.keys():
-            value = other[key]
-            assert torch.equal(one[key], value) if isinstance(value, torch.Tensor) else one[key] == value, key
-    moved = fast.to("cpu")
-    assert moved.num_graphs == fast.num_graphs and torch.equal(moved["x"], fast.x)
-
-
-def test_batch_over_several_record_batches_and_slices(shard_dir):
-    path, _, _, _ = shard_dir
-    table = read_table(path)  # one chunk per shard: the flattening must cross chunk boundaries
-    assert table["id"].num_chunks > 1
-    sliced = table.slice(3, 6)  # Ray Data hands slices with non-zero offsets
-    fast, slow = table_to_batch(sliced), Batch.from_data_list(table_to_data_list(sliced))
-    for key in ("x", "y", "edge_index", "edge_attr", "aa", "batch", "ptr"):
-        assert torch.equal(fast[key], slow[key]), key
 
 
 def test_shards_are_bounded(tmp_path):
@@ -187,13 +122,6 @@ def test_other_schema_version_is_rejected(shard_dir):
     with pytest.raises(ValueError, match="schema version"):
         read_manifest(path)
 
-
-def test_records_to_batch_for_prediction():
-    records = [ProteinRecord(id="q1", sequence="ACDEFG"), ProteinRecord(id="q2", sequence="MKV")]
-    graphs = [build_graph(r.sequence) for r in records]
-    batch = records_to_batch(records, graphs)
-    assert batch.num_graphs == 2 and batch.protein_id == ["q1", "q2"]
-    assert (batch.y == -100).all() and batch.x.shape == (9, len(NODE_FEATURES))
 
 
 def test_row_rejects_a_graph_of_another_length():

@@ -47,9 +47,9 @@ def test_checkpoint_load_gives_identical_predictions(smoke_shards, tmp_path):
     checkpoint = find_checkpoints(tmp_path / "runs" / "local")[0]
     model_a, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
     model_b, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
-    from protopo_ray import shards
+    from protopo_ray import collate, shards
 
-    batch = shards.table_to_batch(shards.read_table(smoke_shards, folds=["val"]))
+    batch = collate.table_to_batch(shards.read_table(smoke_shards, folds=["val"]))
     assert torch.equal(model_a(batch), model_b(batch))
     assert load_checkpoint(checkpoint)["config"]["data"]["path"] == str(smoke_shards)
 

@@ -11,7 +11,7 @@ is left out) and train residues/s = labelled residues / seconds inside `loop.tra
 * DDP scaling: `--num-workers 2` right after; each rank trains half the batches, so the aggregate rate is
   rank 0's residues x world size / rank 0's train seconds (ranks step in lockstep through the all-reduce).
 * Naive loop: the reference student project's way — random batches (no length bucketing) and, every step,
-  one PyG `Data` per protein (`shards.table_to_data_list`) merged by `Batch.from_data_list`, no prefetch —
+  one PyG `Data` per protein (`collate.table_to_data_list`) merged by `Batch.from_data_list`, no prefetch —
   against this project's loop (bucketed plan, vectorised `table_to_batch`, prefetch thread), same model,
   optimiser and step (`loop.train_epoch`), epochs interleaved in one process so both see the same load.
 """
@@ -88,10 +88,10 @@ def naive_batches(table, plan):
     import pyarrow as pa
     from torch_geometric.data import Batch
 
-    from protopo_ray import shards
+    from protopo_ray import collate
 
     for indices in plan:
-        yield Batch.from_data_list(shards.table_to_data_list(table.take(pa.array(indices))))
+        yield Batch.from_data_list(collate.table_to_data_list(table.take(pa.array(indices))))
 
 
 def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
