@@ -5,8 +5,14 @@ range from 50 to 5,478 residues; random batches spend most of those steps on pad
 shuffled, then sorted by length inside windows of `bucket_batches` batches, cut into batches, and the batch
 order is shuffled again: similar lengths share a batch while every epoch still sees a new order.
 
-Pure numpy. The same plan drives the in-process loop and every Ray Train worker (each rank takes its own
-slice of the one global plan, see `shard_batches`).
+Pure numpy. The same plan drives the in-process loop and every Ray Train worker.
+
+The global-batch rule for N DDP workers: `data.batch_size` is the *global* batch. Every rank cuts the same
+seeded plan of global batches and takes its 1/N of each one (`shard_batches`), so a run takes the same
+optimiser steps per epoch and sees the same batches whatever its worker count: a trial searched on one GPU
+and promoted to eight continues the optimisation it was searched with, at the searched LR. The residue budget
+`max_residues` stays a per-rank memory bound (a global batch may hold N times as many padded residues), and
+with N ranks every global batch holds at least N proteins, so every rank takes every step (DDP never hangs).
 """
 
 from __future__ import annotations
@@ -26,13 +32,22 @@ def plan_batches(
     epoch: int = 0,
     shuffle: bool = True,
     weights: Sequence[float] | np.ndarray | None = None,
+    world_size: int = 1,
 ) -> list[np.ndarray]:
-    """Index arrays, one per batch, covering an epoch.
+    """Index arrays, one per (global) batch, covering an epoch.
 
-    `max_residues` > 0 closes a batch before its padded size (proteins x longest) would exceed the budget;
-    a single protein longer than the budget still gets a batch of its own. `weights` resamples the epoch
-    with replacement (same number of draws as proteins), e.g. to show rare protein types more often.
+    `max_residues` > 0 closes a batch before one rank's padded slice (ceil(proteins / world_size) x longest)
+    would exceed the budget; a single protein longer than the budget still gets a slice of its own.
+    `weights` resamples the epoch with replacement (same number of draws as proteins), e.g. to show rare
+    protein types more often. With `world_size` > 1 every batch holds at least `world_size` proteins (a short
+    last batch is merged into the one before it).
     """
+    if world_size > 1 and len(lengths) < world_size:
+        raise ValueError(f"{len(lengths)} proteins cannot give each of {world_size} DDP ranks a batch; "
+                         "use fewer workers or more data")
+    if world_size > batch_size:
+        raise ValueError(f"data.batch_size={batch_size} is the global batch; it must be >= the {world_size} "
+                         "DDP workers that split it")
     lengths = np.asarray(lengths, dtype=np.int64)
     n = len(lengths)
     if n == 0:
@@ -51,24 +66,34 @@ def plan_batches(
         chunk = order[start : start + window]
         if bucket_batches > 1:
             chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(_cut(chunk, lengths, batch_size, max_residues))
+        batches.extend(_cut(chunk, lengths, batch_size, max_residues, world_size))
+    batches = _merge_short_tail(batches, world_size)  # the last window may hold fewer than world_size
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
 
 
-def _cut(chunk: np.ndarray, lengths: np.ndarray, batch_size: int, max_residues: int) -> list[np.ndarray]:
+def _cut(chunk: np.ndarray, lengths: np.ndarray, batch_size: int, max_residues: int,
+         world_size: int = 1) -> list[np.ndarray]:
     if max_residues <= 0:
-        return [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        return _merge_short_tail([chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)], world_size)
     batches, start, longest = [], 0, 0
     for i, index in enumerate(chunk):
         count = i - start
         longest_if_added = max(longest, int(lengths[index]))
-        if count and (count == batch_size or (count + 1) * longest_if_added > max_residues):
+        per_rank = -(-(count + 1) // world_size)  # the largest rank slice if this protein joins
+        if count >= world_size and (count == batch_size or per_rank * longest_if_added > max_residues):
             batches.append(chunk[start:i])
             start, longest_if_added = i, int(lengths[index])
         longest = longest_if_added
     batches.append(chunk[start:])
+    return _merge_short_tail(batches, world_size)
+
+
+def _merge_short_tail(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """A last batch too small to give every rank a protein joins the batch before it."""
+    if world_size > 1 and len(batches) > 1 and len(batches[-1]) < world_size:
+        batches[-2:] = [np.concatenate(batches[-2:])]
     return batches
 
 
@@ -79,16 +104,23 @@ def eval_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, max_resid
     return _cut(order, lengths, batch_size, max_residues) if len(order) else []
 
 
-def shard_batches(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
-    """This rank's batches of a global plan: disjoint across ranks and the same count on every rank.
+def shard_batches(batches: list[np.ndarray], lengths: Sequence[int] | np.ndarray, rank: int,
+                  world_size: int) -> list[np.ndarray]:
+    """This rank's slice of every global batch: disjoint across ranks, one slice per batch on every rank.
 
-    DDP needs every rank to take the same number of steps or the all-reduce hangs, so the last
-    `len(batches) % world_size` batches of the (shuffled) plan are left out of this epoch.
+    Each batch is sorted by length and dealt out round-robin, so the ranks' slices have similar lengths (no
+    rank waits for another's padding); `plan_batches(world_size=N)` makes every batch hold >= N proteins.
     """
     if world_size <= 1:
         return batches
-    usable = len(batches) - len(batches) % world_size
-    return batches[rank:usable:world_size]
+    lengths = np.asarray(lengths)
+    out = []
+    for batch in batches:
+        if len(batch) < world_size:
+            raise ValueError(f"a batch of {len(batch)} proteins cannot be split over {world_size} ranks; "
+                             "plan it with plan_batches(world_size=...)")
+        out.append(batch[np.argsort(lengths[batch], kind="stable")][rank::world_size])
+    return out
 
 
 def padding_efficiency(lengths: Sequence[int] | np.ndarray, batches: list[np.ndarray]) -> float:

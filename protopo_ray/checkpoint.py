@@ -1,15 +1,18 @@
 """Checkpoints: everything needed to resume or predict, in one directory, loadable on CPU.
 
-Layout of a checkpoint directory: `state.pt` (model, optimiser, scheduler, epoch, RNG states, resolved
-config, metrics of that epoch) and `meta.json` (epoch and metrics, readable without torch). `meta.json` is
+Layout of a checkpoint directory: `state.pt` (a `TrainState`: model, optimiser, epoch, schedule start, best
+value so far, RNG states, resolved config, metrics of that epoch) and `meta.json` (epoch, metrics and best
+value, readable without torch). `meta.json` is
 written last, so a directory without it is a checkpoint whose writing was interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,34 +49,68 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, epoch: int, config: dict,
-                    metrics: dict[str, float]) -> Path:
+@dataclass(kw_only=True)
+class TrainState:
+    """Everything a run needs to continue exactly where it stopped, and what predict needs to load the model.
+
+    The LR schedule has no state of its own (it is a function of fractional epochs, see `schedule`); what it
+    needs is `epoch` and `schedule_start_epoch`, the epoch this run's span began at (0, or the epoch of the
+    checkpoint a promotion continued from). `best_value` is the best `metric` the run has seen up to and
+    including `epoch`: a resumed run keeps comparing against it, so `<run>/best` never regresses.
+    """
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    epoch: int
+    config: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    schedule_start_epoch: int = 0
+    best_value: float | None = None
+    rng: dict[str, Any] | None = None
+
+    def restore_into(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        unwrap(model).load_state_dict(self.model)
+        if optimizer is not None and self.optimizer:
+            optimizer.load_state_dict(self.optimizer)
+        if self.rng is not None:
+            restore_rng(self.rng)
+
+
+def save_checkpoint(directory: str | Path, state: TrainState) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "epoch": epoch,
-        "rng": rng_state(),
-        "config": config,
-        "metrics": metrics,
-    }
-    torch.save(state, directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps({"epoch": epoch, "metrics": metrics}, indent=1, default=float))
+    torch.save(dataclasses.asdict(state), directory / STATE_FILE)
+    meta = {"epoch": state.epoch, "metrics": state.metrics, "best_value": state.best_value,
+            "schedule_start_epoch": state.schedule_start_epoch}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, default=float))
     return directory
 
 
-def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+def load_checkpoint(directory: str | Path) -> TrainState:
     """Load a checkpoint onto the CPU; a partial or corrupt one raises CheckpointError naming the path."""
     directory = Path(directory)
     if not (directory / META_FILE).exists():
         raise CheckpointError(f"{directory}: incomplete checkpoint (no {META_FILE}); its writing was interrupted")
     try:
         # weights_only=False: the state holds numpy RNG state and the config dict, both written by us.
-        return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        raw = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated zip, pickling garbage, missing file
         raise CheckpointError(f"{directory / STATE_FILE}: unreadable checkpoint ({type(error).__name__}: {error})") from None
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    # Checkpoints written before TrainState carried a LambdaLR "scheduler" state and no best value.
+    return TrainState(**{k: v for k, v in raw.items() if k in names})
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode on `device`, its Config, its TrainState): the one way to load a trained model."""
+    from protopo_ray.config import Config
+    from protopo_ray.model import TopologyModel
+
+    state = load_checkpoint(directory)
+    config = Config.from_dict(state.config, where=f"{directory} config")
+    model = TopologyModel(config.model)
+    model.load_state_dict(state.model)
+    return model.to(device).eval(), config, state
 
 
 def checkpoint_epoch(directory: Path) -> int:
@@ -83,7 +120,7 @@ def checkpoint_epoch(directory: Path) -> int:
         return -1
 
 
-def load_latest_valid(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+def load_latest_valid(candidates: list[Path]) -> tuple[Path, TrainState] | None:
     """The newest loadable checkpoint among `candidates`; corrupt ones are skipped with a warning."""
     ordered = sorted(candidates, key=lambda p: (checkpoint_epoch(p), p.name), reverse=True)
     for directory in ordered:
@@ -122,7 +159,9 @@ def copy_checkpoint(source: Path, storage: str, relative: str) -> None:
     """Copy a checkpoint directory to `storage/relative` (local path or s3:// / gs:// URI), replacing it."""
     from pyarrow import fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    from protopo_ray.storage import filesystem as storage_filesystem
+
+    filesystem, root = storage_filesystem(storage)
     target = f"{root}/{relative}"
     filesystem.delete_dir_contents(target, missing_dir_ok=True)
     filesystem.create_dir(target, recursive=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from protopo_ray import batching, graphs, loop
-from protopo_ray.checkpoint import CheckpointError, load_checkpoint
+from protopo_ray.checkpoint import CheckpointError
+from protopo_ray.checkpoint import load_model as checkpoint_model
 from protopo_ray.config import Config
 from protopo_ray.metrics import format_metrics, protein_metrics, protein_type
 from protopo_ray.model import TopologyModel
@@ -23,11 +24,8 @@ from protopo_ray.records import ProteinRecord, RecordError, read_records
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TopologyModel, Config, int]:
-    state = load_checkpoint(checkpoint)
-    config = Config.from_dict(state["config"], where=f"{checkpoint} config")
-    model = TopologyModel(config.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config, graph_k(config)
+    model, config, _ = checkpoint_model(checkpoint, device)
+    return model, config, graph_k(config)
 
 
 def graph_k(config: Config) -> int:

@@ -20,20 +20,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from protopo_ray import batching, collate, loop, shards
+from protopo_ray import batching, collate, loop, shards, storage
 from protopo_ray.checkpoint import (
     BestTracker,
+    TrainState,
     checkpoint_epoch,
     copy_checkpoint,
     find_checkpoints,
+    load_checkpoint,
     load_latest_valid,
-    restore_rng,
+    rng_state,
     save_checkpoint,
     unwrap,
 )
 from protopo_ray.config import Config
 from protopo_ray.metrics import METRIC_KEYS, aggregate
 from protopo_ray.model import TopologyModel
+from protopo_ray.schedule import EpochSchedule
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,12 @@ class Session(Protocol):
     def load_split(self, split: str) -> pa.Table: ...
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
     def gather(self, value: Any) -> list[Any]: ...
-    def resume_state(self) -> dict[str, Any] | None: ...
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+    def resume_state(self) -> TrainState | None:
+        """The newest complete checkpoint of this run itself (not `train.init_checkpoint`), if any."""
+    def save_best(self, checkpoint_dir: Path) -> None:
+        """Make a (complete) checkpoint directory the run's `<run>/best`."""
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
+        """Record an epoch: metrics always, the checkpoint when one was written (also as best/ when best)."""
 
 
 def split_table(table: pa.Table, config: Config) -> pa.Table:
@@ -111,6 +118,15 @@ def evaluate_split(model, table: pa.Table, config: Config, device, session: Sess
     return metrics
 
 
+def continuation_state(config: Config) -> TrainState | None:
+    """The state a run continues from when it has none of its own: `train.init_checkpoint` (local or a URI)."""
+    source = config.train.init_checkpoint
+    if not source:
+        return None
+    with tempfile.TemporaryDirectory(prefix="protopo-init-") as tmp:
+        return load_checkpoint(storage.fetch_dir(source, Path(tmp) / "checkpoint"))
+
+
 def fit(config: Config, session: Session) -> dict[str, float]:
     """Train for `config.train.epochs` epochs (resuming where a checkpoint says), report every epoch."""
     cfg = config.train
@@ -128,30 +144,36 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     def epoch_plan(epoch: int) -> list[np.ndarray]:
         plan = batching.plan_batches(lengths, config.data.batch_size, max_residues=config.data.max_residues_per_batch,
                                      bucket_batches=config.data.bucket_batches, seed=cfg.seed, epoch=epoch,
-                                     weights=weights)
-        return batching.shard_batches(plan, session.rank, session.world_size)
+                                     weights=weights, world_size=session.world_size)
+        return batching.shard_batches(plan, lengths, session.rank, session.world_size)
 
     model = session.prepare_model(TopologyModel(config.model).to(device), device)
     optimizer = loop.build_optimizer(model, cfg)
-    scheduler = loop.build_scheduler(optimizer, cfg, steps_per_epoch=max(1, len(epoch_plan(0))))
     loss_fn = loop.build_loss(cfg)
+    best = BestTracker(cfg.metric, cfg.mode)
 
-    start_epoch = 0
-    state = session.resume_state()
+    own = session.resume_state()
+    state = own or continuation_state(config)
+    start_epoch = schedule_start = 0
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
-        if state.get("optimizer"):
-            optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start_epoch = int(state["epoch"])
-        log.info("resumed at epoch %d", start_epoch)
+        state.restore_into(model, optimizer)
+        start_epoch = state.epoch
+        if own is not None:  # this run's own checkpoint: same schedule span, same best so far
+            schedule_start, best.best = state.schedule_start_epoch, state.best_value
+        else:  # a promotion: a new schedule over the new budget; the checkpoint it came from is the best so far
+            schedule_start = state.epoch
+            best.best = _finite_or_none(state.metrics.get(cfg.metric))
+            if session.rank == 0 and best.best is not None:
+                with tempfile.TemporaryDirectory(prefix="protopo-ckpt-") as tmp:
+                    session.save_best(save_checkpoint(Path(tmp) / f"epoch_{state.epoch:04d}", state))
+        log.info("resumed at epoch %d (%s)", start_epoch, "own checkpoint" if own else cfg.init_checkpoint)
+    scheduler = EpochSchedule(optimizer, cfg, start_epoch=schedule_start)
 
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         plan = epoch_plan(epoch)
+        scheduler.start_epoch(epoch, len(plan))
         # Which proteins each rank trains on this epoch (unique per rank; resampling may repeat one within a rank).
         seen = session.gather(np.unique(np.concatenate(plan)) if plan else np.zeros(0, dtype=np.int64))
         stats = loop.train_epoch(model, iter_batches(train_table, plan), optimizer, scheduler, loss_fn, cfg, device)
@@ -166,14 +188,20 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         metrics = {k: float(v) for k, v in metrics.items()}
         last = epoch + 1 == cfg.epochs
         keep = last or (epoch + 1) % cfg.checkpoint_every == 0
+        is_best = keep and best.update(metrics)
         with tempfile.TemporaryDirectory(prefix="protopo-ckpt-") as tmp:
             checkpoint_dir = None
             if keep and session.rank == 0:
-                checkpoint_dir = save_checkpoint(Path(tmp) / f"epoch_{epoch + 1:04d}", model=model, optimizer=optimizer,
-                                                 scheduler=scheduler, epoch=epoch + 1, config=config.to_dict(),
-                                                 metrics=metrics)
-            session.report(metrics, checkpoint_dir)
+                checkpoint_dir = save_checkpoint(Path(tmp) / f"epoch_{epoch + 1:04d}", TrainState(
+                    model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                    config=config.to_dict(), metrics=metrics, schedule_start_epoch=schedule_start,
+                    best_value=best.best, rng=rng_state()))
+            session.report(metrics, checkpoint_dir, is_best)
     return metrics
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
 
 
 class LocalSession:
@@ -190,7 +218,6 @@ class LocalSession:
                                   f"or choose another name (--set name=...)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
-        self.best = BestTracker(config.train.metric, config.train.mode)
 
     def load_split(self, split: str) -> pa.Table:
         return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
@@ -203,12 +230,13 @@ class LocalSession:
 
     def resume_state(self):
         candidates = [p for p in find_checkpoints(self.run_dir) if p.name != "best"] if self.resume else []
-        if not candidates and self.config.train.init_checkpoint:
-            candidates = [Path(self.config.train.init_checkpoint)]
         found = load_latest_valid(candidates)
         return found[1] if found else None
 
-    def report(self, metrics, checkpoint_dir):
+    def save_best(self, checkpoint_dir):
+        copy_checkpoint(checkpoint_dir, str(self.run_dir), "best")
+
+    def report(self, metrics, checkpoint_dir, is_best):
         with (self.run_dir / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         log.info("epoch %d: %s", metrics["epoch"], {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")})
@@ -216,8 +244,8 @@ class LocalSession:
             return
         target = self.run_dir / f"checkpoint_{checkpoint_dir.name}"
         shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-        if self.best.update(metrics):
-            copy_checkpoint(checkpoint_dir, str(self.run_dir), "best")
+        if is_best:
+            self.save_best(checkpoint_dir)
         # The newest k stay (resume needs the latest); the best epoch lives on in run_dir/best.
         kept = sorted(find_checkpoints(self.run_dir), key=checkpoint_epoch)
         kept = [p for p in kept if p.name.startswith("checkpoint_")]
@@ -228,11 +256,9 @@ class LocalSession:
 def evaluate_checkpoint(checkpoint_dir: str | Path, config: Config | None = None, split: str = "val",
                         device: str = "cpu") -> dict[str, float]:
     """Single-process evaluation of a checkpoint on a split of its (or the given) config's data."""
-    from protopo_ray.checkpoint import load_checkpoint
+    from protopo_ray.checkpoint import load_model
 
-    state = load_checkpoint(checkpoint_dir)
-    config = config or Config.from_dict(state["config"])
-    model = TopologyModel(config.model)
-    model.load_state_dict(state["model"])
+    model, own_config, _ = load_model(checkpoint_dir, device)
+    config = config or own_config
     table = split_table(shards.read_table(config.data.path, folds=getattr(config.data, SPLIT_FOLDS[split])), config)
-    return evaluate_split(model.to(device), table, config, torch.device(device))
+    return evaluate_split(model, table, config, torch.device(device))

@@ -31,7 +31,7 @@ def trial_driver(params: dict[str, Any], *, base: dict[str, Any], stage: dict[st
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from protopo_ray.train import build_trainer
+    from protopo_ray.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     values = {k: v for k, v in params.items() if k != "promote"}

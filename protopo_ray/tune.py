@@ -146,9 +146,9 @@ def release_leaked_placement_groups() -> None:
     stage's worker groups then wait forever for their CPUs. Between stages no trial of ours runs, and on a
     cluster we started nobody else's do, so every remaining placement group is a leak.
     """
-    from protopo_ray import train
+    from protopo_ray.cluster import started_local_cluster
 
-    if not train.STARTED_LOCAL_CLUSTER:
+    if not started_local_cluster():
         return
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         inventory = hardware.inventory_from_cluster_yaml(args.cluster)
     else:
-        from protopo_ray.train import ray_init
+        from protopo_ray.cluster import ray_init
 
         ray_init()
         inventory = hardware.read_inventory()

@@ -10,9 +10,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from protopo_ray import storage
 from protopo_ray.checkpoint import (
-    BestTracker,
     CheckpointError,
+    TrainState,
     copy_checkpoint,
     find_checkpoints,
     load_checkpoint,
@@ -36,7 +37,6 @@ class RaySession:
         self.world_size = context.get_world_size()
         self.history: list[str] = []
         self.placed = False
-        self.best = BestTracker(config.train.metric, config.train.mode)
         runtime = ray.get_runtime_context()
         # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
         self.placement = {"rank": self.rank, "node_id": runtime.get_node_id(),
@@ -63,8 +63,8 @@ class RaySession:
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def resume_state(self) -> dict[str, Any] | None:
-        """The newest loadable checkpoint of this run, else the configured starting checkpoint.
+    def resume_state(self) -> TrainState | None:
+        """The newest loadable checkpoint of this run (a continuation's `init_checkpoint` is `fit`'s business).
 
         Ray registers a checkpoint only after every rank has reported and the controller has polled, so
         after a crash its `get_checkpoint()` can lag behind what is already complete on disk (by several
@@ -74,27 +74,25 @@ class RaySession:
         import ray.train
 
         candidates: list[Path] = []
-        storage = self.config.resources.storage
-        if "://" not in storage:
-            run_dir = Path(storage) / self.config.name
+        if not storage.is_uri(self.config.resources.storage):
+            run_dir = Path(self.config.resources.storage) / self.config.name
             candidates += [p for p in find_checkpoints(run_dir) if p.name != "best"]
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None and "://" not in checkpoint.path:
+        if checkpoint is not None and not storage.is_uri(checkpoint.path):
             candidates.append(Path(checkpoint.path))
         found = load_latest_valid(sorted(set(candidates)))
-        if found is None and checkpoint is not None and "://" in checkpoint.path:
+        if found is None and checkpoint is not None and storage.is_uri(checkpoint.path):
             try:
                 with checkpoint.as_directory() as directory:
                     return load_checkpoint(directory)
             except CheckpointError as error:
                 log.warning("%s; starting from the configured checkpoint instead", error)
-        if found is not None:
-            return found[1]
-        if self.config.train.init_checkpoint:
-            return load_checkpoint(self.config.train.init_checkpoint)
-        return None
+        return found[1] if found is not None else None
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def save_best(self, checkpoint_dir: Path) -> None:
+        copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         import ray.train
 
         if not self.placed:  # first report of this worker group: record where every rank runs
@@ -104,16 +102,13 @@ class RaySession:
             self.placed = True
         if self.rank == 0:
             self._write_metrics(metrics)
-            if checkpoint_dir is not None and self.best.update(metrics):
-                copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
+            if checkpoint_dir is not None and is_best:
+                self.save_best(checkpoint_dir)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
     def _run_dir(self):
-        from pyarrow import fs as pafs
-
-        storage = self.config.resources.storage
-        filesystem, root = pafs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+        filesystem, root = storage.filesystem(self.config.resources.storage)
         run_dir = f"{root}/{self.config.name}"
         filesystem.create_dir(run_dir, recursive=True)
         return filesystem, run_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from protopo_ray.batching import eval_batches, padding_efficiency, plan_batches, shard_batches
 
@@ -49,10 +50,36 @@ def test_weights_resample_rare_types():
     assert len(drawn) == 100 and (drawn == 0).sum() > 3
 
 
-def test_shards_are_disjoint_and_equal_sized():
-    plan = plan_batches(lengths(101), 8, seed=3)
-    ranks = [shard_batches(plan, r, 3) for r in range(3)]
-    assert len({len(r) for r in ranks}) == 1
-    seen = [set(np.concatenate(r).tolist()) for r in ranks]
-    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
-    assert shard_batches(plan, 0, 1) is plan
+def test_ranks_split_every_global_batch_disjointly_and_take_every_step():
+    lens = lengths(101)
+    plan = plan_batches(lens, 8, seed=3, world_size=3)
+    assert all(len(b) >= 3 for b in plan)
+    ranks = [shard_batches(plan, lens, r, 3) for r in range(3)]
+    assert [len(r) for r in ranks] == [len(plan)] * 3  # same step count on every rank
+    for step, batch in enumerate(plan):  # each global batch is dealt out whole, no protein twice
+        slices = [set(r[step].tolist()) for r in ranks]
+        assert set().union(*slices) == set(batch.tolist()) and sum(map(len, slices)) == len(batch)
+    assert sorted(np.concatenate(plan).tolist()) == list(range(101))  # nothing dropped
+    assert shard_batches(plan, lens, 0, 1) is plan
+
+
+def test_global_batch_is_the_same_plan_for_any_worker_count():
+    lens = lengths(96)
+    one, four = plan_batches(lens, 8, seed=1), plan_batches(lens, 8, seed=1, world_size=4)
+    assert [b.tolist() for b in one] == [b.tolist() for b in four]  # same steps per epoch, same batches
+
+
+def test_residue_budget_bounds_each_rank_slice():
+    lens = np.array([100] * 8 + [400] * 4)
+    plan = plan_batches(lens, 8, max_residues=200, world_size=2, bucket_batches=2, shuffle=False)
+    for batch in plan:
+        for rank in range(2):
+            part = shard_batches([batch], lens, rank, 2)[0]
+            assert len(part) == 1 or len(part) * lens[part].max() <= 200
+
+
+def test_worker_count_above_batch_or_data_is_an_error():
+    with pytest.raises(ValueError, match="global batch"):
+        plan_batches(lengths(50), 2, world_size=4)
+    with pytest.raises(ValueError, match="cannot give each"):
+        plan_batches(lengths(3), 8, world_size=4)

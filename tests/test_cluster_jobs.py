@@ -76,7 +76,7 @@ def cluster_env(temp_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir),
-                # Ray's default nice 15 starves the workers on a shared machine (as protopo_ray.train.ray_init).
+                # Ray's default nice 15 starves the workers on a shared machine (as protopo_ray.cluster.ray_init).
                 "RAY_worker_niceness": "0",
                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0", "WANDB_MODE": "offline"})
     return env
@@ -220,7 +220,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from protopo_ray.config import load_config
-from protopo_ray.train import build_trainer
+from protopo_ray.trainer import build_trainer
 
 shards, storage, out, dashboard_port, gcs_port = sys.argv[1:6]
 epochs = 20

@@ -34,7 +34,7 @@ def test_local_run_resume_and_checkpoint_predictions(smoke_shards, tmp_path):
     assert run_local(smoke_shards, tmp_path, "--resume", "--set", "train.epochs=4") == 0
     assert epochs(run_dir) == [1, 2, 3, 4]
     latest, state = load_latest_valid(find_checkpoints(run_dir))
-    assert state["epoch"] == 4 and latest.name.endswith("0004")
+    assert state.epoch == 4 and latest.name.endswith("0004")
     # Evaluating the checkpoint in a fresh process state gives the metrics reported for that epoch.
     reported = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     metrics = evaluate_checkpoint(latest, split="val")
@@ -51,7 +51,7 @@ def test_checkpoint_load_gives_identical_predictions(smoke_shards, tmp_path):
 
     batch = collate.table_to_batch(shards.read_table(smoke_shards, folds=["val"]))
     assert torch.equal(model_a(batch), model_b(batch))
-    assert load_checkpoint(checkpoint)["config"]["data"]["path"] == str(smoke_shards)
+    assert load_checkpoint(checkpoint).config["data"]["path"] == str(smoke_shards)
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_path, caplog):
@@ -60,7 +60,7 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_pa
     newest = max(checkpoints, key=lambda p: p.name)
     (newest / "state.pt").write_bytes(b"truncated")
     found, state = load_latest_valid(checkpoints)
-    assert state["epoch"] == 2 and found != newest
+    assert state.epoch == 2 and found != newest
     assert "unreadable checkpoint" in caplog.text
 
 

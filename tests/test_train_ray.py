@@ -38,7 +38,7 @@ def test_ddp_two_workers_disjoint_exact_validation_and_resume(ray_cluster, smoke
     # Validation was computed over the whole split across both ranks: it equals one process evaluating
     # the same checkpoint on the same split.
     checkpoint, state = load_latest_valid(find_checkpoints(run_dir))
-    assert state["epoch"] == 3
+    assert state.epoch == 3
     single = evaluate_checkpoint(checkpoint, split="val")
     assert single["n_proteins"] == rows[-1]["val_n_proteins"] == shards.read_table(smoke_shards, folds=["val"]).num_rows
     assert single["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)

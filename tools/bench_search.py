@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
-# The search starts its own Ray instance through protopo_ray.train.ray_init (dashboard on, loopback only);
+# The search starts its own Ray instance through protopo_ray.cluster.ray_init (dashboard on, loopback only);
 # ray_init would join a live local cluster instead, so `run` refuses to start beside one. A longer worker-group
 # start-up timeout than Ray Train's 60 s, which expired for trials on the 2-core machine under load (searches
 # then stalled, docs/benchmarks.md); `--asha-from` summarises whatever a search left.
@@ -227,7 +227,7 @@ def run(storage: str, existing: str | None = None, timeout_s: float = 3600) -> d
             read_manifest(ROOT / data)
         except FileNotFoundError:
             return {"skipped": f"no shards at {data}; prepare them from ../shared/data/deeptmhmm first"}
-        from protopo_ray.train import running_cluster
+        from protopo_ray.cluster import running_cluster
 
         if address := running_cluster():
             return {"skipped": f"a Ray cluster is running on this machine ({address}) that the search would join; "
