@@ -113,6 +113,12 @@ class ChainLSTM(nn.Module):
                     lstm.bias_hh_l0[hidden_size : 2 * hidden_size].fill_(0.0)
 
     def forward(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        # fp32 (TF32 on Ampere+) even under bf16 autocast: autocast's cuDNN RNN path runs in fp16, and without a
+        # GradScaler fp16 gradients of ~1000-step recurrences underflow. The GC layers keep bf16.
+        with torch.autocast(device_type=padded.device.type, enabled=False):
+            return self._forward_fp32(padded.float(), lengths)
+
+    def _forward_fp32(self, padded: Tensor, lengths: Tensor) -> Tensor:
         rev = reverse_within_length(lengths, padded.size(1)) if self.bidirectional else None
         h = padded
         for i, forward_lstm in enumerate(self.forward_layers):
