@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 _started_local_cluster = False
@@ -52,5 +53,22 @@ def ray_init(**kwargs: Any):
         global _started_local_cluster
         _started_local_cluster = True
     url = context.dashboard_url
-    print(f"Ray dashboard: {'http://' + url if url else 'not running'}", flush=True)
+    print(f"Ray dashboard: {'http://' + url if url else 'not running'}", file=sys.stderr, flush=True)
     return context
+
+
+def release_leaked_placement_groups() -> None:
+    """After a stage, on a local cluster this process started: remove the Train placement groups left behind.
+
+    Ray Train V2 placement groups can outlive a Tune trial that ASHA stopped (ray-project/ray#54305); the next
+    stage's worker groups then wait forever for their CPUs. Between stages no trial of ours runs, and on a
+    cluster we started nobody else's do, so every remaining placement group is a leak.
+    """
+    if not started_local_cluster():
+        return
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))

@@ -99,39 +99,64 @@ def node_from_resources(node_id: str, resources: dict[str, Any]) -> NodeInventor
     )
 
 
-def read_inventory() -> Inventory:
-    """The alive nodes of the Ray cluster this process is connected to (calls `ray.init()` if needed)."""
+#: Where `ray up` puts the autoscaler's config on the head node.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+
+
+def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
+    """The connected cluster's alive nodes plus the nodes its autoscaler may still start.
+
+    A fresh `ray up` cluster is a CPU head and nothing else: planning from live nodes alone finds no GPU. The
+    autoscaler's node types come from `cluster_file`, else the `ray up` head's bootstrap config; for each
+    type, `max_workers` less the nodes of that type already up are added as nodes that may come.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    nodes = [node_from_resources(n["NodeID"], n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-    return Inventory(tuple(nodes))
+    live = [node_from_resources(n["NodeID"], n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    path = Path(cluster_file) if cluster_file else BOOTSTRAP_CONFIG.expanduser()
+    if not path.exists():
+        return Inventory(tuple(live))
+    return with_autoscaler_headroom(live, _node_types(path))
 
 
-def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
-    """The fully scaled-out cluster a Ray autoscaler YAML describes: the head plus `max_workers` of each type.
-
-    Only the declared `resources` count (the autoscaler's own instance-type detection is not reproduced), so
-    the project's cluster YAMLs declare CPU, GPU, accelerator type and GPU memory for every node type.
-    """
+def _node_types(path: Path) -> dict[str, dict[str, Any]]:
     import yaml
 
-    spec = yaml.safe_load(Path(path).read_text())
+    spec = yaml.safe_load(path.read_text()) or {}
     head = spec.get("head_node_type")
-    nodes = []
-    for name, node_type in spec.get("available_node_types", {}).items():
-        count = 1 if name == head else int(node_type.get("max_workers", node_type.get("min_workers", 0)))
-        for index in range(count):
-            nodes.append(node_from_resources(f"{name}-{index}", node_type.get("resources", {})))
+    return {name: node_type for name, node_type in spec.get("available_node_types", {}).items() if name != head}
+
+
+def _signature(resources: dict[str, Any]) -> tuple:
+    """What tells a node's type apart: CPUs, GPUs and its declared custom resources (not Ray's per-node ones)."""
+    return tuple(sorted((k, float(v)) for k, v in resources.items()
+                        if k != "memory" and k != "object_store_memory" and not k.startswith("node:")))
+
+
+def with_autoscaler_headroom(live: list[NodeInventory], node_types: dict[str, dict[str, Any]]) -> Inventory:
+    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `pending:<type>-<i>`)."""
+    nodes = list(live)
+    for name, node_type in node_types.items():
+        declared = node_type.get("resources", {})
+        up = sum(1 for node in live if _signature(node.resources) == _signature(declared))
+        for index in range(max(0, int(node_type.get("max_workers", 0)) - up)):
+            nodes.append(node_from_resources(f"pending:{name}-{index}", declared))
     return Inventory(tuple(nodes))
 
 
-def trial_footprints(configs: Sequence[Any], max_len: int) -> list[int]:
-    """Peak training memory in bytes per `protopo_ray.config.Config`, from the model's own estimate."""
-    from protopo_ray.model import footprint
+def inventory_json(inventory: Inventory) -> list[dict[str, Any]]:
+    return [{"node": n.node_id, "cpus": n.cpus, "gpus": n.gpus, "accelerator_type": n.accelerator_type,
+             "gpu_memory_bytes": n.gpu_memory_bytes, "memory_bytes": n.memory_bytes, "driver_host": n.is_driver_host}
+            for n in inventory.nodes]
 
-    return [int(footprint(cfg.model, cfg.data.batch_size, max_len).total_bytes) for cfg in configs]
+
+def trial_footprints(configs: Sequence[Any], longest: int, world_size: int = 1) -> list[int]:
+    """Peak training memory in bytes per `protopo_ray.config.Config` (one worker), from its real batch plan."""
+    from protopo_ray.footprint import trial_footprint
+
+    return [trial_footprint(cfg, longest, world_size).total_bytes for cfg in configs]
 
 
 @dataclass(frozen=True)
@@ -151,15 +176,37 @@ class StagePlan:
     """Largest per-trial (per-worker) memory need the plan was sized for."""
     notes: tuple[str, ...] = ()
     num_trials: int = 0
+    gpu_memory_bytes: int = 0
+    """Memory of one GPU of the pinned type (0 = unknown or CPU): what each trial's own share is cut from."""
+    memory_headroom: float = 0.9
 
-    def resources_overrides(self) -> dict[str, Any]:
-        """Dotted overrides for `Config.replace`, so every trial of the stage asks Ray for what was planned."""
+    def trials_per_gpu_for(self, footprint_bytes: int) -> int:
+        """How many trials of this footprint share one GPU: the stage's cap, or fewer for a bigger model."""
+        if self.device != "gpu" or self.num_workers > 1 or not self.gpu_memory_bytes:
+            return self.trials_per_gpu
+        fit = math.floor(self.memory_headroom * self.gpu_memory_bytes / (footprint_bytes + CUDA_CONTEXT_BYTES))
+        return max(1, min(self.trials_per_gpu, fit))
+
+    def resources_overrides(self, footprint_bytes: int | None = None) -> dict[str, Any]:
+        """Dotted overrides for `Config.replace`: what a trial of this footprint asks Ray for.
+
+        Small models take a small slice of a GPU, large ones a bigger slice or a whole GPU, all on the stage's
+        one accelerator type; without a footprint, the share the plan was sized for.
+        """
+        gpus = self.gpus_per_worker
+        if footprint_bytes is not None and self.device == "gpu" and self.num_workers == 1:
+            gpus = gpu_fraction(self.trials_per_gpu_for(footprint_bytes))
         return {
             "resources.num_workers": self.num_workers,
             "resources.cpus_per_worker": float(self.cpus_per_worker),
-            "resources.gpus_per_worker": float(self.gpus_per_worker),
+            "resources.gpus_per_worker": float(gpus),
             "resources.accelerator_type": self.accelerator_type,
         }
+
+
+def gpu_fraction(trials_per_gpu: int) -> float:
+    # Ray keeps resource amounts to 4 decimals; round down so trials_per_gpu fractions never exceed 1 GPU.
+    return math.floor(10000 / trials_per_gpu) / 10000
 
 
 #: Memory a trial driver reserves: it holds no CPU, and Tune refuses an all-zero resource request.
@@ -220,6 +267,7 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
     if not footprint_bytes:
         raise PlanError("plan_search needs at least one footprint (bytes per trial)")
     footprint = max(int(f) for f in footprint_bytes)
+    smallest = min(int(f) for f in footprint_bytes)
     groups = inventory.gpu_groups()
     if not groups:
         if inventory.total_cpus < 1:
@@ -238,10 +286,11 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
             notes.append(f"GPU memory of type '{name or 'unknown'}' unknown (declare '{GPU_MEMORY_RESOURCE}'): "
                          "one trial per GPU")
         else:
-            fit = math.floor(memory_headroom * min(memories) / need)
-            if fit < 1:
+            if math.floor(memory_headroom * min(memories) / need) < 1:  # the largest config must fit
                 skipped.append(name)
                 continue
+            # Packing is sized for the smallest config; each trial then takes its own share (trials_per_gpu_for).
+            fit = math.floor(memory_headroom * min(memories) / (smallest + CUDA_CONTEXT_BYTES))
         num_gpus = sum(math.floor(n.gpus) for n in nodes)
         cpus_per_gpu = min(n.cpus / n.gpus for n in nodes)
         cpu_fit = math.floor(cpus_per_gpu / cpus_per_trial)
@@ -260,21 +309,19 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
         concurrent = _cap_by_drivers(min(num_trials, slots), inventory, notes)
         # Most concurrent trials wins; on a tie the smaller (cheaper) GPU, keeping big ones for promotion.
         candidates.append((concurrent, -min(m or 0 for m in memories), -trials_per_gpu, name, trials_per_gpu,
-                           cpus_per_worker, notes))
+                           cpus_per_worker, notes, min(m or 0 for m in memories)))
     if not candidates:
         raise _too_big(footprint, inventory, memory_headroom)
 
-    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes = max(candidates)
+    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(candidates)
     others = sorted(c[3] or "unknown" for c in candidates if c[3] != name) + [f"{s or 'unknown'} (too small)"
                                                                              for s in skipped]
     if others:
         notes.append(f"search pinned to {name or 'any GPU'}; idle this stage: {', '.join(others)}")
-    # Ray keeps resource amounts to 4 decimals; round down so trials_per_gpu fractions never exceed 1 GPU.
-    fraction = math.floor(10000 / trials_per_gpu) / 10000
     return StagePlan(kind="search", device="gpu", num_workers=1, cpus_per_worker=cpus_per_worker,
-                     gpus_per_worker=fraction, accelerator_type=name, trials_per_gpu=trials_per_gpu,
+                     gpus_per_worker=gpu_fraction(trials_per_gpu), accelerator_type=name, trials_per_gpu=trials_per_gpu,
                      max_concurrent_trials=concurrent, footprint_bytes=footprint, notes=tuple(notes),
-                     num_trials=num_trials)
+                     num_trials=num_trials, gpu_memory_bytes=gpu_memory, memory_headroom=memory_headroom)
 
 
 def _workers_within_nodes(share: int, gpus_per_node: int) -> int:
@@ -288,7 +335,7 @@ def _workers_within_nodes(share: int, gpus_per_node: int) -> int:
     return max(d for d in range(1, share + 1) if gpus_per_node % d == 0)
 
 
-def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int) -> StagePlan:
+def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int, max_workers: int = 0) -> StagePlan:
     total = math.floor(inventory.total_cpus)
     notes = ["no GPUs: CPU DDP workers (gloo), one CPU each; trial drivers hold 0 CPU"]
     if total >= num_trials:
@@ -296,6 +343,9 @@ def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int) -> Sta
     else:
         concurrent, workers = 1, total
         notes.append(f"{num_trials} trials on {total} cores: run one after another, each on all cores")
+    if max_workers and workers > max_workers:
+        workers = max_workers
+        notes.append(f"workers capped at {workers}: a global batch of {max_workers} proteins is split across them")
     concurrent = _cap_by_drivers(concurrent, inventory, notes)
     return StagePlan(kind="promotion", device="cpu", num_workers=workers, cpus_per_worker=1.0, gpus_per_worker=0.0,
                      accelerator_type="", trials_per_gpu=0, max_concurrent_trials=concurrent,
@@ -303,15 +353,18 @@ def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int) -> Sta
 
 
 def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: int,
-                   memory_headroom: float = 0.9) -> StagePlan:
-    """The top trials continue on whole GPUs of the biggest type, split into DDP workers between them."""
+                   memory_headroom: float = 0.9, max_workers: int = 0) -> StagePlan:
+    """The top trials continue on whole GPUs of the biggest type, split into DDP workers between them.
+
+    `max_workers` (> 0) caps a trial's workers: the global batch is split across them, one protein each at least.
+    """
     _require_trials(num_trials)
     footprint = int(footprint_bytes)
     groups = inventory.gpu_groups()
     if not groups:
         if inventory.total_cpus < 1:
             raise PlanError("the inventory has no GPUs and less than one CPU: nothing can run a trial")
-        return _cpu_promotion(inventory, footprint, num_trials)
+        return _cpu_promotion(inventory, footprint, num_trials, max_workers)
 
     def rank(item: tuple[str, tuple[NodeInventory, ...]]) -> tuple[int, float]:
         memories = [n.gpu_memory_bytes or 0 for n in item[1]]
@@ -335,6 +388,9 @@ def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: in
     else:
         concurrent, workers = 1, num_gpus
         notes.append(f"{num_trials} trials on {num_gpus} GPUs: run one after another, each on all of them")
+    if max_workers and workers > max_workers:
+        workers = _workers_within_nodes(max_workers, gpus_per_node)
+        notes.append(f"workers capped at {workers}: a global batch of {max_workers} proteins is split across them")
     cpus_per_gpu = min(n.cpus / n.gpus for n in nodes)
     if cpus_per_gpu >= 1:
         cpus_per_worker = float(min(math.floor(cpus_per_gpu), MAX_CPUS_PER_GPU_WORKER))
@@ -346,7 +402,8 @@ def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: in
     concurrent = _cap_by_drivers(concurrent, inventory, notes)
     return StagePlan(kind="promotion", device="gpu", num_workers=workers, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=1.0, accelerator_type=name, trials_per_gpu=1, max_concurrent_trials=concurrent,
-                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials)
+                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials, gpu_memory_bytes=memory,
+                     memory_headroom=memory_headroom)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

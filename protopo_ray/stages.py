@@ -1,10 +1,15 @@
 """Running one stage of a search with Ray Tune, and turning Tune's results into the stage record.
 
-Each Tune trial is a small driver function (0 CPU, or the cluster's `driver` resource) that launches the
-Ray Train run of `protopo_ray.train` and forwards rank 0's per-epoch report to Tune (`TuneReportCallback`).
-The Train run is named from the trial id, so a trial restored by `Tuner.restore` picks up its own Train
-checkpoints instead of starting at epoch 0. ASHA (`time_attr="epoch"`) stops the weak trials; promotion is
-a second Tuner over the chosen trials, each continuing from its latest checkpoint with a longer budget.
+What a trial runs is decided in one place, `trial_config`: the stage's base config, the trial's searched
+values (or, for a promotion, the `Continuation` of the trial it extends), the stage budget and metric, and
+the trial's own hardware share from its footprint (`StagePlan.resources_overrides`).
+
+Two kinds of trial, chosen by the plan's worker count:
+- one worker (search stages): the Tune trial itself holds the worker's resources (its GPU share through
+  `tune.with_resources` as a function of the trial's config) and runs `runner.fit` in its own process;
+- several workers (promotion): the trial is a 0-CPU driver that fits a Ray Train DDP run named after the
+  trial id (so a restored trial continues from its own Train checkpoints) and forwards rank 0's reports.
+ASHA (`time_attr="epoch"`) stops the weak trials; promotion is a second Tuner over the chosen trials.
 """
 
 from __future__ import annotations
@@ -15,37 +20,114 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protopo_ray import storage
 from protopo_ray.config import Config
 from protopo_ray.experiment import StageSpec
 from protopo_ray.hardware import StagePlan
 
 CHECKPOINT_KEY = "checkpoint_path"  # what TuneReportCallback adds to a report that carried a checkpoint
+CONTINUE_KEY = "continue"  # the Tune parameter that carries a promoted trial's Continuation
 
 
-def trial_driver(params: dict[str, Any], *, base: dict[str, Any], stage: dict[str, Any], train_storage: str,
-                 overrides: dict[str, Any], datasets: dict[str, Any]) -> None:
-    """One Tune trial: build the trial's run config and fit its TorchTrainer, reporting through Tune."""
+@dataclass(frozen=True, kw_only=True)
+class Continuation:
+    """A promoted trial: the trial it extends, and where that trial's training stopped."""
+
+    from_stage: str
+    from_trial: str
+    checkpoint: str
+    """The trial's latest checkpoint, as a path or a URI with its scheme (s3://, gs://)."""
+    start_epoch: int
+    params: dict[str, Any]
+    """The values that trial searched (shown in the report)."""
+    overrides: dict[str, Any]
+    """Its full data / model / train config as dotted overrides (resources come from the promotion plan)."""
+
+    def to_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, values: dict[str, Any]) -> Continuation:
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    """What every trial of a stage shares (handed to each trial process)."""
+
+    name: str
+    max_epochs: int
+    metric: str
+    mode: str
+    base: dict[str, Any]
+    plan: StagePlan
+    train_storage: str
+    longest: int
+    """Longest training protein: with the config's batch plan it sets the trial's memory footprint."""
+
+    @classmethod
+    def of(cls, stage: StageSpec, base: Config, plan: StagePlan, train_storage: str, longest: int) -> StageContext:
+        return cls(name=stage.name, max_epochs=stage.max_epochs, metric=stage.metric, mode=stage.mode,
+                   base=base.to_dict(), plan=plan, train_storage=train_storage, longest=longest)
+
+
+def trial_config(ctx: StageContext, params: dict[str, Any], trial_id: str) -> Config:
+    """The one place a trial's run config is assembled (trials, their resources and the stage record use it)."""
+    from protopo_ray.footprint import trial_footprint
+
+    values: dict[str, Any] = {}
+    continuation = params.get(CONTINUE_KEY)
+    if continuation:
+        spec = Continuation.from_params(continuation)
+        values.update(spec.overrides)
+        values["train.init_checkpoint"] = spec.checkpoint
+    values.update({k: v for k, v in params.items() if k != CONTINUE_KEY})
+    # The run's own best/ is judged by the stage's metric, so the trial's best epoch is the one ASHA saw.
+    values.update({"train.epochs": ctx.max_epochs, "train.metric": ctx.metric, "train.mode": ctx.mode,
+                   "resources.storage": ctx.train_storage, "name": f"{ctx.name}_{trial_id}"})
+    config = Config.from_dict(ctx.base).replace(values)
+    footprint = trial_footprint(config, ctx.longest, ctx.plan.num_workers).total_bytes
+    return config.replace(ctx.plan.resources_overrides(footprint))
+
+
+def trial_resources(ctx: StageContext, driver_resources: dict[str, float]):
+    """Tune's per-trial resource request, as a function of the trial's params (`tune.with_resources`)."""
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
+
+    def resources(params: dict[str, Any]):
+        if ctx.plan.num_workers > 1:  # a Train driver: the worker group reserves its own placement group
+            return resource_dict_to_pg_factory(driver_resources)
+        res = trial_config(ctx, params, "resources").resources
+        request: dict[str, float] = {"CPU": res.cpus_per_worker}
+        if res.gpus_per_worker:
+            request["GPU"] = res.gpus_per_worker
+        if res.accelerator_type:
+            request[f"accelerator_type:{res.accelerator_type}"] = 0.001
+        return resource_dict_to_pg_factory(request)
+
+    return resources
+
+
+def run_trial(params: dict[str, Any], *, ctx: StageContext, datasets: dict[str, Any] | None = None) -> None:
+    """One Tune trial: in this process for one worker, else a Ray Train DDP run forwarding its reports."""
     import ray.tune
+
+    config = trial_config(ctx, params, ray.tune.get_context().get_trial_id())
+    if config.resources.num_workers <= 1:
+        from protopo_ray.runner import fit
+        from protopo_ray.worker import TuneSession
+
+        fit(config, TuneSession(config))
+        return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from protopo_ray.trainer import build_trainer
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    values = {k: v for k, v in params.items() if k != "promote"}
-    values.update(_public(params.get("promote", {})))
-    values.update(overrides)
-    values.update({"train.epochs": stage["max_epochs"], "resources.storage": train_storage,
-                   "name": f"{stage['name']}_{trial_id}"})
-    config = Config.from_dict(base).replace(values)
     build_trainer(config, callbacks=[TuneReportCallback()], datasets=datasets).fit()
-
-
-def _public(values: dict[str, Any]) -> dict[str, Any]:
-    """Run-config overrides only: keys starting with '_' are bookkeeping (e.g. the epoch a promotion starts at)."""
-    return {k: v for k, v in values.items() if not k.startswith("_")}
 
 
 def grid_points(stage: StageSpec) -> list[dict[str, Any]]:
@@ -53,11 +135,11 @@ def grid_points(stage: StageSpec) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(stage.grid[k] for k in keys))]
 
 
-def param_space(stage: StageSpec, promoted: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def param_space(stage: StageSpec, promoted: list[Continuation] | None = None) -> dict[str, Any]:
     from ray import tune
 
     if stage.kind == "promotion":
-        return {"promote": tune.grid_search(promoted or [])}
+        return {CONTINUE_KEY: tune.grid_search([c.to_params() for c in promoted or []])}
     if stage.search == "grid":
         return {key: tune.grid_search(values) for key, values in stage.grid.items()}
     space = {}
@@ -96,42 +178,41 @@ def shuffled_grid(stage: StageSpec, seed: int, max_concurrent: int):
     return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent), len(points)
 
 
-def build_tuner(stage: StageSpec, *, base: Config, plan: StagePlan, tune_dir: str, train_storage: str,
-                driver_resources: dict[str, float], callbacks: list, seed: int, datasets: dict[str, Any],
-                promoted: list[dict[str, Any]] | None = None, restore: bool = False):
+def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_resources: dict[str, float],
+                callbacks: list, seed: int, datasets: dict[str, Any] | None, keep_checkpoints: int,
+                promoted: list[Continuation] | None = None, restore: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_driver, base=base.to_dict(), stage={"name": stage.name, "max_epochs": stage.max_epochs},
-                             train_storage=train_storage, overrides=plan.resources_overrides(), datasets=datasets),
-        driver_resources,
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
+                                    trial_resources(ctx, driver_resources))
     if restore:
         return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    plan = ctx.plan
     scheduler = None
     if stage.kind == "search" and stage.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=stage.max_epochs, grace_period=stage.grace_epochs,
                                   reduction_factor=stage.reduction_factor)
-    search_alg, num_samples = None, stage.num_samples if stage.kind == "search" else 1
+    search_alg, samples = None, stage.num_samples if stage.kind == "search" else 1
     shuffled = stage.kind == "search" and stage.search == "grid" and stage.order == "shuffled"
     if stage.kind == "search" and stage.search == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
 
         search_alg = HyperOptSearch(random_state_seed=seed)
     elif shuffled:
-        search_alg, num_samples = shuffled_grid(stage, seed, plan.max_concurrent_trials)
+        search_alg, samples = shuffled_grid(stage, seed, plan.max_concurrent_trials)
+    parent, name = tune_dir.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
         trainable,
         param_space=param_space(stage, promoted),
         tune_config=tune.TuneConfig(metric=stage.metric, mode=stage.mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=num_samples,
+                                    num_samples=samples,
                                     # The shuffled grid's generator enforces its own limit (Tune ignores this one for
                                     # generators); HyperOpt, a Searcher, gets Tune's ConcurrencyLimiter from it.
                                     max_concurrent_trials=None if shuffled else plan.max_concurrent_trials),
-        run_config=tune.RunConfig(name=tune_dir.rstrip("/").rsplit("/", 1)[1], storage_path=tune_dir.rstrip("/").rsplit("/", 1)[0],
-                                  callbacks=callbacks,
+        run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
                                   progress_reporter=progress_reporter(stage)),
     )
 
@@ -157,77 +238,144 @@ def best_row(history: list[dict[str, float]], metric: str, mode: str) -> dict[st
     return pick(scored, key=lambda row: row[metric])
 
 
-def collect_stage(results, stage: StageSpec, *, base: Config, plan: StagePlan, wall_time_s: float,
-                  train_storage: str, overrides: dict[str, Any]) -> dict[str, Any]:
+@dataclass(kw_only=True)
+class TrialRecord:
+    """One trial in `stages/<name>.json`: what it ran, how far it got, its metrics and its latest checkpoint."""
+
+    trial_id: str
+    params: dict[str, Any]
+    """Searched values (a promoted trial: those of the trial it extends, plus `promoted_from`)."""
+    config: dict[str, Any]
+    status: str
+    """completed, stopped (early, by the scheduler) or error."""
+    error: str | None
+    epochs: int
+    start_epoch: int
+    resumed_from: str | None
+    best: dict[str, float]
+    last: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint: str | None
+    """Latest checkpoint: a local path or a URI with its scheme."""
+    accelerator_hours: float
+    running_unix: list[float] | None
+
+    @property
+    def run_uri(self) -> str:
+        """The trial's run directory (metrics.jsonl, workers.json, best/)."""
+        return storage.join(self.config["resources"]["storage"], self.config["name"])
+
+
+@dataclass(kw_only=True)
+class StageRecord:
+    stage: str
+    kind: str
+    search: str
+    scheduler: str
+    metric: str
+    mode: str
+    max_epochs: int
+    grace_epochs: int
+    reduction_factor: int
+    plan: dict[str, Any]
+    wall_time_s: float
+    epochs_run: int
+    epochs_full: int
+    best_trial: str | None
+    trials: list[TrialRecord] = field(default_factory=list)
+    finished_at: str = ""
+
+    def best(self) -> TrialRecord | None:
+        return next((t for t in self.trials if t.trial_id == self.best_trial), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> StageRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        trial_names = {f.name for f in dataclasses.fields(TrialRecord)}
+        trials = [TrialRecord(**{k: v for k, v in t.items() if k in trial_names}) for t in values.get("trials", [])]
+        return cls(**{**{k: v for k, v in values.items() if k in names}, "trials": trials})
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1, default=str))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> StageRecord:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+_NOT_METRICS = ("config/", "time_", "timestamp", "pid", "iterations_since", "training_iteration", "done")
+
+
+def trial_record(result, ctx: StageContext) -> TrialRecord:
+    """A Tune `Result` as a TrialRecord (its config rebuilt by `trial_config`, as the trial built it)."""
+    frame = result.metrics_dataframe
+    rows = frame.to_dict(orient="records") if frame is not None and len(frame) else []
+    history = [{k: float(v) for k, v in row.items() if _finite(v) and not k.startswith(_NOT_METRICS)} for row in rows]
+    params = dict(result.config or {})
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    config = trial_config(ctx, params, trial_id)
+    continuation = Continuation.from_params(params[CONTINUE_KEY]) if params.get(CONTINUE_KEY) else None
+    epochs = int(max((row.get("epoch", 0) for row in history), default=0))
+    status = "error" if result.error else ("completed" if epochs >= ctx.max_epochs else "stopped")
+    res = config.resources
+    devices = max(1, res.num_workers) * (res.gpus_per_worker if res.gpus_per_worker else res.cpus_per_worker)
+    # When Tune ran the trial (1 s resolution): its start is the first result's timestamp less the time
+    # the trainable had run by then (start-up included), its end the last result's timestamp.
+    running = ([rows[0]["timestamp"] - rows[0].get("time_total_s", 0.0), rows[-1]["timestamp"]]
+               if rows and _finite(rows[0].get("timestamp")) else None)
+    return TrialRecord(
+        trial_id=trial_id,
+        params={**continuation.params, "promoted_from": continuation.from_trial} if continuation else params,
+        config=config.to_dict(), status=status, error=str(result.error)[:500] if result.error else None,
+        epochs=epochs, start_epoch=continuation.start_epoch if continuation else 0,
+        resumed_from=continuation.checkpoint if continuation else None,
+        best=best_row(history, ctx.metric, ctx.mode), last=history[-1] if history else {}, history=history,
+        checkpoint=latest_checkpoint(result, rows, ctx.train_storage),
+        accelerator_hours=devices * sum(row.get("epoch_time_s", 0.0) for row in history) / 3600,
+        running_unix=running,
+    )
+
+
+def latest_checkpoint(result, rows: list[dict[str, Any]], storage_uri: str) -> str | None:
+    """The trial's latest checkpoint with its scheme: Ray reports paths inside its filesystem ("bucket/key")."""
+    if result.checkpoint is not None:  # in-process trials report to Tune directly
+        path = result.checkpoint.path
+    else:  # Train runs: TuneReportCallback's column
+        paths = [row[CHECKPOINT_KEY] for row in rows if isinstance(row.get(CHECKPOINT_KEY), str)]
+        path = paths[-1] if paths else None
+    return storage.with_scheme(path, like=storage_uri) if path else None
+
+
+def collect_stage(results, stage: StageSpec, ctx: StageContext, *, wall_time_s: float) -> StageRecord:
     """The stage record (`stages/<name>.json`): every trial, its history, best/last metrics, why it ended."""
-    trials = []
-    for result in results:
-        frame = result.metrics_dataframe
-        rows = frame.to_dict(orient="records") if frame is not None and len(frame) else []
-        history = [{k: float(v) for k, v in row.items() if _finite(v) and not k.startswith(("config/", "time_", "timestamp",
-                    "pid", "iterations_since", "training_iteration", "done"))} for row in rows]
-        checkpoints = [row[CHECKPOINT_KEY] for row in rows if isinstance(row.get(CHECKPOINT_KEY), str)]
-        params = dict(result.config or {})
-        promote = params.pop("promote", None)
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        values = {**_public(promote or {}), **params, **overrides, "train.epochs": stage.max_epochs,
-                  "resources.storage": train_storage}
-        config = base.replace(values).to_dict()
-        config["name"] = f"{stage.name}_{trial_id}"
-        epochs = int(max((row.get("epoch", 0) for row in history), default=0))
-        start_epoch = int(promote.get("_start_epoch", 0)) if promote else 0
-        status = "error" if result.error else ("completed" if epochs >= stage.max_epochs else "stopped")
-        devices = plan.num_workers * (plan.gpus_per_worker if plan.device == "gpu" else plan.cpus_per_worker)
-        # When Tune ran the trial (1 s resolution): its start is the first result's timestamp less the time
-        # the trainable had run by then (start-up included), its end the last result's timestamp.
-        running = ([rows[0]["timestamp"] - rows[0].get("time_total_s", 0.0), rows[-1]["timestamp"]]
-                   if rows and _finite(rows[0].get("timestamp")) else None)
-        trials.append({
-            "trial_id": trial_id,
-            "params": {**params, **promote["_params"], "promoted_from": promote["_from_trial"]} if promote else params,
-            "config": config,
-            "status": status,
-            "error": str(result.error)[:500] if result.error else None,
-            "epochs": epochs,
-            "start_epoch": start_epoch,
-            "resumed_from": promote.get("train.init_checkpoint") if promote else None,
-            "best": best_row(history, stage.metric, stage.mode),
-            "last": history[-1] if history else {},
-            "history": history,
-            "checkpoint": checkpoints[-1] if checkpoints else None,
-            "accelerator_hours": devices * sum(row.get("epoch_time_s", 0.0) for row in history) / 3600,
-            "running_unix": running,
-        })
-    ranked = sorted((t for t in trials if _finite(t["best"].get(stage.metric))),
-                    key=lambda t: t["best"][stage.metric], reverse=stage.mode == "max")
-    return {
-        "stage": stage.name, "kind": stage.kind, "search": stage.search, "scheduler": stage.scheduler,
-        "metric": stage.metric, "mode": stage.mode, "max_epochs": stage.max_epochs, "grace_epochs": stage.grace_epochs,
-        "reduction_factor": stage.reduction_factor,
-        "plan": dataclasses.asdict(plan),
-        "wall_time_s": wall_time_s,
-        "epochs_run": sum(t["epochs"] - t["start_epoch"] for t in trials),
-        "epochs_full": sum(stage.max_epochs - t["start_epoch"] for t in trials),
-        "best_trial": ranked[0]["trial_id"] if ranked else None,
-        "trials": trials,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+    trials = [trial_record(result, ctx) for result in results]
+    ranked = sorted((t for t in trials if _finite(t.best.get(stage.metric))),
+                    key=lambda t: t.best[stage.metric], reverse=stage.mode == "max")
+    return StageRecord(
+        stage=stage.name, kind=stage.kind, search=stage.search, scheduler=stage.scheduler, metric=stage.metric,
+        mode=stage.mode, max_epochs=stage.max_epochs, grace_epochs=stage.grace_epochs,
+        reduction_factor=stage.reduction_factor, plan=dataclasses.asdict(ctx.plan), wall_time_s=wall_time_s,
+        epochs_run=sum(t.epochs - t.start_epoch for t in trials),
+        epochs_full=sum(stage.max_epochs - t.start_epoch for t in trials),
+        best_trial=ranked[0].trial_id if ranked else None, trials=trials,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
 
 
-def promotion_candidates(records: list[dict[str, Any]], stage: StageSpec) -> list[dict[str, Any]]:
-    """Top-k trials over the given stage records (by `stage.metric`), as overrides that continue them."""
-    pool = [t for record in records for t in record["trials"] if t.get("checkpoint") and _finite(t["best"].get(stage.metric))]
-    pool.sort(key=lambda t: t["best"][stage.metric], reverse=stage.mode == "max")
-    chosen = []
-    for trial in pool[: stage.top_k]:
-        overrides = dict(trial["params"])
-        overrides.update(_config_overrides(trial["config"]))
-        overrides["train.init_checkpoint"] = trial["checkpoint"]
-        overrides["_start_epoch"] = trial["epochs"]
-        overrides["_from_trial"] = trial["trial_id"]
-        overrides["_params"] = dict(trial["params"])
-        chosen.append(overrides)
-    return chosen
+def promotion_candidates(records: list[StageRecord], stage: StageSpec) -> list[Continuation]:
+    """Top-k trials over the given stage records (by `stage.metric`), each as the Continuation that extends it."""
+    pool = [(record.stage, t) for record in records for t in record.trials
+            if t.checkpoint and _finite(t.best.get(stage.metric))]
+    pool.sort(key=lambda item: item[1].best[stage.metric], reverse=stage.mode == "max")
+    return [Continuation(from_stage=name, from_trial=t.trial_id, checkpoint=t.checkpoint, start_epoch=t.epochs,
+                         params=dict(t.params), overrides=_config_overrides(t.config))
+            for name, t in pool[: stage.top_k]]
 
 
 def _config_overrides(config: dict[str, Any]) -> dict[str, Any]:
@@ -238,10 +386,3 @@ def _config_overrides(config: dict[str, Any]) -> dict[str, Any]:
             if key not in ("epochs", "init_checkpoint"):
                 out[f"{section}.{key}"] = value
     return out
-
-
-def save_stage(record: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    tmp.replace(path)

@@ -20,6 +20,18 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
+def scheme(uri: str) -> str:
+    """"s3" for s3://bucket/key, "" for a local path."""
+    return uri.split("://", 1)[0] if is_uri(uri) else ""
+
+
+def with_scheme(path: str, like: str) -> str:
+    """A path Ray reported inside its filesystem ("bucket/key" on S3) as a URI of `like`'s scheme."""
+    if is_uri(path) or not is_uri(like):
+        return path
+    return f"{scheme(like)}://{path.lstrip('/')}"
+
+
 def resolve(path: str | Path) -> str:
     """URIs as they are; local paths made absolute (trials run in other processes and directories)."""
     return str(path) if is_uri(path) else str(Path(path).resolve())

@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage", help="where the experiment goes (overrides resources.storage)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config value")
     parser.add_argument("--dry-run", action="store_true", help="print the inventory and the stage plans, then exit")
-    parser.add_argument("--cluster", help="plan for this cluster.yaml's full size instead of the running cluster (dry run)")
+    parser.add_argument("--cluster", help="the autoscaler's cluster YAML: with --dry-run, plan for its full size without "
+                        "a cluster; connected, plan for the nodes it may still start (a `ray up` head reads "
+                        "~/ray_bootstrap_config.yaml by itself)")
+    parser.add_argument("--json", action="store_true", help="print the inventory and the plan as JSON")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--stages", help="comma-separated subset of stages to run")
     parser.add_argument("--no-wandb", action="store_true", help="no W&B runs")
@@ -62,13 +65,16 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
 
 
 def max_length(config: Config) -> int:
+    """Longest protein of the training split: with each config's batch plan it sets the trial footprints."""
     from protopo_ray.shards import read_table
 
-    lengths = read_table(config.data.path, columns=["length"]).column("length")
+    lengths = read_table(config.data.path, folds=config.data.train_folds, columns=["length"]).column("length")
     return int(max(lengths.to_pylist(), default=1))
 
 
-def stage_configs(stage: StageSpec, base: Config) -> list[Config]:
+def stage_configs(stage: StageSpec, base: Config, promoted: list[stages.Continuation] | None = None) -> list[Config]:
+    if stage.kind == "promotion":
+        return [base.replace(c.overrides) for c in promoted] if promoted else [base]
     if stage.search == "grid":
         return [base.replace(point) for point in stages.grid_points(stage)]
     # HyperOpt: size the plan for the largest corner of the space.
@@ -76,13 +82,44 @@ def stage_configs(stage: StageSpec, base: Config) -> list[Config]:
     return [base.replace({k: v for k, v in corner.items() if not isinstance(v, str)})]
 
 
-def plan_stage(stage: StageSpec, base: Config, inventory, max_len: int, promoted: int | None = None):
+def plan_stage(stage: StageSpec, base: Config, inventory, longest: int,
+               promoted: list[stages.Continuation] | None = None) -> hardware.StagePlan:
+    configs = stage_configs(stage, base, promoted)
     if stage.kind == "promotion":
-        footprint = max(hardware.trial_footprints([base], max_len))
-        return hardware.plan_promotion(inventory, footprint, num_trials=promoted or stage.top_k)
-    configs = stage_configs(stage, base)
-    return hardware.plan_search(inventory, hardware.trial_footprints(configs, max_len),
+        # Sized for one worker's share of the global batch on the most workers a trial could get (a bound).
+        footprint = max(hardware.trial_footprints(configs, longest))
+        return hardware.plan_promotion(inventory, footprint, num_trials=len(promoted) if promoted else stage.top_k,
+                                       max_workers=min(c.data.batch_size for c in configs))
+    return hardware.plan_search(inventory, hardware.trial_footprints(configs, longest),
                                 num_trials=stages.num_trials(stage), cpus_per_trial=base.resources.cpus_per_worker)
+
+
+def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str, Any]]:
+    """Per stage, per config: GPU share, workers, CPUs, footprint, concurrency (what --dry-run --json prints).
+
+    Stages that inherit the previous stage's best config are planned on the base config, and promotions on
+    the base config with the stage's top_k: a dry run knows no results yet.
+    """
+    from protopo_ray.footprint import trial_footprint
+
+    rows = []
+    for stage in experiment.stages:
+        plan = plan_stage(stage, experiment.base, inventory, longest)
+        configs = stage_configs(stage, experiment.base)
+        points = stages.grid_points(stage) if stage.kind == "search" and stage.search == "grid" else [{}]
+        trials = []
+        for point, config in zip(points, configs):
+            footprint = trial_footprint(config, longest, plan.num_workers)
+            share = plan.resources_overrides(footprint.total_bytes)
+            trials.append({"params": point, "footprint_bytes": footprint.total_bytes,
+                           "padded_positions": footprint.padded_positions,
+                           "gpus_per_worker": share["resources.gpus_per_worker"],
+                           "trials_per_gpu": plan.trials_per_gpu_for(footprint.total_bytes),
+                           "num_workers": plan.num_workers, "cpus_per_worker": share["resources.cpus_per_worker"]})
+        rows.append({"stage": stage.name, "kind": stage.kind, "device": plan.device,
+                     "accelerator_type": plan.accelerator_type, "num_trials": plan.num_trials,
+                     "max_concurrent_trials": plan.max_concurrent_trials, "notes": list(plan.notes), "trials": trials})
+    return rows
 
 
 def ensure_data(experiment: Experiment) -> None:
@@ -100,11 +137,13 @@ def ensure_data(experiment: Experiment) -> None:
         ensure_synthetic(path, experiment.synthetic, experiment.seed)
 
 
-def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri: str, exp_dir: Path, inventory,
-              max_len: int, records: dict[str, dict], resume: bool, use_wandb: bool) -> dict[str, Any]:
+def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri: str, exp_dir: Path,
+              cluster_file: str | None, longest: int, records: dict[str, stages.StageRecord], resume: bool,
+              use_wandb: bool) -> stages.StageRecord:
     """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp_dir`."""
     from ray import tune
 
+    from protopo_ray.cluster import release_leaked_placement_groups
     from protopo_ray.tracking import wandb_callbacks
 
     promoted = None
@@ -113,85 +152,56 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
         promoted = stages.promotion_candidates(sources, stage)
         if not promoted:
             raise RuntimeError(f"stage {stage.name!r}: no trial with a checkpoint to promote from {list(stage.from_stages)}")
-        base = base.replace({k: v for k, v in promoted[0].items() if not k.startswith("_")})
-    plan = plan_stage(stage, base, inventory, max_len, promoted=len(promoted) if promoted else None)
+    # What the cluster holds now and what its autoscaler may still start: read again for every stage.
+    inventory = hardware.read_inventory(cluster_file)
+    plan = plan_stage(stage, base, inventory, longest, promoted)
     print(hardware.format_plan(plan, inventory), flush=True)
     tune_dir = storage.join(exp_uri, "tune", stage.name)
     restore = resume and tune.Tuner.can_restore(tune_dir)
     callbacks = wandb_callbacks(enabled=use_wandb, project=experiment.wandb_project, experiment=experiment.name,
                                 stage=stage.name, log_dir=exp_dir / "wandb")
-    train_storage = storage.join(exp_uri, "train")
+    ctx = stages.StageContext.of(stage, base, plan, storage.join(exp_uri, "train"), longest)
     started = time.time()
-    from protopo_ray.loader import load_datasets
+    datasets = None
+    if plan.num_workers > 1:  # Ray Train DDP trials: their splits go through Ray Data, loaded once per stage
+        from protopo_ray.loader import load_datasets
 
-    datasets = load_datasets(base)  # once per stage; every trial's workers stream the same blocks
-    tuner = stages.build_tuner(stage, base=base, plan=plan, tune_dir=tune_dir, train_storage=train_storage,
-                               driver_resources=hardware.driver_resources(inventory), callbacks=callbacks, seed=experiment.seed,
-                               datasets=datasets, promoted=promoted, restore=restore)
+        datasets = load_datasets(base)
+    tuner = stages.build_tuner(stage, ctx, tune_dir=tune_dir, driver_resources=hardware.driver_resources(inventory),
+                               callbacks=callbacks, seed=experiment.seed, datasets=datasets,
+                               keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore)
     results = tuner.fit()
     release_leaked_placement_groups()
-    record = stages.collect_stage(results, stage, base=base, plan=plan, wall_time_s=time.time() - started,
-                                  train_storage=train_storage, overrides=plan.resources_overrides())
-    stages.save_stage(record, exp_dir / "stages" / f"{stage.name}.json")
+    record = stages.collect_stage(results, stage, ctx, wall_time_s=time.time() - started)
+    record.save(exp_dir / "stages" / f"{stage.name}.json")
     storage.upload(exp_dir, exp_uri)
-    print(f"stage {stage.name}: {len(record['trials'])} trials, best {record['best_trial']}, "
-          f"epochs {record['epochs_run']}/{record['epochs_full']}, {record['wall_time_s']:.0f} s", flush=True)
+    print(f"stage {stage.name}: {len(record.trials)} trials, best {record.best_trial}, "
+          f"epochs {record.epochs_run}/{record.epochs_full}, {record.wall_time_s:.0f} s", flush=True)
     return record
 
 
-def release_leaked_placement_groups() -> None:
-    """After a stage, on a local cluster this process started: remove the Train placement groups left behind.
-
-    Ray Train V2 placement groups can outlive a Tune trial that ASHA stopped (ray-project/ray#54305); the next
-    stage's worker groups then wait forever for their CPUs. Between stages no trial of ours runs, and on a
-    cluster we started nobody else's do, so every remaining placement group is a leak.
-    """
-    from protopo_ray.cluster import started_local_cluster
-
-    if not started_local_cluster():
-        return
-    import ray
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    for pg_id, info in placement_group_table().items():
-        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-
-
-def best_trial(record: dict[str, Any]) -> dict[str, Any] | None:
-    return next((t for t in record["trials"] if t["trial_id"] == record["best_trial"]), None)
-
-
-def pick_winner(record: dict[str, Any], exp_dir: Path) -> dict[str, Any] | None:
+def pick_winner(record: stages.StageRecord, exp_dir: Path) -> dict[str, Any] | None:
     """Copy the best trial's checkpoint to winner/ and evaluate it once on the held-out test folds."""
     from protopo_ray.runner import evaluate_checkpoint
 
-    trial = best_trial(record)
-    if trial is None or not trial.get("checkpoint"):
+    trial = record.best()
+    if trial is None or not trial.checkpoint:
         return None
     target = exp_dir / "winner" / "checkpoint"
     shutil.rmtree(target, ignore_errors=True)
-    # The trial's best epoch (by its run metric) when its run kept one, else its latest checkpoint.
-    run_uri = storage.join(trial["config"]["resources"]["storage"], trial["config"]["name"])
-    best = storage.join(run_uri, "best")
-    source = best if storage.exists(storage.join(best, "meta.json")) else _checkpoint_uri(trial["checkpoint"], run_uri)
+    # The trial's best epoch (by the stage metric; its run never lets best/ regress), else its latest checkpoint.
+    best = storage.join(trial.run_uri, "best")
+    source = best if storage.exists(storage.join(best, "meta.json")) else trial.checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(storage.fetch_dir(source, Path(tmp) / "checkpoint"), target)
-    config = Config.from_dict(trial["config"])
+    config = Config.from_dict(trial.config)
     test: dict[str, Any] = {}
     if config.data.test_folds:
         test = evaluate_checkpoint(target, config.replace({"data.max_proteins": 0}), split="test")
-    winner = {"stage": record["stage"], "trial_id": trial["trial_id"], "params": trial["params"], "config": trial["config"],
-              "val": trial["best"], "test": test, "checkpoint": str(target)}
+    winner = {"stage": record.stage, "trial_id": trial.trial_id, "params": trial.params, "config": trial.config,
+              "val": trial.best, "test": test, "checkpoint": str(target), "source": source}
     (exp_dir / "winner" / "winner.json").write_text(json.dumps(winner, indent=1, default=_json_nan))
     return winner
-
-
-def _checkpoint_uri(path: str, run_uri: str) -> str:
-    """Ray reports checkpoint paths inside its filesystem ("bucket/key" on S3): give them their scheme back."""
-    if storage.is_uri(run_uri) and not storage.is_uri(path):
-        return f"{run_uri.split('://', 1)[0]}://{path.lstrip('/')}"
-    return path
 
 
 def _json_nan(value: Any) -> Any:
@@ -219,19 +229,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    if args.cluster:
+    if args.dry_run and args.cluster:  # plan before the cluster exists: its YAML fully scaled out
         inventory = hardware.inventory_from_cluster_yaml(args.cluster)
     else:
         from protopo_ray.cluster import ray_init
 
         ray_init()
-        inventory = hardware.read_inventory()
-    print(hardware.format_inventory(inventory))
-    max_len = max_length(experiment.base)
+        inventory = hardware.read_inventory(args.cluster)
+    longest = max_length(experiment.base)
     try:
-        for stage in experiment.stages:
-            if stage.kind == "search":
-                print(hardware.format_plan(plan_stage(stage, experiment.base, inventory, max_len), inventory))
+        table = plan_table(experiment, inventory, longest)
+        if args.json:
+            print(json.dumps({"inventory": hardware.inventory_json(inventory), "longest_protein": longest,
+                              "stages": table}, indent=1))
+        else:
+            print(hardware.format_inventory(inventory))
+            for stage in experiment.stages:
+                if stage.kind == "search":
+                    print(hardware.format_plan(plan_stage(stage, experiment.base, inventory, longest), inventory))
     except hardware.PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -244,25 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     (exp_dir / "experiment.json").write_text(json.dumps(
         {"name": experiment.name, "source": experiment.source, "stages": [s.name for s in experiment.stages],
          "base": experiment.base.to_dict()}, indent=1))
-    records: dict[str, dict] = {}
+    records: dict[str, stages.StageRecord] = {}
     base = experiment.base
     started = time.time()
     for stage in experiment.stages:
         record_path = exp_dir / "stages" / f"{stage.name}.json"
         if stage.inherit == "best" and records:
-            previous = best_trial(list(records.values())[-1])
+            previous = list(records.values())[-1].best()
             if previous:
-                base = Config.from_dict(previous["config"]).replace(
+                base = Config.from_dict(previous.config).replace(
                     {"resources.storage": experiment.base.resources.storage, "train.init_checkpoint": ""})
         if record_path.exists() and (args.resume or stage.name not in selected):
-            records[stage.name] = json.loads(record_path.read_text())
+            records[stage.name] = stages.StageRecord.load(record_path)
             print(f"stage {stage.name}: already finished, loaded {record_path}")
             continue
         if stage.name not in selected:
             continue
         records[stage.name] = run_stage(stage, base, experiment=experiment, exp_uri=exp_uri, exp_dir=exp_dir,
-                                        inventory=inventory,
-                                        max_len=max_len, records=records, resume=args.resume,
+                                        cluster_file=args.cluster, longest=longest, records=records, resume=args.resume,
                                         use_wandb=not args.no_wandb)
     winner = pick_winner(list(records.values())[-1], exp_dir) if records else None
     from protopo_ray.report import write_report

@@ -1,4 +1,9 @@
-"""Ray Train side of a run: the per-worker function and its session (data, DDP, gather, resume, report)."""
+"""Ray side of a run: the sessions `runner.fit` runs under on a cluster.
+
+`RaySession`: one rank of a Ray Train DDP worker group (data streamed by Ray Data, gloo/NCCL, Train checkpoints).
+`TuneSession`: a single-worker trial run inside its Tune trial process, which holds the worker's resources
+itself; it skips the Train worker group's start-up, which cost ~40 s a trial (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from protopo_ray import storage
+from protopo_ray import shards, storage
 from protopo_ray.checkpoint import (
     CheckpointError,
     TrainState,
@@ -26,21 +31,77 @@ from protopo_ray.runner import fit
 log = logging.getLogger(__name__)
 
 
-class RaySession:
+class StorageSession:
+    """What every Ray-side run writes beside its checkpoints in `<storage>/<name>/`, local or object storage:
+    metrics.jsonl (every epoch), workers.json (where each rank ran) and best/ (the best epoch's checkpoint)."""
+
+    rank: int
+    world_size: int
+
     def __init__(self, config: Config) -> None:
         import ray
-        import ray.train
 
         self.config = config
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
         self.history: list[str] = []
         self.placed = False
         runtime = ray.get_runtime_context()
         # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
         self.placement = {"rank": self.rank, "node_id": runtime.get_node_id(),
                           "gpu_ids": [str(i) for i in runtime.get_accelerator_ids().get("GPU", [])]}
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
+
+    def save_best(self, checkpoint_dir: Path) -> None:
+        copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
+
+    def record(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
+        """Rank 0's files for one epoch (every rank calls it: the first call gathers placements)."""
+        if not self.placed:  # first report of this worker group: record where every rank runs
+            placements = self.gather(self.placement)  # every rank takes part: it is a collective
+            if self.rank == 0:
+                self._write_file("workers.json", json.dumps(placements, indent=1))
+            self.placed = True
+        if self.rank == 0:
+            self._write_metrics(metrics)
+            if checkpoint_dir is not None and is_best:
+                self.save_best(checkpoint_dir)
+
+    def _run_dir(self):
+        filesystem, root = storage.filesystem(self.config.resources.storage)
+        run_dir = f"{root}/{self.config.name}"
+        filesystem.create_dir(run_dir, recursive=True)
+        return filesystem, run_dir
+
+    def _write_file(self, name: str, text: str) -> None:
+        filesystem, run_dir = self._run_dir()
+        with filesystem.open_output_stream(f"{run_dir}/{name}") as handle:
+            handle.write(text.encode())
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        """metrics.jsonl beside the run's checkpoints, rewritten whole (object stores cannot append)."""
+        if not self.history:  # first report of this worker group: keep what earlier attempts wrote
+            filesystem, run_dir = self._run_dir()
+            try:
+                with filesystem.open_input_stream(f"{run_dir}/metrics.jsonl") as handle:
+                    lines = handle.read().decode().splitlines()
+                self.history = [line for line in lines if json.loads(line).get("epoch", 0) < metrics["epoch"]]
+            except (FileNotFoundError, OSError, ValueError):
+                self.history = []
+        self.history.append(json.dumps(metrics))
+        self._write_file("metrics.jsonl", "\n".join(self.history) + "\n")
+
+
+class RaySession(StorageSession):
+    """A rank of a Ray Train worker group: its split streamed through Ray Data, DDP, checkpoints via Train."""
+
+    def __init__(self, config: Config) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        super().__init__(config)
 
     def load_split(self, split: str) -> pa.Table:
         return stream_split(split, self.config)
@@ -89,47 +150,45 @@ class RaySession:
                 log.warning("%s; starting from the configured checkpoint instead", error)
         return found[1] if found is not None else None
 
-    def save_best(self, checkpoint_dir: Path) -> None:
-        copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
-
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         import ray.train
 
-        if not self.placed:  # first report of this worker group: record where every rank runs
-            placements = self.gather(self.placement)  # every rank takes part: it is a collective
-            if self.rank == 0:
-                self._write_file("workers.json", json.dumps(placements, indent=1))
-            self.placed = True
-        if self.rank == 0:
-            self._write_metrics(metrics)
-            if checkpoint_dir is not None and is_best:
-                self.save_best(checkpoint_dir)
+        self.record(metrics, checkpoint_dir, is_best)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
-    def _run_dir(self):
-        filesystem, root = storage.filesystem(self.config.resources.storage)
-        run_dir = f"{root}/{self.config.name}"
-        filesystem.create_dir(run_dir, recursive=True)
-        return filesystem, run_dir
+class TuneSession(StorageSession):
+    """A single-worker search trial run in the Tune trial's own process (no Train worker group to start).
 
-    def _write_file(self, name: str, text: str) -> None:
-        filesystem, run_dir = self._run_dir()
-        with filesystem.open_output_stream(f"{run_dir}/{name}") as handle:
-            handle.write(text.encode())
+    The trial holds the resources its worker would (its GPU share, its CPUs), reads its splits from the shards
+    directly, and reports to Tune with each checkpoint, so Tune's restore hands the checkpoint back.
+    """
 
-    def _write_metrics(self, metrics: dict[str, float]) -> None:
-        """metrics.jsonl beside the run's checkpoints, rewritten whole (object stores cannot append)."""
-        if not self.history:  # first report of this worker group: keep what earlier attempts wrote
-            filesystem, run_dir = self._run_dir()
-            try:
-                with filesystem.open_input_stream(f"{run_dir}/metrics.jsonl") as handle:
-                    lines = handle.read().decode().splitlines()
-                self.history = [line for line in lines if json.loads(line).get("epoch", 0) < metrics["epoch"]]
-            except (FileNotFoundError, OSError, ValueError):
-                self.history = []
-        self.history.append(json.dumps(metrics))
-        self._write_file("metrics.jsonl", "\n".join(self.history) + "\n")
+    rank, world_size = 0, 1
+
+    def load_split(self, split: str) -> pa.Table:
+        from protopo_ray.runner import SPLIT_FOLDS
+
+        return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
+
+    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return model
+
+    def resume_state(self) -> TrainState | None:
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(directory)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
+        import ray.tune
+
+        self.record(metrics, checkpoint_dir, is_best)
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
 
 
 def train_fn_per_worker(config_dict: dict[str, Any]) -> None:

@@ -1,0 +1,40 @@
+"""What one trial needs in GPU memory, from its config and the real batch plan of its data.
+
+The peak of a training step is the weights, gradients and AdamW moments plus the activations of the largest
+padded batch one rank ever sees. Under length bucketing the batch holding the longest protein holds its
+length neighbours, all padded to it, so without a residue budget a rank's peak batch is
+ceil(batch_size / workers) x the longest protein; with `data.max_residues_per_batch` it is the budget (or one
+protein longer than it). Activations are counted at 4 bytes: the LSTM, which holds most of them, runs in
+fp32 even under bf16 autocast (`model.ChainLSTM`), and GC activations are a small share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protopo_ray.config import Config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrialFootprint:
+    padded_positions: int
+    """LSTM positions (proteins x padded length) of one rank's largest batch."""
+    total_bytes: int
+    """Weights + grads + AdamW + that batch's activations: the training step's peak, per worker."""
+
+
+def peak_padded_positions(config: Config, longest: int, world_size: int = 1) -> int:
+    """Padded residues of one rank's largest batch under the run's batch plan (see `batching.plan_batches`)."""
+    per_rank = -(-config.data.batch_size // max(1, world_size))
+    unbudgeted = per_rank * max(1, longest)
+    budget = config.data.max_residues_per_batch
+    return min(unbudgeted, max(budget, longest)) if budget else unbudgeted
+
+
+def trial_footprint(config: Config, longest: int, world_size: int = 1) -> TrialFootprint:
+    """Peak training memory of one worker of a run of `config` over data whose longest protein is `longest`."""
+    from protopo_ray.model import footprint
+
+    positions = peak_padded_positions(config, longest, world_size)
+    estimate = footprint(config.model, batch_size=1, max_len=positions, dtype_bytes=4)
+    return TrialFootprint(padded_positions=positions, total_bytes=int(estimate.total_bytes))
