@@ -32,6 +32,8 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 CUDA_CONTEXT_BYTES = GIB // 2
 #: More trials than this on one GPU just time-slice the SMs; throughput per trial collapses.
 MAX_TRIALS_PER_GPU = 8
+#: A search stage takes the smallest GPU type that runs at least this share of the most concurrent trials any type could.
+SEARCH_CONCURRENCY_SHARE = 0.75
 #: A GC+LSTM worker's data path needs a few cores; the rest of a big node stays free for Ray Data tasks.
 MAX_CPUS_PER_GPU_WORKER = 8
 
@@ -121,10 +123,26 @@ def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
     return with_autoscaler_headroom(live, _node_types(path))
 
 
-def _node_types(path: Path) -> dict[str, dict[str, Any]]:
+def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
+    """The fully scaled-out cluster a Ray autoscaler YAML describes: the head plus `max_workers` of each type.
+
+    Only the declared `resources` count (the autoscaler's own instance-type detection is not reproduced), so
+    the project's cluster YAMLs declare CPU, GPU, accelerator type and GPU memory for every node type.
+    """
+    spec = _read_yaml(Path(path))
+    head = spec.get("available_node_types", {}).get(spec.get("head_node_type"), {})
+    return with_autoscaler_headroom([node_from_resources("head", head.get("resources", {}))], _node_types(Path(path)))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    spec = yaml.safe_load(path.read_text()) or {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _node_types(path: Path) -> dict[str, dict[str, Any]]:
+    """The worker node types of an autoscaler YAML (the head is up already, whatever its config says)."""
+    spec = _read_yaml(path)
     head = spec.get("head_node_type")
     return {name: node_type for name, node_type in spec.get("available_node_types", {}).items() if name != head}
 
@@ -136,13 +154,13 @@ def _signature(resources: dict[str, Any]) -> tuple:
 
 
 def with_autoscaler_headroom(live: list[NodeInventory], node_types: dict[str, dict[str, Any]]) -> Inventory:
-    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `pending:<type>-<i>`)."""
+    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `<type>-<i>`)."""
     nodes = list(live)
     for name, node_type in node_types.items():
         declared = node_type.get("resources", {})
         up = sum(1 for node in live if _signature(node.resources) == _signature(declared))
         for index in range(max(0, int(node_type.get("max_workers", 0)) - up)):
-            nodes.append(node_from_resources(f"pending:{name}-{index}", declared))
+            nodes.append(node_from_resources(f"{name}-{up + index}", declared))
     return Inventory(tuple(nodes))
 
 
@@ -220,8 +238,9 @@ def driver_resources(inventory: Inventory) -> dict[str, float]:
     return {"CPU": 0, "memory": DRIVER_MEMORY_BYTES}
 
 
-def _cap_by_drivers(concurrent: int, inventory: Inventory, notes: list[str]) -> int:
-    if inventory.driver_slots and concurrent > inventory.driver_slots:
+def _cap_by_drivers(concurrent: int, inventory: Inventory, notes: list[str], num_workers: int) -> int:
+    """Trials with several workers each need a driver slot; a one-worker trial runs in its own process (no driver)."""
+    if num_workers > 1 and inventory.driver_slots and concurrent > inventory.driver_slots:
         notes.append(f"concurrency capped at {inventory.driver_slots} by the '{DRIVER_RESOURCE}' resource")
         return inventory.driver_slots
     return concurrent
@@ -251,7 +270,7 @@ def _cpu_search(inventory: Inventory, footprint: int, num_trials: int, cpus_per_
     # Per node: a worker cannot straddle nodes, so fractional leftovers on each node are lost.
     slots = sum(math.floor(node.cpus / cpus_per_worker) for node in inventory.nodes)
     notes = ["no GPUs: one CPU worker per trial; trial drivers hold 0 CPU"]
-    concurrent = _cap_by_drivers(max(1, min(num_trials, slots)), inventory, notes)
+    concurrent = max(1, min(num_trials, slots))
     return StagePlan(kind="search", device="cpu", num_workers=1, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=0.0, accelerator_type="", trials_per_gpu=0, max_concurrent_trials=concurrent,
                      footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials)
@@ -306,14 +325,17 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
             notes.append(f"only {cpus_per_gpu:g} CPU per GPU: workers get {cpus_per_worker:g} CPU, data loading "
                          "may bound speed")
         slots = num_gpus * trials_per_gpu
-        concurrent = _cap_by_drivers(min(num_trials, slots), inventory, notes)
-        # Most concurrent trials wins; on a tie the smaller (cheaper) GPU, keeping big ones for promotion.
+        concurrent = min(num_trials, slots)
         candidates.append((concurrent, -min(m or 0 for m in memories), -trials_per_gpu, name, trials_per_gpu,
                            cpus_per_worker, notes, min(m or 0 for m in memories)))
     if not candidates:
         raise _too_big(footprint, inventory, memory_headroom)
 
-    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(candidates)
+    # The smallest (cheapest) GPUs that run at least SEARCH_CONCURRENCY_SHARE of the best concurrency win: search
+    # trials are small, and the big-GPU node stays free for promotion (and costs more by the hour).
+    best = max(c[0] for c in candidates)
+    eligible = [c for c in candidates if c[0] >= SEARCH_CONCURRENCY_SHARE * best]
+    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(eligible, key=lambda c: (c[1], c[0], c[2]))
     others = sorted(c[3] or "unknown" for c in candidates if c[3] != name) + [f"{s or 'unknown'} (too small)"
                                                                              for s in skipped]
     if others:
@@ -346,7 +368,7 @@ def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int, max_wo
     if max_workers and workers > max_workers:
         workers = max_workers
         notes.append(f"workers capped at {workers}: a global batch of {max_workers} proteins is split across them")
-    concurrent = _cap_by_drivers(concurrent, inventory, notes)
+    concurrent = _cap_by_drivers(concurrent, inventory, notes, workers)
     return StagePlan(kind="promotion", device="cpu", num_workers=workers, cpus_per_worker=1.0, gpus_per_worker=0.0,
                      accelerator_type="", trials_per_gpu=0, max_concurrent_trials=concurrent,
                      footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials)
@@ -399,7 +421,7 @@ def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: in
     others = sorted(other or "unknown" for other in groups if other != name)
     if others:
         notes.append(f"promotion pinned to {name or 'any GPU'} (most memory); idle this stage: {', '.join(others)}")
-    concurrent = _cap_by_drivers(concurrent, inventory, notes)
+    concurrent = _cap_by_drivers(concurrent, inventory, notes, workers)
     return StagePlan(kind="promotion", device="gpu", num_workers=workers, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=1.0, accelerator_type=name, trials_per_gpu=1, max_concurrent_trials=concurrent,
                      footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials, gpu_memory_bytes=memory,

@@ -128,12 +128,15 @@ def test_cpu_only_two_cores():
     assert promotion.max_concurrent_trials == 1
 
 
-def test_driver_resource_caps_concurrency():
-    head = node_from_resources("head", {"CPU": 0, "driver": 4})
+def test_driver_resource_caps_only_multi_worker_trials():
+    head = node_from_resources("head", {"CPU": 0, "driver": 1})
     inventory = Inventory((head, *h100_box().nodes))
-    assert head.is_driver_host and inventory.driver_slots == 4
-    plan = plan_search(inventory, SMALL, num_trials=36)
-    assert plan.max_concurrent_trials == 4
+    assert head.is_driver_host and inventory.driver_slots == 1
+    # One-worker search trials run in their own Tune process on the GPU node: no driver slot needed.
+    assert plan_search(inventory, SMALL, num_trials=36).max_concurrent_trials == 36
+    # DDP trials need a driver each: two 4-GPU promotions run one after the other.
+    plan = plan_promotion(inventory, GIB, num_trials=2)
+    assert (plan.num_workers, plan.max_concurrent_trials) == (4, 1)
     assert driver_resources(inventory) == {"CPU": 0, "driver": 1}
 
 

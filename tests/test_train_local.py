@@ -100,3 +100,18 @@ def test_bad_config_fails_before_training(smoke_shards, tmp_path, capsys, extra,
     assert run_local(smoke_shards, tmp_path, *extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs" / "local" / "metrics.jsonl").exists()
+
+
+def test_best_never_regresses_after_a_resume(smoke_shards, tmp_path):
+    # Two sane epochs, then a resume with an LR that wrecks the model: best/ stays an early epoch.
+    common = ["--set", "train.metric='val_loss'", "--set", "train.mode='min'"]
+    assert run_local(smoke_shards, tmp_path, "--set", "train.epochs=2", *common) == 0
+    best_dir = tmp_path / "runs" / "local" / "best"
+    before = json.loads((best_dir / "meta.json").read_text())
+    assert run_local(smoke_shards, tmp_path, "--resume", "--set", "train.epochs=4", "--set", "train.lr=50.0",
+                     "--set", "train.schedule='constant'", *common) == 0
+    losses = [json.loads(line)["val_loss"] for line in (tmp_path / "runs" / "local" / "metrics.jsonl").read_text().splitlines()]
+    after = json.loads((best_dir / "meta.json").read_text())
+    assert after["metrics"]["val_loss"] == pytest.approx(min(losses))
+    assert after["epoch"] == before["epoch"] or after["metrics"]["val_loss"] < before["metrics"]["val_loss"]
+    assert load_checkpoint(best_dir).best_value == pytest.approx(min(losses))

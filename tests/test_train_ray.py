@@ -87,3 +87,28 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, smoke_shards, t
     assert len(resumed) == 1
     # Restarted from the last checkpoint before the kill: at most the interrupted epoch was lost.
     assert resumed.pop() >= killed["after_epoch"]
+
+
+def test_continuation_from_one_worker_to_two_keeps_lr_and_best(ray_cluster, smoke_shards, tmp_path):
+    """A run searched on one worker continues on two: its linear schedule spans its own new budget (LR > 0 on
+    every epoch), it keeps the searched global batch (same steps per epoch), and best/ never regresses."""
+    from protopo_ray.runner import LocalSession, fit
+
+    config = train.resolve(train.build_parser().parse_args([
+        "--config", "experiments/smoke.toml", "--set", f"data.path='{smoke_shards}'", "--storage", str(tmp_path),
+        "--set", "name=searched", "--set", "train.epochs=2", "--set", "train.schedule='linear'",
+        "--set", "train.num_threads=1", "--set", "train.metric='val_loss'", "--set", "train.mode='min'"]))
+    fit(config, LocalSession(config))
+    searched = history(tmp_path / "searched")
+    start, _ = load_latest_valid(find_checkpoints(tmp_path / "searched"))
+    assert run(smoke_shards, tmp_path, "promoted", "--num-workers", "2", "--set", "train.epochs=6",
+               "--set", "train.schedule='linear'", "--set", f"train.init_checkpoint='{start}'",
+               "--set", "train.metric='val_loss'", "--set", "train.mode='min'") == 0
+    rows = history(tmp_path / "promoted")
+    assert [r["epoch"] for r in rows] == [3, 4, 5, 6]
+    assert all(r["train_lr"] > 0 for r in rows)  # the old step-count schedule put this at 0 from the start
+    assert rows[0]["train_lr"] > rows[-1]["train_lr"]
+    assert {r["train_steps"] for r in rows} == {searched[0]["train_steps"]}  # global batch kept on 2 ranks
+    best = json.loads((tmp_path / "promoted" / "best" / "meta.json").read_text())
+    seen = [searched[-1]["val_loss"]] + [r["val_loss"] for r in rows]
+    assert best["metrics"]["val_loss"] == pytest.approx(min(seen)) and best["best_value"] == pytest.approx(min(seen))
