@@ -320,3 +320,46 @@ _EXPERIMENT_KEYS = {"stages", "experiment"}
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as JSON (what the run actually used)."""
     Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def describe_keys(sections: tuple[str, ...] | None = None, width: int = 118) -> str:
+    """Every config key with its default and field docstring, for `--help` epilogs:
+    `  data.batch_size = 32    Proteins per batch (per worker).` (all sections, or only `sections`).
+
+    Field docstrings are not kept at run time (a string under a field is just an expression), so they are read
+    from this module's source with `ast`; slots dataclasses are fine, their fields come from `dataclasses.fields`.
+    """
+    import ast
+    import inspect
+    import sys
+    import textwrap
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields_doc = docs.setdefault(node.name, {})
+            for first, second in zip(node.body, node.body[1:]):
+                if (isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name)
+                        and isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant)
+                        and isinstance(second.value.value, str)):
+                    fields_doc[first.target.id] = " ".join(second.value.value.split())
+
+    def default(f: dataclasses.Field) -> str:
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return json.dumps(_to_plain(value)).replace(": ", " = ") if not isinstance(value, bool) else str(value).lower()
+
+    rows = [] if sections else [(f.name, default(f), docs["Config"].get(f.name, ""))
+                                 for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        if not sections or section in sections:
+            rows += [(f"{section}.{f.name}", default(f), docs[cls.__name__].get(f.name, ""))
+                     for f in dataclasses.fields(cls)]
+    left = max(len(f"{key} = {value}") for key, value, _ in rows) + 2
+    lines = ["config keys (TOML: [section] key = value; command line: --set section.key=value):"]
+    for key, value, doc in rows:
+        head = f"  {key} = {value}".ljust(left + 2)
+        wrapped = textwrap.wrap(doc, max(40, width - len(head))) or [""]
+        lines.append(head + wrapped[0])
+        lines += [" " * len(head) + more for more in wrapped[1:]]
+    return "\n".join(lines)

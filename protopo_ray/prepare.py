@@ -5,7 +5,8 @@
 
 Output is atomic: shards are written into `<out>.tmp-<pid>` beside `out` and renamed into place only when the
 manifest is written, so a crash never leaves a directory that looks complete, and `--overwrite` replaces an
-existing set only once the new one is finished. Exit codes: 0 ok, 2 bad input (message, no traceback).
+existing set only once the new one is finished. Exit codes: 0 ok, 2 bad input (message, no traceback), which
+includes a labels file without a single valid record.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protopo_ray import shards, synthetic
+from protopo_ray import shards, storage, synthetic
+from protopo_ray.config import Config, describe_keys, read_toml
 from protopo_ray.graphs import DEFAULT_K, build_graph
 from protopo_ray.records import ProteinRecord, RecordError, read_records
 from protopo_ray.structures import load_aligned_ca
@@ -211,7 +213,7 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
         raise FileNotFoundError(f"{labels_path}: labels file not found")
     if structures is not None and not Path(structures).is_dir():
         raise FileNotFoundError(f"{structures}: structures directory not found")
-    result = read_records(labels_path, skip_invalid=skip_invalid)
+    result = read_records(labels_path, skip_invalid=skip_invalid, allow_empty=False)
     summary = PrepareSummary(out=str(out), num_read=len(result.records) + len(result.skipped),
                              skipped=[str(error) for error in result.skipped])
     rows = _run_chunks(_record_rows, result.records, workers, (str(structures) if structures else None, k))
@@ -263,8 +265,51 @@ def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEF
     return out
 
 
+def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: int = DEFAULT_K) -> dict[str, Any]:
+    """The manifest of the shard set at `path`, preparing the embedded synthetic set there first when `path`
+    holds no shards and `synthetic` > 0 (an experiment's `[experiment] synthetic = N`, `seed`).
+
+    The one rule for every entry point (tune, train, predict). Without shards and with `synthetic` = 0 it
+    raises read_manifest's FileNotFoundError, which says what to run; a set of another kind already at `path`
+    is used as it is.
+    """
+    try:
+        return shards.read_manifest(path)
+    except FileNotFoundError:
+        if synthetic < 1:
+            raise
+    if storage.is_uri(path):
+        raise FileNotFoundError(f"{path}: no shards there, and the embedded synthetic set is generated into local "
+                                f"directories only; run `python -m protopo_ray.prepare --synthetic {synthetic} "
+                                f"--seed {seed} --out DIR`, upload DIR to {path}, or point data.path at DIR")
+    print(f"preparing the embedded synthetic set ({synthetic} proteins, seed {seed}) at {path}", flush=True)
+    ensure_synthetic(path, synthetic, seed, k)
+    return shards.read_manifest(path)
+
+
+def experiment_synthetic(config_file: str | os.PathLike | None) -> tuple[int, int]:
+    """(synthetic, seed) from a TOML's `[experiment]` table: how many synthetic proteins to generate into
+    data.path when it holds no shards (0 = never), and their seed. (0, 0) without a file or table."""
+    if not config_file:
+        return 0, 0
+    table = read_toml(config_file).get("experiment", {})
+    synthetic, seed = table.get("synthetic", 0), table.get("seed", 0)
+    for key, value in (("synthetic", synthetic), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{config_file}: [experiment] {key} must be an integer >= 0, got {value!r}")
+    return synthetic, seed
+
+
+def ensure_run_data(config: Config, config_file: str | os.PathLike | None) -> dict[str, Any]:
+    """`ensure_data` for a run config loaded from `config_file` (train): its data.path, its [experiment] table."""
+    return ensure_data(config.data.path, *experiment_synthetic(config_file))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protopo_ray.prepare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m protopo_ray.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="A run reads the shards through these [data] keys of its config (experiment TOML or --set):\n"
+               + describe_keys(("data",)).split("\n", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", type=Path, help="labels file: .3line, partitions .json or .fasta")
     source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic proteins instead")

@@ -153,7 +153,7 @@ class _Validator:
                     protein_id,
                     f"labels {_shown(labels)!r} make no protein type: they reach O/P without a signal peptide (S), "
                     f"TM helix (M) or beta strand (B)",
-                    "a GLOBULAR protein is all I; fix the labels or leave the record out",
+                    "A GLOBULAR protein is all I; fix the labels or leave the record out",
                 )
             if header_type and header_type != kind:
                 known = "" if header_type in PROTEIN_TYPES else f" (not one of {', '.join(PROTEIN_TYPES)})"
@@ -308,16 +308,34 @@ def read_fasta(path: str | Path, skip_invalid: bool = False) -> ReadResult:
     return check.result
 
 
+_EXPECTED = {read_3line: "3-line records ('>ID|TYPE' header, sequence line, label line)",
+             read_partitions_json: 'a JSON object of folds: {"cv0": [{"id": ..., "sequence": ..., "labels": ...}]}',
+             read_fasta: "FASTA records ('>ID' header, sequence lines)"}
 READERS = {".3line": read_3line, ".txt": read_3line, ".json": read_partitions_json,
            ".fasta": read_fasta, ".fa": read_fasta, ".faa": read_fasta}
 
 
-def read_records(path: str | Path, skip_invalid: bool = False) -> ReadResult:
-    """Read any supported file, choosing the format from the suffix (ignoring a trailing .gz)."""
+class NoRecordsError(ValueError):
+    """An input file without a single valid record: empty, only blank lines, or every record invalid."""
+
+
+def read_records(path: str | Path, skip_invalid: bool = False, *, allow_empty: bool = True) -> ReadResult:
+    """Read any supported file, choosing the format from the suffix (ignoring a trailing .gz).
+
+    With `allow_empty=False` a file that yields no valid record raises `NoRecordsError` naming the file
+    (prepare and predict: zero proteins is never what the user meant).
+    """
     path = Path(path)
     suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     reader = READERS.get(suffix.lower())
     if reader is None:
         raise RecordError(path, 0, None, f"unknown file type {suffix!r}",
                           f"use one of {', '.join(READERS)} (optionally .gz)")
-    return reader(path, skip_invalid=skip_invalid)
+    result = reader(path, skip_invalid=skip_invalid)
+    if not result.records and not allow_empty:
+        if result.skipped:
+            raise NoRecordsError(f"{path}: none of its {len(result.skipped)} record(s) is valid, so there is nothing "
+                                 f"to use; the first problem: {result.skipped[0]}")
+        raise NoRecordsError(f"{path}: no records (the file is empty or holds only blank lines); expected "
+                             f"{_EXPECTED[reader]}")
+    return result

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from protopo_ray import storage
 from protopo_ray.cluster import ray_init
-from protopo_ray.config import Config, load_config, parse_overrides, save_config
+from protopo_ray.config import Config, describe_keys, load_config, parse_overrides, save_config
+from protopo_ray.prepare import ensure_run_data
 from protopo_ray.runner import LocalSession, fit, validate_data
 from protopo_ray.trainer import build_trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m protopo_ray.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m protopo_ray.train", description=__doc__, epilog=describe_keys(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="TOML file with [data] [model] [train] [resources] sections")
     parser.add_argument("--local", action="store_true", help="run in this process, without Ray")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = resolve(args)
+        ensure_run_data(config, args.config)  # the config's [experiment] synthetic set, made when data.path is empty
         if args.local:
             validate_data(config)
             session = LocalSession(config, resume=args.resume)

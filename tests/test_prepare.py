@@ -149,3 +149,56 @@ def test_records_api_refuses_non_shard_directory(tmp_path, subset):
     with pytest.raises(OutputExists, match="not a complete shard set"):
         prepare_records(labels, out)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "text, skip, message",
+    [("", False, "no records (the file is empty"),
+     ("\n\n", True, "no records (the file is empty"),
+     (">A|SP\nMK\nZZ\n>B\nMK\nIO\n", True, "none of its 2 record(s) is valid"),
+     (">A|SP\nMK\nZZ\n", False, "bad.3line:3: record 'A'")],
+)
+def test_labels_without_a_valid_record_are_bad_input(tmp_path, capsys, text, skip, message):
+    labels = tmp_path / "bad.3line"
+    labels.write_text(text)
+    args = ["--labels", str(labels), "--out", str(tmp_path / "out")] + (["--skip-invalid"] if skip else [])
+    assert prepare.main(args) == 2
+    error = capsys.readouterr().err
+    assert message in error and str(labels) in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_ensure_data_prepares_the_synthetic_set_only_when_absent(tmp_path, capsys):
+    out = tmp_path / "syn"
+    manifest = prepare.ensure_data(out, synthetic=8, seed=1)
+    assert manifest["num_proteins"] == 8 and "preparing the embedded synthetic set (8 proteins, seed 1)" in (
+        capsys.readouterr().out)
+    assert prepare.ensure_data(out, synthetic=8, seed=1) == manifest and capsys.readouterr().out == ""
+    # A set already there is used as it is (a run pointed at real data keeps it), whatever synthetic says.
+    assert prepare.ensure_data(out, synthetic=50, seed=9)["num_proteins"] == 8
+
+
+def test_ensure_data_without_synthetic_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m protopo_ray.prepare"):
+        prepare.ensure_data(tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_experiment_synthetic_reads_the_experiment_table(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("name = 'x'\n[experiment]\nsynthetic = 60\nseed = 4\n[data]\npath = 'data/x'\n")
+    assert prepare.experiment_synthetic(path) == (60, 4)
+    assert prepare.experiment_synthetic(None) == (0, 0)
+    path.write_text("[data]\npath = 'data/x'\n")
+    assert prepare.experiment_synthetic(path) == (0, 0)
+    path.write_text("[experiment]\nsynthetic = 'many'\n")
+    with pytest.raises(ValueError, match="exp.toml: \\[experiment\\] synthetic must be an integer >= 0"):
+        prepare.experiment_synthetic(path)
+
+
+def test_help_lists_the_data_keys_with_their_docs(capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(["--help"])
+    out = capsys.readouterr().out
+    assert 'data.path = "data/synthetic"' in out and "Shard directory written by `protopo_ray.prepare`" in out
+    assert 'data.val_folds = ["val"]' in out and "model.lstm_size" not in out

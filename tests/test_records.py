@@ -47,7 +47,7 @@ def test_label_type_is_the_metrics_rule(labels, expected):
 def test_truth_labels_without_a_type_are_rejected(tmp_path, labels):
     error = raises(write(tmp_path, "x.3line", f">Q1\nACDE\n{labels}\n"))
     assert error.protein_id == "Q1" and error.where == 3 and "make no protein type" in str(error)
-    assert "GLOBULAR protein is all I" in str(error)
+    assert "A GLOBULAR protein is all I" in str(error)
 
 
 def test_read_3line_good(tmp_path):
