@@ -20,6 +20,7 @@ import tomllib
 from protopo_ray.alphabet import LABELS, PROTEIN_TYPES
 
 GC_OPERATORS = ("gcn", "graphconv", "cfconv")
+DECODERS = ("argmax", "viterbi", "crf")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -83,6 +84,16 @@ class ModelConfig:
     """Dropout between layers and before the head."""
     aa_embed_dim: int = 32
     """Size of the learned amino-acid embedding."""
+    decoder: str = "argmax"
+    """argmax (per residue), viterbi (topology grammar over the softmax, fixed moves) or crf (learned grammar CRF)."""
+    entry_penalty: float = 0.0
+    """decoder = viterbi: log-score cost of entering an M or B segment (tune it on the validation fold)."""
+    feature_hydropathy: bool = False
+    """Add Kyte-Doolittle hydropathy and its 7- and 19-residue window means to the residue inputs."""
+    feature_charge: bool = False
+    """Add residue charge (K, R +1; D, E -1) and its 15-residue window mean to the residue inputs."""
+    feature_blosum: bool = False
+    """Add the residue's BLOSUM62 row (20 values) to the residue inputs."""
 
     def __post_init__(self) -> None:
         _check(self.gc_size >= 1, f"model.gc_size must be >= 1, got {self.gc_size}")
@@ -92,6 +103,9 @@ class ModelConfig:
         _check(self.lstm_layers >= 1, f"model.lstm_layers must be >= 1, got {self.lstm_layers}")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         _check(self.aa_embed_dim >= 1, f"model.aa_embed_dim must be >= 1, got {self.aa_embed_dim}")
+        _check(self.decoder in DECODERS, f"model.decoder must be one of {DECODERS}, got {self.decoder!r}")
+        _check(self.entry_penalty >= 0 and math.isfinite(self.entry_penalty),
+               f"model.entry_penalty must be a finite number >= 0, got {self.entry_penalty}")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

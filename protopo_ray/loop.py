@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from protopo_ray.alphabet import IGNORE_LABEL, LABEL_INDEX, LABELS, NUM_LABELS
+from protopo_ray.checkpoint import unwrap
 from protopo_ray.config import TrainConfig
 from protopo_ray.metrics import ProteinResult, protein_result
 
@@ -160,7 +161,8 @@ def train_epoch(
         batch = batch.to(device, non_blocking=True)
         with _autocast(device, cfg.bf16):
             logits = model(batch)
-        loss = loss_fn(logits.float(), batch.y)
+        # through the (DDP) wrapper for the forward, the bare model for the loss its decoder calls for (CE or CRF NLL)
+        loss = unwrap(model).loss(batch, logits, loss_fn)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # clip_grad_norm_ returns the norm before clipping: exactly the spike statistic the seed watched.
@@ -188,18 +190,22 @@ def train_epoch(
 
 @torch.no_grad()
 def predict_labels(model: nn.Module, batches: Iterable, device: torch.device, bf16: bool = False) -> Iterator:
-    """Yield (protein_id, sequence, true_labels or "", predicted_labels, loss_sum, residues) per batch."""
+    """Yield (protein_id, sequence, true_labels or "", predicted_labels, loss_sum, residues) per batch.
+
+    Labels are decoded by the model (`TopologyModel.decode`); the loss is its unweighted training loss summed
+    (cross-entropy, or the CRF's NLL), so val_loss of a CRF model is its NLL per residue.
+    """
     model.eval()
     letters = np.array(list(LABELS))
     for batch in batches:
         batch = batch.to(device)
         with _autocast(device, bf16):
             logits = model(batch).float()
-        pred = logits.argmax(dim=-1).cpu().numpy()
+        core = unwrap(model)
+        pred = core.decode(batch, logits).cpu().numpy()  # argmax or grammar Viterbi, as model.decoder says
         y = batch.y.cpu().numpy()
         labelled = y != IGNORE_LABEL
-        loss_sum = float(nn.functional.cross_entropy(logits[torch.from_numpy(labelled).to(device)],
-                                                     batch.y[batch.y != IGNORE_LABEL], reduction="sum")) if labelled.any() else 0.0
+        loss_sum = float(core.loss(batch, logits, reduction="sum")) if labelled.any() else 0.0
         ptr = batch.ptr.cpu().numpy()
         out = []
         for i in range(int(batch.num_graphs)):

@@ -1,7 +1,10 @@
 """Topology model: residue-graph convolutions -> LayerNorm -> (bi)LSTM along the chain -> per-residue classifier.
 
 Pure torch + torch_geometric (no Ray, no torch-scatter / torch-sparse / pyg-lib). The contract is
-`TopologyModel(cfg)(batch) -> logits [N, NUM_LABELS]`, flat and aligned with `batch.y`.
+`TopologyModel(cfg)(batch) -> logits [N, NUM_LABELS]`, flat and aligned with `batch.y`; what is trained and how
+labels are read off those logits follows `cfg.decoder`: `model.loss(batch, logits, loss_fn)` (cross-entropy, or
+the grammar CRF's NLL) and `model.decode(batch, logits) -> label indices [N]` (argmax, Viterbi over the
+softmax with fixed moves, or the CRF's Viterbi). The training loop and every consumer call only these.
 
 The LSTM runs on right-padded tensors, never on PackedSequence: packing was ~11x slower on CPU (DESIGN.md,
 re-measured by tools/bench_model.py). Padding stays exact because the forward direction only ever reads real
@@ -18,8 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import GCNConv, GraphConv, MessagePassing
 
-from protopo_ray.alphabet import NUM_AA_TOKENS, NUM_LABELS
+from protopo_ray.alphabet import IGNORE_LABEL, NUM_AA_TOKENS, NUM_LABELS
 from protopo_ray.config import ModelConfig
+from protopo_ray.crf import CRF
+from protopo_ray.features import SequenceFeatures, feature_groups, num_features
+from protopo_ray.grammar import default_grammar
 from protopo_ray.graphs import DEFAULT_K, EDGE_FEATURES, NODE_FEATURES
 
 NUM_NODE_FEATURES = len(NODE_FEATURES)
@@ -140,7 +146,9 @@ class TopologyModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.aa_embedding = nn.Embedding(NUM_AA_TOKENS, cfg.aa_embed_dim)
-        self.input_proj = nn.Linear(cfg.aa_embed_dim + NUM_NODE_FEATURES, cfg.gc_size)
+        groups = feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum)
+        self.features = SequenceFeatures(groups) if groups else None
+        self.input_proj = nn.Linear(cfg.aa_embed_dim + NUM_NODE_FEATURES + num_features(groups), cfg.gc_size)
         self.gc_blocks = nn.ModuleList(
             GraphBlock(cfg.gc_operator, cfg.gc_size, cfg.dropout) for _ in range(cfg.gc_layers)
         )
@@ -148,6 +156,13 @@ class TopologyModel(nn.Module):
         self.lstm = ChainLSTM(cfg.gc_size, cfg.lstm_size, cfg.lstm_layers, cfg.bidirectional, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.lstm.output_size, NUM_LABELS)
+        # crf: learned transition scores (in the state dict); viterbi: fixed ones (not saved, so any checkpoint
+        # trained with cross-entropy can be decoded with the grammar by changing model.decoder)
+        self.crf = None
+        if cfg.decoder == "crf":
+            self.crf = CRF(default_grammar())
+        elif cfg.decoder == "viterbi":
+            self.crf = CRF.fixed(default_grammar(), cfg.entry_penalty)
 
     def forward(
         self,
@@ -170,7 +185,10 @@ class TopologyModel(nn.Module):
             counts = torch.bincount(batch_vec)
             ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
-        h = self.input_proj(torch.cat([self.aa_embedding(aa), x], dim=-1))
+        inputs = [self.aa_embedding(aa), x]
+        if self.features is not None:
+            inputs.append(self.features(aa, ptr, batch_vec).to(x.dtype))
+        h = self.input_proj(torch.cat(inputs, dim=-1))
         for block in self.gc_blocks:
             h = block(h, edge_index, edge_attr)
         h = self.norm(h)
@@ -183,6 +201,64 @@ class TopologyModel(nn.Module):
         padded[batch_vec, position] = h
         out = self.lstm(padded, lengths)[batch_vec, position]
         return self.head(self.dropout(out))
+
+    def loss(self, batch, logits: Tensor, loss_fn: nn.Module | None = None, reduction: str = "mean") -> Tensor:
+        """Training loss of `logits` (this model's output for `batch`) against `batch.y`.
+
+        decoder = crf: the CRF's NLL per protein (proteins whose labels the grammar rejects are left out), summed,
+        or divided by the labelled residues of the proteins kept (the same per-residue scale as cross-entropy).
+        Otherwise `loss_fn` (the run's CrossEntropyLoss, label weights and smoothing included), or plain
+        cross-entropy when none is given.
+        """
+        labelled = batch.y != IGNORE_LABEL
+        if self.cfg.decoder != "crf":
+            if loss_fn is None:
+                loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction=reduction)
+                return loss_fn(logits.float(), batch.y)
+            loss = loss_fn(logits.float(), batch.y)
+            return loss * labelled.sum() if reduction == "sum" else loss
+        emissions, lengths, index = pad_by_protein(logits, batch)
+        labels = batch.y.new_full(emissions.shape[:2], IGNORE_LABEL)
+        labels[index] = batch.y
+        nll, accepted = self.crf.nll(emissions, lengths, labels)
+        if reduction == "sum":
+            return nll.sum()
+        residues = torch.bincount(index[0][labelled], minlength=lengths.numel())
+        return nll.sum() / (residues * accepted).sum().clamp_min(1)
+
+    @torch.no_grad()
+    def decode(self, batch, logits: Tensor) -> Tensor:
+        """Predicted label indices [N] (flat, like `batch.y`) from this model's `logits` for `batch`."""
+        if self.crf is None:
+            return logits.argmax(dim=-1)
+        emissions = logits.float() if self.cfg.decoder == "crf" else logits.float().log_softmax(-1)
+        padded, lengths, index = pad_by_protein(emissions, batch)
+        return self.crf.decode(padded, lengths)[index]
+
+    @torch.no_grad()
+    def label_posteriors(self, batch, logits: Tensor) -> Tensor:
+        """Per-residue label probabilities [N, NUM_LABELS]: the CRF's marginals, else the softmax (for ensembles)."""
+        if self.cfg.decoder != "crf":
+            return logits.float().softmax(-1)
+        padded, lengths, index = pad_by_protein(logits.float(), batch)
+        return self.crf.marginals(padded, lengths)[index]
+
+
+def pad_by_protein(values: Tensor, batch) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Flat per-residue `values` [N, C] -> right-padded [B, T, C], lengths [B], and the (row, position) index
+    that maps padded back to flat (`padded[index]` is `values`)."""
+    ptr = getattr(batch, "ptr", None)
+    batch_vec = getattr(batch, "batch", None)
+    if batch_vec is None:
+        batch_vec = torch.zeros(values.size(0), dtype=torch.long, device=values.device)
+    if ptr is None:
+        counts = torch.bincount(batch_vec)
+        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    lengths = ptr[1:] - ptr[:-1]
+    position = torch.arange(values.size(0), device=values.device) - ptr[batch_vec]
+    padded = values.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, values.size(-1))
+    padded[batch_vec, position] = values
+    return padded, lengths, (batch_vec, position)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -249,6 +325,14 @@ def _activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K) -> in
         # input width too (measured ~16.4 H + 0.7-5 x in); between layers the dropout output and mask
         n += directions * (5 * in_size + 16 * hdim) + (2 * in_size if layer > 0 else 0)
     n += 3 * hdim * directions + 3 * NUM_LABELS  # gathered flat output, dropout, head input / logits / softmax
+    if cfg.decoder == "crf":
+        # the CRF's scaled forward pass, run twice (all paths, true-label paths): per step and state the gathered
+        # predecessors and their weighted copies (K each), the step sum, emission product and normalised alpha
+        grammar = default_grammar()
+        indegree = max(sum(1 for _, b in grammar.edges if b == s) for s in range(grammar.num_states))
+        n += 2 * grammar.num_states * (2 * indegree + 3)
+    if cfg.feature_hydropathy or cfg.feature_charge or cfg.feature_blosum:
+        n += num_features(feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum))
     return n
 
 

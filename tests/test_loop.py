@@ -87,3 +87,25 @@ def test_prefetch_surfaces_errors():
 
     with pytest.raises(RuntimeError, match="collate failed"):
         list(loop.prefetch(broken, [[0]]))
+
+
+def test_crf_loss_falls_and_validation_decodes_with_viterbi(smoke_shards):
+    config, table, _, _, _ = small_setup(smoke_shards)
+    config = config.replace({"model.decoder": "crf", "model.feature_hydropathy": True})
+    torch.manual_seed(0)
+    model = TopologyModel(config.model)
+    optimizer = loop.build_optimizer(model, config.train)
+    scheduler = loop.build_scheduler(optimizer, config.train, 10)
+    losses = []
+    for epoch in range(3):
+        plan = batching.plan_batches(table.column("length").to_numpy(), 8, epoch=epoch)
+        batches = (collate.table_to_batch(table.take(idx)) for idx in plan)
+        stats = loop.train_epoch(model, batches, optimizer, scheduler, loop.build_loss(config.train), config.train,
+                                 torch.device("cpu"))
+        losses.append(stats.loss)
+    assert losses[-1] < losses[0]
+    plan = batching.eval_batches(table.column("length").to_numpy(), 8)
+    loss_sum, residues, results = loop.evaluate(model, (collate.table_to_batch(table.take(i)) for i in plan),
+                                                torch.device("cpu"))
+    assert len(results) == table.num_rows and residues > 0 and loss_sum > 0
+    assert all(r.pred_type != "INVALID" for r in results)  # Viterbi over the grammar never yields an invalid type

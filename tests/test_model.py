@@ -172,3 +172,61 @@ def test_footprint_is_monotone_in_batch_and_length_and_direction():
 def test_footprint_rejects_empty_batches():
     with pytest.raises(ValueError, match="batch_size"):
         footprint(ModelConfig(), 0, 100)
+
+
+# --- decoders and sequence features -------------------------------------------------------------------------
+
+FEATURED = dataclasses.replace(SMALL, feature_hydropathy=True, feature_charge=True, feature_blosum=True)
+
+
+def test_features_widen_only_the_input_projection():
+    plain, featured = build(SMALL), build(FEATURED)
+    assert featured.input_proj.in_features == plain.input_proj.in_features + 25
+    assert count_parameters(featured) - count_parameters(plain) == 25 * SMALL.gc_size
+
+
+def test_crf_model_loss_and_decode_follow_the_grammar():
+    from protopo_ray.alphabet import LABELS, encode_labels
+    from protopo_ray.grammar import default_grammar
+
+    cfg = dataclasses.replace(FEATURED, decoder="crf")
+    model = build(cfg)
+    proteins = [protein(40, 0), protein(25, 1)]
+    proteins[0].y = torch.tensor(encode_labels("I" * 10 + "M" * 20 + "O" * 10))
+    proteins[1].y = torch.tensor(encode_labels("I" * 25))
+    batch = Batch.from_data_list(proteins)
+    logits = model(batch)
+    loss = model.loss(batch, logits)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert model.crf.edge_scores.grad.abs().sum() > 0
+    assert float(model.loss(batch, logits, reduction="sum")) == pytest.approx(float(loss) * 65, rel=1e-5)
+    model.eval()
+    decoded = model.decode(batch, model(batch))
+    assert decoded.shape == (65,)
+    grammar = default_grammar()
+    for lo, hi in ((0, 40), (40, 65)):
+        assert grammar.accepts("".join(LABELS[i] for i in decoded[lo:hi].tolist()))
+    # a protein decodes to the same labels alone as in a padded batch
+    alone = Batch.from_data_list([proteins[1]])
+    assert torch.equal(model.decode(alone, model(alone)), decoded[40:])
+    assert torch.allclose(model.label_posteriors(batch, model(batch)).sum(-1), torch.ones(65), atol=1e-4)
+
+
+def test_an_argmax_checkpoint_decodes_with_the_grammar():
+    trained = build(SMALL)
+    viterbi = TopologyModel(dataclasses.replace(SMALL, decoder="viterbi", entry_penalty=2.0))
+    viterbi.load_state_dict(trained.state_dict())  # fixed transitions are not part of the state
+    batch = Batch.from_data_list([protein(30, 3)])
+    logits = viterbi.eval()(batch)
+    assert torch.equal(trained.eval().decode(batch, logits), logits.argmax(-1))
+    assert viterbi.decode(batch, logits).shape == (30,)
+    assert float(viterbi.loss(batch, logits)) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, batch.y)), rel=1e-6)
+
+
+def test_crf_footprint_is_a_small_addition():
+    base = footprint(SMALL, 8, 500)
+    crf = footprint(dataclasses.replace(SMALL, decoder="crf"), 8, 500)
+    assert base.total_bytes < crf.total_bytes
+    assert crf.num_parameters - base.num_parameters < 1000
