@@ -27,13 +27,16 @@ from protopo_ray.alphabet import INVALID_TYPE, LABELS, PROTEIN_TYPES, protein_ty
 #: Short key suffix for each protein type, as used in metric names (topo_tm, type_sptm, n_glob, ...).
 TYPE_KEYS = {"TM": "tm", "SP+TM": "sptm", "SP": "sp", "GLOBULAR": "glob", "BETA": "beta"}
 
-#: The 13 metric keys, in report order; `protein_metrics` also returns the n_* counts.
+#: The 14 metric keys, in report order; `protein_metrics` also returns the n_* counts. topo_mean (per-type topology
+#: accuracy averaged over the types present) weighs the rare membrane types like the common ones, which
+#: overlap_acc (dominated by 400 globular proteins per fold) does not: a search metric for what users care about.
 METRIC_KEYS = (
     *(f"topo_{k}" for k in TYPE_KEYS.values()),
     *(f"type_{k}" for k in TYPE_KEYS.values()),
     "type_acc",
     "overlap_acc",
     "residue_acc",
+    "topo_mean",
 )
 
 #: Minimum overlap (residues) between a true and a predicted segment for the topology to match.
@@ -162,6 +165,8 @@ def aggregate(results: Iterable[ProteinResult]) -> dict[str, float]:
     metrics["type_acc"] = sum(present) / len(present) if present else math.nan
     metrics["overlap_acc"] = _share(num_matches, num_proteins)
     metrics["residue_acc"] = _share(num_correct, num_residues)
+    present_topo = [metrics[f"topo_{k}"] for t, k in TYPE_KEYS.items() if count[t]]
+    metrics["topo_mean"] = sum(present_topo) / len(present_topo) if present_topo else math.nan
     for t, k in TYPE_KEYS.items():
         metrics[f"n_{k}"] = count[t]
     metrics["n_proteins"] = num_proteins

@@ -58,7 +58,7 @@ def test_metric_keys_order():
     assert METRIC_KEYS == (
         "topo_tm", "topo_sptm", "topo_sp", "topo_glob", "topo_beta",
         "type_tm", "type_sptm", "type_sp", "type_glob", "type_beta",
-        "type_acc", "overlap_acc", "residue_acc",
+        "type_acc", "overlap_acc", "residue_acc", "topo_mean",
     )  # fmt: skip
     assert list(TYPE_KEYS) == ["TM", "SP+TM", "SP", "GLOBULAR", "BETA"]
 
@@ -66,7 +66,7 @@ def test_metric_keys_order():
 def test_perfect_prediction():
     m = protein_metrics([TM_ONE, TM_TWO, "SSSSSSOOOO", "IIII"], [TM_ONE, TM_TWO, "SSSSSSOOOO", "IIII"])
     assert m["topo_tm"] == m["type_tm"] == m["topo_sp"] == m["topo_glob"] == 1.0
-    assert m["type_acc"] == m["overlap_acc"] == m["residue_acc"] == 1.0
+    assert m["type_acc"] == m["overlap_acc"] == m["residue_acc"] == m["topo_mean"] == 1.0
     assert (m["n_tm"], m["n_sp"], m["n_glob"], m["n_proteins"], m["n_residues"]) == (2, 1, 1, 4, 49)
     assert _absent(m, "sptm", "beta")
 
@@ -215,3 +215,9 @@ def test_aggregate_of_split_lists_equals_whole():
 def test_protein_result_fields():
     r = protein_result(TM_ONE, "IIIIIIMMMMMMOOO")
     assert r == ProteinResult("TM", "TM", True, 13, 15)
+
+
+def test_topo_mean_averages_the_present_types():
+    m = protein_metrics([TM_ONE, "IIII", "IIII"], ["IIIIIIIIIIIIIII", "IIII", "OOOO"])
+    assert m["topo_tm"] == 0.0 and m["topo_glob"] == 0.5
+    assert m["topo_mean"] == pytest.approx(0.25)  # SP+TM, SP and BETA are absent, not zero
