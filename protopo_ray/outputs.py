@@ -158,6 +158,7 @@ def plot_prediction(path: str | Path, prediction: Prediction) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     p = prediction
     length = len(p.sequence)
@@ -190,6 +191,7 @@ def plot_prediction(path: str | Path, prediction: Prediction) -> Path:
         curves.plot(x, p.probabilities[:, LABELS.index(letter)], color=LABEL_COLORS[letter], lw=1.3,
                     label=LABEL_NAMES[letter])
     curves.set_xlim(0.5, length + 0.5)
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))  # residues: no 1.5 on short proteins
     curves.set_ylim(-0.02, 1.02)
     curves.set_ylabel("probability")
     curves.set_xlabel("residue")
