@@ -184,11 +184,12 @@ def test_summary_tsv(tmp_path):
 
 
 def test_write_outputs_with_plots_gives_valid_pngs(tmp_path):
-    written = write_outputs(tmp_path / "out", PREDICTIONS, plots=True)
+    chosen = [PREDICTIONS[1], PREDICTIONS[4]]  # signal, helix, barrel strands, periplasm: every drawing path
+    written = write_outputs(tmp_path / "out", chosen, plots=True)
     assert {name: path.name for name, path in written.items()} == {
         "3line": "predicted.3line", "gff3": "predicted.gff3", "summary": "summary.tsv", "plots": "plots"}
     pngs = sorted(p.name for p in (tmp_path / "out" / "plots").iterdir())
-    assert pngs == sorted(f"{p.id}.png" for p in PREDICTIONS)
+    assert pngs == ["BETA1.png", "SPTM1.png"]
     from PIL import Image
 
     for name in pngs:
