@@ -348,8 +348,11 @@ def describe_keys(sections: tuple[str, ...] | None = None, width: int = 118) -> 
     import sys
     import textwrap
 
-    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    docs: dict[str, dict[str, str]] = {}
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    except (OSError, TypeError):  # no source shipped (a zipped or compiled install): keys and defaults only
+        tree = ast.Module(body=[], type_ignores=[])
+    docs: dict[str, dict[str, str]] = {name: {} for name in ("Config", *(c.__name__ for c in SECTIONS.values()))}
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             fields_doc = docs.setdefault(node.name, {})
