@@ -40,9 +40,10 @@ class DataConfig:
     test_folds: tuple[str, ...] = ("test",)
     """Held-out folds, evaluated once at the end of a search."""
     batch_size: int = 32
-    """Proteins per batch (per worker)."""
+    """Proteins per batch: the global batch, split across DDP workers (each takes its 1/N of every batch)."""
     max_residues_per_batch: int = 0
-    """Optional residue budget per batch: a batch closes early when it would exceed it (0 = no budget)."""
+    """Optional residue budget (proteins x padded length) per worker's slice of a batch: a batch closes early
+    when a slice would exceed it (0 = no budget). Bounds the trial's GPU memory (`footprint`)."""
     bucket_batches: int = 16
     """Length bucketing: proteins are sorted by length inside windows of this many batches (1 = random)."""
     type_weights: dict[str, float] = field(default_factory=dict)

@@ -66,9 +66,11 @@ class EpochSchedule:
         self._apply()
 
     def step(self) -> None:
-        """Called after each optimiser step: the next step's LR."""
-        self.step_in_epoch += 1
-        self._apply()
+        """Called after each optimiser step: the next step's LR (after an epoch's last step the LR stays the one
+        that step used, so what an epoch reports as its LR is one it trained with; `start_epoch` moves on)."""
+        if self.step_in_epoch + 1 < self.steps_per_epoch:
+            self.step_in_epoch += 1
+            self._apply()
 
     def _apply(self) -> None:
         factor = self.factor_at(self.progress)

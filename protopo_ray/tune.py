@@ -32,8 +32,11 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from protopo_ray.config import describe_keys
+
     parser = argparse.ArgumentParser(prog="python -m protopo_ray.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="base config keys (--set KEY=VALUE):\n" + describe_keys())
     parser.add_argument("experiment", nargs="?", help="experiment TOML (default: experiments/default.toml)")
     parser.add_argument("--data", help="shard directory (overrides data.path)")
     parser.add_argument("--storage", help="where the experiment goes (overrides resources.storage)")
@@ -122,21 +125,6 @@ def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str
     return rows
 
 
-def ensure_data(experiment: Experiment) -> None:
-    from protopo_ray.shards import read_manifest
-
-    path = experiment.base.data.path
-    try:
-        read_manifest(path)
-    except FileNotFoundError:
-        if not experiment.synthetic:
-            raise
-        from protopo_ray.prepare import ensure_synthetic
-
-        print(f"preparing the embedded synthetic set ({experiment.synthetic} proteins) at {path}", flush=True)
-        ensure_synthetic(path, experiment.synthetic, experiment.seed)
-
-
 def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri: str, exp_dir: Path,
               cluster_file: str | None, longest: int, records: dict[str, stages.StageRecord], resume: bool,
               use_wandb: bool) -> stages.StageRecord:
@@ -221,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         if storage.exists(storage.join(exp_uri, "experiment.json")) and not (args.resume or args.dry_run or args.stages):
             raise FileExistsError(f"{exp_dir} holds an experiment already; --resume continues it, "
                                   f"--set name=... starts another")
-        ensure_data(experiment)
+        from protopo_ray.prepare import ensure_data
+
+        ensure_data(experiment.base.data.path, experiment.synthetic, experiment.seed)
         from protopo_ray.runner import validate_data
 
         validate_data(experiment.base)

@@ -199,3 +199,21 @@ def test_read_inventory_from_local_ray(logical_a10g_cluster):
     # 2 CPUs for 4 GPUs: every GPU gets one trial with half a CPU rather than leaving two GPUs idle.
     assert (plan.accelerator_type, plan.trials_per_gpu, plan.gpus_per_worker) == ("A10G", 1, 1.0)
     assert (plan.cpus_per_worker, plan.max_concurrent_trials) == (0.5, 4)
+
+
+def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
+    """`ray up` starts only a CPU-0 head: the plan must come from the node types the autoscaler can start."""
+    from pathlib import Path
+
+    from protopo_ray.hardware import _node_types, with_autoscaler_headroom
+
+    yaml_path = Path(__file__).resolve().parents[1] / "cluster.yaml"
+    head = node_from_resources("head-live", {"CPU": 0, "driver": 32, "memory": 30 * GIB, "node:__internal_head__": 1})
+    inventory = with_autoscaler_headroom([head], _node_types(yaml_path))
+    assert inventory.total_gpus == 4 * 1 + 8
+    plan = plan_search(inventory, SMALL, num_trials=36)
+    assert (plan.device, plan.accelerator_type, plan.trials_per_gpu) == ("gpu", "A10G", 8)
+    # A search node already up counts once: the autoscaler may start only the rest.
+    up = node_from_resources("live-g5", {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1, "gpu_memory_gb": 24,
+                                         "memory": 30 * GIB, "node:10.0.0.5": 1})
+    assert with_autoscaler_headroom([head, up], _node_types(yaml_path)).total_gpus == 4 + 8

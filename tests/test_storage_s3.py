@@ -77,7 +77,7 @@ def s3_server(tmp_path):
         from pyarrow import fs as pafs
 
         s3 = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1")
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
         s3.create_dir("protopo")
         yield env, s3
     finally:
