@@ -32,8 +32,6 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 CUDA_CONTEXT_BYTES = GIB // 2
 #: More trials than this on one GPU just time-slice the SMs; throughput per trial collapses.
 MAX_TRIALS_PER_GPU = 8
-#: A search stage takes the smallest GPU type that runs at least this share of the most concurrent trials any type could.
-SEARCH_CONCURRENCY_SHARE = 0.75
 #: A GC+LSTM worker's data path needs a few cores; the rest of a big node stays free for Ray Data tasks.
 MAX_CPUS_PER_GPU_WORKER = 8
 
@@ -331,11 +329,10 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
     if not candidates:
         raise _too_big(footprint, inventory, memory_headroom)
 
-    # The smallest (cheapest) GPUs that run at least SEARCH_CONCURRENCY_SHARE of the best concurrency win: search
-    # trials are small, and the big-GPU node stays free for promotion (and costs more by the hour).
-    best = max(c[0] for c in candidates)
-    eligible = [c for c in candidates if c[0] >= SEARCH_CONCURRENCY_SHARE * best]
-    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(eligible, key=lambda c: (c[1], c[0], c[2]))
+    # Search on the smallest GPUs every config of the stage fits, promotion on the biggest (plan_promotion): the
+    # small pool is the cheap (spot) one, and the big-GPU nodes stay free for promoted runs. Among types of
+    # the same memory, the most concurrent trials.
+    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(candidates, key=lambda c: (c[1], c[0], c[2]))
     others = sorted(c[3] or "unknown" for c in candidates if c[3] != name) + [f"{s or 'unknown'} (too small)"
                                                                              for s in skipped]
     if others:
