@@ -3,12 +3,13 @@
     .venv/bin/python -m tools.bench_footprint            # CPU: peak resident memory of one step, per config
     .venv/bin/python -m tools.bench_footprint --cuda     # on a GPU machine: torch.cuda.max_memory_allocated
 
-Each config runs in a fresh process: model, AdamW and one batch are built, then the peak is reset and one full
-training step (forward, loss, backward, clip, AdamW step, which creates the moment buffers) runs. On the CPU the
+Each config runs in a fresh process: model, AdamW and one batch are built and one training step is taken (it
+creates AdamW's moments); then the peak is reset and a second, steady-state step (forward, loss, backward, clip,
+AdamW step) is measured. On the CPU the
 peak is the process's high-water mark of resident memory (VmHWM, reset through /proc/self/clear_refs) with
 glibc's mmap threshold lowered so freed tensors go back to the OS at once; the weights were resident before the
-reset, so the measured figure is compared with the estimate less the weights. On CUDA the peak of allocated
-bytes (the caching allocator's view) is compared with the whole estimate.
+reset, so they (and AdamW's two moments) are added back. On CUDA the peak of allocated bytes (the caching
+allocator's view, weights and moments included) is the figure.
 """
 
 from __future__ import annotations
@@ -59,24 +60,31 @@ def rss_bytes():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 
+def step():
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        logits = model(batch)
+    loss = loss_fn(logits.float(), batch.y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
+    optimizer.step()
+
+step()  # the first step creates AdamW's moments; every later step is the steady state measured here
+optimizer.zero_grad(set_to_none=True)
 if device == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
 else:
     base = rss_bytes()
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-    logits = model(batch)
-loss = loss_fn(logits.float(), batch.y)
-optimizer.zero_grad(set_to_none=True)
-loss.backward()
-torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-optimizer.step()
+step()
 if device == "cuda":
     torch.cuda.synchronize()
-    measured = torch.cuda.max_memory_allocated() - base + weights  # weights were allocated before the reset
+    measured = torch.cuda.max_memory_allocated()  # weights and AdamW moments included (allocated before)
 else:
-    measured = hwm_bytes() - base + weights
+    # resident before the reset: the interpreter, torch, the weights, AdamW's moments and the batch; the
+    # step adds gradients and activations. The weights and moments count toward the training footprint.
+    measured = hwm_bytes() - base + 3 * weights
 print(json.dumps({"estimate": estimate.total_bytes, "measured": measured, "weights": weights,
                   "positions": estimate.padded_positions}))
 """
