@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from protopo_ray.config import Config
 
-
 #: Measured / analytic activation bytes of a steady-state training step (tools/bench_footprint.py, CPU, peak
 #: resident memory, five configs over both operators, 1-4 LSTM layers, GC 64-512, LSTM 128-512): 0.36-0.52. The
 #: analytic count (model.footprint) sums every tensor autograd saves as if all were alive at once; at the peak
