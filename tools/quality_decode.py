@@ -1,0 +1,149 @@
+"""Quality figures of the decoding modes on the test fold, from the runs of experiments/deeptmhmm_crf.toml.
+
+    .venv/bin/python -m tools.quality_decode [--crf runs/deeptmhmm_crf] [--ce runs/deeptmhmm_crf_twin_ce]
+        [--out benchmarks/quality_crf.json] [--rank]
+
+Rows (each from a run's `best/` checkpoint, chosen by its own validation metric; nothing is tuned on the test fold):
+- CE twin, argmax;  CE twin, decode-only grammar Viterbi with the entry penalty that maximises val topo_mean (cv1);
+- CRF run, CRF Viterbi;  CRF run, argmax over its emissions (what the CRF head adds to the encoder);
+- ensemble of the two (mean label posteriors, grammar Viterbi, entry penalty tuned on cv1; `protopo_ray.ensemble`).
+Decoding is timed on the test fold. With --rank every kept epoch checkpoint of both runs is scored on the test fold
+too, to measure whether val_topo_mean or val_loss picks the better checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protopo_ray import batching, runner, shards
+from protopo_ray.alphabet import IGNORE_LABEL, LABELS
+from protopo_ray.checkpoint import checkpoint_epoch, find_checkpoints
+from protopo_ray.crf import CRF
+from protopo_ray.ensemble import Ensemble, load_model
+from protopo_ray.grammar import default_grammar
+from protopo_ray.metrics import aggregate, protein_result
+from protopo_ray.model import pad_by_protein
+
+PENALTIES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+LETTERS = np.array(list(LABELS))
+
+
+def split_batches(config, split: str) -> list:
+    table = runner.split_table(shards.read_table(config.data.path, folds=getattr(config.data, runner.SPLIT_FOLDS[split])),
+                               config)
+    plan = batching.eval_batches(table.column("length").to_numpy(), config.data.batch_size,
+                                 config.data.max_residues_per_batch)
+    return list(runner.iter_batches(table, plan, prefetch_depth=0))
+
+
+@torch.no_grad()
+def outputs(model, batches: list) -> list[torch.Tensor]:
+    return [model(b).float() for b in batches]
+
+
+def score(batches: list, decoded: list[torch.Tensor]) -> dict[str, float]:
+    results = []
+    for batch, pred in zip(batches, decoded):
+        y, pred, ptr = batch.y.numpy(), pred.numpy(), batch.ptr.numpy()
+        for i in range(int(batch.num_graphs)):
+            lo, hi = ptr[i], ptr[i + 1]
+            if (y[lo:hi] == IGNORE_LABEL).any():
+                continue
+            results.append(protein_result("".join(LETTERS[y[lo:hi]]), "".join(LETTERS[pred[lo:hi]])))
+    return aggregate(results)
+
+
+def grammar_decode(batches: list, log_probs: list[torch.Tensor], penalty: float) -> tuple[list[torch.Tensor], float]:
+    crf = CRF.fixed(default_grammar(), penalty)
+    start, decoded = time.process_time(), []
+    for batch, lp in zip(batches, log_probs):
+        padded, lengths, index = pad_by_protein(lp, batch)
+        decoded.append(crf.decode(padded, lengths)[index])
+    return decoded, time.process_time() - start
+
+
+def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, dict[float, float]]:
+    """The entry penalty with the best val topo_mean (ties: the smaller penalty)."""
+    by_penalty = {p: score(batches, grammar_decode(batches, log_probs, p)[0])["topo_mean"] for p in PENALTIES}
+    return max(PENALTIES, key=lambda p: (by_penalty[p], -p)), by_penalty
+
+
+def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
+    crf_model, crf_config = load_model(crf_dir / "best")
+    ce_model, ce_config = load_model(ce_dir / "best")
+    val, test = split_batches(crf_config, "val"), split_batches(crf_config, "test")
+    rows: dict[str, dict] = {}
+
+    ce_val, ce_test = outputs(ce_model, val), outputs(ce_model, test)
+    rows["ce_argmax"] = score(test, [o.argmax(-1) for o in ce_test])
+    penalty, tuning = tune_penalty(val, [o.log_softmax(-1) for o in ce_val])
+    decoded, seconds = grammar_decode(test, [o.log_softmax(-1) for o in ce_test], penalty)
+    rows["ce_viterbi"] = {**score(test, decoded), "entry_penalty": penalty, "val_topo_mean_by_penalty": tuning,
+                          "decode_cpu_s": seconds}
+
+    crf_test = outputs(crf_model, test)
+    start = time.process_time()
+    decoded = [crf_model.decode(b, o) for b, o in zip(test, crf_test)]
+    rows["crf_viterbi"] = {**score(test, decoded), "decode_cpu_s": time.process_time() - start}
+    rows["crf_argmax"] = score(test, [o.argmax(-1) for o in crf_test])
+
+    ensemble = Ensemble([ce_model, crf_model])
+    ens_val = outputs(ensemble, val)
+    penalty, tuning = tune_penalty(val, ens_val)
+    ensemble.crf = CRF.fixed(default_grammar(), penalty)
+    decoded, seconds = grammar_decode(test, outputs(ensemble, test), penalty)
+    rows["ensemble"] = {**score(test, decoded), "entry_penalty": penalty, "val_topo_mean_by_penalty": tuning,
+                        "decode_cpu_s": seconds}
+    for name, directory in (("crf", crf_dir), ("ce", ce_dir)):
+        rows[f"{name}_best_epoch"] = checkpoint_epoch(directory / "best")
+    rows["test_proteins"] = sum(int(b.num_graphs) for b in test)
+    return rows
+
+
+def rank_rows(run_dir: Path) -> list[dict]:
+    """Every kept epoch: its validation metrics (metrics.jsonl) and its test figures with the run's decoder."""
+    history = {int(m["epoch"]): m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    epochs = sorted((checkpoint_epoch(p), p) for p in find_checkpoints(run_dir) if p.name != "best")
+    test, out = None, []
+    for epoch, path in epochs:
+        model, config = load_model(path)
+        test = test or split_batches(config, "test")
+        logits = outputs(model, test)
+        figures = score(test, [model.decode(b, o) for b, o in zip(test, logits)])
+        h = history.get(epoch, {})
+        out.append({"epoch": epoch, "val_loss": h.get("val_loss"), "val_topo_mean": h.get("val_topo_mean"),
+                    "val_overlap_acc": h.get("val_overlap_acc"), "test_topo_mean": figures["topo_mean"],
+                    "test_overlap_acc": figures["overlap_acc"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.quality_decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--crf", default="runs/deeptmhmm_crf")
+    parser.add_argument("--ce", default="runs/deeptmhmm_crf_twin_ce")
+    parser.add_argument("--out", default="benchmarks/quality_crf.json")
+    parser.add_argument("--rank", action="store_true", help="score every kept epoch on the test fold (ranking check)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    result = {}
+    if args.rank:
+        result["rank"] = {name: rank_rows(Path(d)) for name, d in (("crf", args.crf), ("ce", args.ce))}
+    else:
+        result["rows"] = run_rows(Path(args.crf), Path(args.ce))
+    result["wall_s"] = time.time() - started
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
