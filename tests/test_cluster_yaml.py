@@ -73,9 +73,19 @@ def test_scaled_out_inventory_plans_both_stages(path):
         if node.gpus:
             assert node.accelerator_type and node.gpu_memory_bytes
     search = plan_search(inventory, [int(0.3 * GIB)] * 36, num_trials=36)
-    # 4 one-GPU search nodes with 8 vCPUs: 8 trials per GPU, 32 at once = the head's driver slots. The 8-GPU
-    # promotion node reaches the same capped 32, and the tie goes to the smaller GPU.
+    # 4 one-GPU search nodes with 8 vCPUs: 8 trials per GPU, 32 at once (one-worker trials need no driver
+    # slot). Searches take the smaller GPU type; the 8-GPU node stays for promotion.
     assert search.accelerator_type in ("A10G", "L4")
     assert (search.trials_per_gpu, search.max_concurrent_trials) == (8, 32)
     promotion = plan_promotion(inventory, 2 * GIB, num_trials=2)
     assert (promotion.accelerator_type, promotion.num_workers, promotion.gpus_per_worker) == ("A100", 4, 1.0)
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_head_keeps_dashboard_on_loopback_and_requires_a_token(path):
+    spec = load(path)
+    head = " ".join(spec["head_start_ray_commands"])
+    worker = " ".join(spec["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head  # reached through `ray dashboard cluster.yaml` (SSH forward)
+    assert "RAY_AUTH_MODE=token ray start --head" in head and "RAY_AUTH_MODE=token ray start --address" in worker
+    assert spec["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
