@@ -1,7 +1,8 @@
 """A search on object storage: a real S3 API server (moto) on 127.0.0.1, pyarrow's S3 client and Ray's storage
 pointed at it through AWS_ENDPOINT_URL_S3. Stages, trial checkpoints, promotion from an s3:// checkpoint,
 winner, report and --resume all go through the server; nothing of the experiment is written locally but the
-working copy of its records."""
+working copy of its records. The whole search takes ~4 min on 2 cores (two Ray starts, a DDP promotion): it is
+marked `long`; its storage pieces run in CI in the first test."""
 
 from __future__ import annotations
 
@@ -93,8 +94,36 @@ def tune_run(env, shards, experiment, cwd, *extra):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.ray
-@pytest.mark.slow
+def test_checkpoints_round_trip_through_s3(s3_server, tmp_path, monkeypatch):
+    """The pieces a search uses on object storage, against the server: best/ copied up, a run continued from an
+    s3:// checkpoint, a stage working copy mirrored and fetched back (the fast half of the search test below)."""
+    from protopo_ray import storage
+    from protopo_ray.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
+    from protopo_ray.config import Config
+    from protopo_ray.runner import continuation_state
+
+    env, s3 = s3_server
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
+                "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(key, env[key])
+    config = Config().replace({"model.gc_size": 4, "model.lstm_size": 4, "model.aa_embed_dim": 4})
+    local = save_checkpoint(tmp_path / "epoch_0002", TrainState(
+        model={}, optimizer=None, epoch=2, config=config.to_dict(), metrics={"val_loss": 0.4}, best_value=0.4,
+        rng=rng_state()))
+    copy_checkpoint(local, "s3://protopo/runs/exp/train", "trial_a/best")
+    assert storage.exists("s3://protopo/runs/exp/train/trial_a/best/meta.json")
+    # What Ray reports for that checkpoint ("bucket/key") gets its scheme back, and a continuation opens it.
+    uri = storage.with_scheme("protopo/runs/exp/train/trial_a/best", like="s3://protopo/runs/exp/train")
+    state = continuation_state(config.replace({"train.init_checkpoint": uri}))
+    assert (state.epoch, state.best_value, state.metrics["val_loss"]) == (2, 0.4, 0.4)
+    (tmp_path / "work" / "stages").mkdir(parents=True)
+    (tmp_path / "work" / "stages" / "search.json").write_text("{}")
+    storage.upload(tmp_path / "work", "s3://protopo/runs/exp")
+    assert storage.download("s3://protopo/runs/exp/stages", tmp_path / "back" / "stages")
+    assert (tmp_path / "back" / "stages" / "search.json").read_text() == "{}"
+
+
+@pytest.mark.long
 def test_search_promotion_winner_and_resume_on_s3(s3_server, smoke_shards, tmp_path):
     env, s3 = s3_server
     experiment = tmp_path / "s3search.toml"
