@@ -123,6 +123,27 @@ def rank_rows(run_dir: Path) -> list[dict]:
     return out
 
 
+ROW_NAMES = {
+    "ce_argmax": "cross-entropy twin, argmax",
+    "ce_viterbi": "cross-entropy twin, decode-only grammar Viterbi (entry penalty {entry_penalty:g}, tuned on cv1)",
+    "crf_argmax": "CRF run, argmax over its emissions (no grammar)",
+    "crf_viterbi": "CRF run, CRF Viterbi (the predictor)",
+    "ensemble": "ensemble of the two (mean posteriors, grammar Viterbi, entry penalty {entry_penalty:g} tuned on cv1)",
+}
+TABLE_KEYS = ("overlap_acc", "residue_acc", "type_acc", "topo_tm", "topo_sptm", "topo_sp", "topo_glob", "topo_beta")
+
+
+def markdown_rows(rows: dict, what: str) -> list[str]:
+    """Quality-table rows (docs/benchmarks.md) for the figures of `run_rows`."""
+    out = []
+    for key, name in ROW_NAMES.items():
+        m = rows[key]
+        label = f"{what}: {name.format(**m) if 'entry_penalty' in m else name}"
+        out.append(f"| {label} | {int(m['n_proteins'])} | " + " | ".join(f"{m[k]:.3f}" for k in TABLE_KEYS)
+                   + " <!-- QUALITY:crf --> |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.quality_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/quality_crf.json")
     parser.add_argument("--rank", action="store_true", help="score every kept epoch on the test fold (ranking check)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label", default="deeptmhmm_crf (GC 64, LSTM 64 x 2 bi, 4 CPU epochs, seq-window graphs)",
+                        help="what the markdown rows name the runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -142,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_s"] = time.time() - started
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(json.dumps(result, indent=1, default=float))
+    if "rows" in result:
+        print("\n".join(markdown_rows(result["rows"], args.label)))
     return 0
 
 
