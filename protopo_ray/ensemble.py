@@ -46,8 +46,7 @@ class Ensemble(nn.Module):
 
     def forward(self, batch) -> Tensor:
         """log of the members' mean label posteriors [N, NUM_LABELS]."""
-        posteriors = torch.stack([m.label_posteriors(batch, m(batch).float()) for m in self.members]).mean(0)
-        return posteriors.clamp_min(MIN_PROBABILITY).log()
+        return mean_log_posteriors([m.label_posteriors(batch, m(batch).float()) for m in self.members])
 
     @torch.no_grad()
     def decode(self, batch, logits: Tensor) -> Tensor:
@@ -60,6 +59,11 @@ class Ensemble(nn.Module):
 
     def label_posteriors(self, batch, logits: Tensor) -> Tensor:
         return logits.float().exp()
+
+
+def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:
+    """The ensemble rule's average: log of the members' mean per-residue label posteriors (clamped)."""
+    return torch.stack(posteriors).mean(0).clamp_min(MIN_PROBABILITY).log()
 
 
 def load_model(checkpoint: str | Path, overrides: dict | None = None) -> tuple[TopologyModel, Config]:

@@ -25,7 +25,7 @@ from protopo_ray import batching, runner, shards
 from protopo_ray.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.checkpoint import checkpoint_epoch, find_checkpoints
 from protopo_ray.crf import CRF
-from protopo_ray.ensemble import Ensemble, load_model
+from protopo_ray.ensemble import load_model, mean_log_posteriors
 from protopo_ray.grammar import default_grammar
 from protopo_ray.metrics import aggregate, protein_result
 from protopo_ray.model import pad_by_protein
@@ -87,17 +87,19 @@ def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
     rows["ce_viterbi"] = {**score(test, decoded), "entry_penalty": penalty, "val_topo_mean_by_penalty": tuning,
                           "decode_cpu_s": seconds}
 
-    crf_test = outputs(crf_model, test)
+    crf_val, crf_test = outputs(crf_model, val), outputs(crf_model, test)
     start = time.process_time()
     decoded = [crf_model.decode(b, o) for b, o in zip(test, crf_test)]
     rows["crf_viterbi"] = {**score(test, decoded), "decode_cpu_s": time.process_time() - start}
     rows["crf_argmax"] = score(test, [o.argmax(-1) for o in crf_test])
 
-    ensemble = Ensemble([ce_model, crf_model])
-    ens_val = outputs(ensemble, val)
-    penalty, tuning = tune_penalty(val, ens_val)
-    ensemble.crf = CRF.fixed(default_grammar(), penalty)
-    decoded, seconds = grammar_decode(test, outputs(ensemble, test), penalty)
+    # the ensemble rule (protopo_ray.ensemble.Ensemble) on the members' outputs computed above
+    def ensemble_outputs(batches, ce_out, crf_out):
+        return [mean_log_posteriors([ce_model.label_posteriors(b, a), crf_model.label_posteriors(b, c)])
+                for b, a, c in zip(batches, ce_out, crf_out)]
+
+    penalty, tuning = tune_penalty(val, ensemble_outputs(val, ce_val, crf_val))
+    decoded, seconds = grammar_decode(test, ensemble_outputs(test, ce_test, crf_test), penalty)
     rows["ensemble"] = {**score(test, decoded), "entry_penalty": penalty, "val_topo_mean_by_penalty": tuning,
                         "decode_cpu_s": seconds}
     for name, directory in (("crf", crf_dir), ("ce", ce_dir)):
