@@ -45,7 +45,8 @@ class StageSpec:
     reduction_factor: int = 2
     """ASHA: keep 1/reduction_factor of trials at each rung."""
     scheduler: str = "asha"
-    """asha or none."""
+    """asha (Ray's asynchronous halving), sha (synchronous halving: trials pause at each rung until the whole
+    cohort is there, then the best 1/reduction_factor continue; grid searches) or none."""
     num_samples: int = 1
     """grid: repeats of the grid; hyperopt: number of sampled configs."""
     inherit: str = "best"
@@ -72,7 +73,9 @@ class StageSpec:
             (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
             (1 <= self.grace_epochs <= self.max_epochs, f"grace_epochs must be in [1, max_epochs], got {self.grace_epochs}"),
             (self.reduction_factor >= 2, f"reduction_factor must be >= 2, got {self.reduction_factor}"),
-            (self.scheduler in ("asha", "none"), f"scheduler must be asha or none, got {self.scheduler!r}"),
+            (self.scheduler in ("asha", "sha", "none"), f"scheduler must be asha, sha or none, got {self.scheduler!r}"),
+            (self.scheduler != "sha" or self.search == "grid" or self.kind != "search",
+             "scheduler = sha needs search = grid (a rung waits for every trial of the stage)"),
             (self.order in ("shuffled", "listed"), f"order must be shuffled or listed, got {self.order!r}"),
             (self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}"),
             (self.inherit in ("best", "base"), f"inherit must be best or base, got {self.inherit!r}"),

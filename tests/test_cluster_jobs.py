@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -197,15 +196,14 @@ def test_search_submitted_as_a_job_to_a_ray_start_head(smoke_shards, short_tmp, 
     assert f"{job_id.lower()}' succeeded" in status, f"{status}\n--- job logs ---\n{logs[-6000:]}"
     print(f"\njob {job_id}: submit -> SUCCEEDED in {wall_s:.0f} s")
 
-    # The job joined the cluster it runs on (not the shared one, not a new local one) ...
+    # The job joined the cluster it runs on (not the shared one, not a new local one).
     assert f"Ray dashboard: http://127.0.0.1:{dashboard_port}" in logs, logs[:4000]
-    assert "1 nodes, 2 CPUs, 0 GPUs, 4 driver slots" in logs, logs[:4000]
-    # ... and its trial drivers held the head's `driver` resource, not CPUs (hardware.driver_resources).
-    usage = re.findall(r"Logical resource usage: (.*)", logs)
-    assert any(re.fullmatch(r"0/2 CPUs, 0/0 GPUs \([12]\.0/4\.0 driver\)", u.strip()) for u in usage), usage
 
     exp_dir = storage / "cloudjob"
     record = json.loads((exp_dir / "stages" / "architecture.json").read_text())
+    # One-worker trials ran in their own Tune processes holding one CPU each (no driver slot, no Train group).
+    assert record["plan"]["num_workers"] == 1
+    assert all(t["config"]["resources"]["cpus_per_worker"] == 1.0 for t in record["trials"])
     assert len(record["trials"]) == 2 and all(t["epochs"] == 2 for t in record["trials"])
     report = (exp_dir / "report.md").read_text()
     assert all(t["trial_id"] in report for t in record["trials"])
