@@ -29,18 +29,21 @@ def running_cluster() -> str | None:
     return next(iter(live)) if len(live) == 1 else None
 
 
-def ray_init(**kwargs: Any):
+def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | None = None, **kwargs: Any):
     """Join the running cluster (RAY_ADDRESS, or a live local `ray start`), else start one bound to 127.0.0.1.
 
-    Returns Ray's context (None when this process was already connected). `kwargs` go to a new local cluster.
+    Returns Ray's context (None when this process was already connected). `log_to_driver` (forward the
+    workers' output to this process) and `logging_level` (of the driver's "ray" logger) apply either way,
+    Ray's defaults when None; `kwargs` go to a new local cluster.
     """
     import ray
 
     if ray.is_initialized():
         return None
+    driver = {k: v for k, v in (("log_to_driver", log_to_driver), ("logging_level", logging_level)) if v is not None}
     address = os.environ.get("RAY_ADDRESS") or running_cluster()
     if address and address != "local":  # RAY_ADDRESS=local: always a new local cluster (tests, benchmarks)
-        context = ray.init(address=address)
+        context = ray.init(address=address, **driver)
     else:
         # Ray starts workers at nice 15 by default; on a machine shared with other jobs that starves the
         # training workers (measured: 0.54x of an in-process run) and Ray's own placement-group cleanup
@@ -49,7 +52,7 @@ def ray_init(**kwargs: Any):
         # A local cluster keeps its dashboard on the loopback interface only.
         os.environ.pop("RAY_ADDRESS", None)
         # address="local": a new cluster even where an address file of another one lingers.
-        context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True, **kwargs)
+        context = ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True, **driver, **kwargs)
         global _started_local_cluster
         _started_local_cluster = True
     url = context.dashboard_url

@@ -180,7 +180,9 @@ def shuffled_grid(stage: StageSpec, seed: int, max_concurrent: int):
 
 def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_resources: dict[str, float],
                 callbacks: list, seed: int, datasets: dict[str, Any] | None, keep_checkpoints: int,
-                promoted: list[Continuation] | None = None, restore: bool = False):
+                promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0):
+    """The stage's Tuner. `verbose` is Tune's own console output: 0 (none: protopo_ray.console shows the stage
+    through a callback), None for Tune's default trial tables (`--verbose`)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -213,17 +215,8 @@ def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_re
         run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
-                                  progress_reporter=progress_reporter(stage)),
+                                  verbose=verbose),
     )
-
-
-def progress_reporter(stage: StageSpec):
-    """A compact status table: the searched values and a handful of metrics, not all forty."""
-    from ray import tune
-
-    metrics = {"epoch": "epoch", stage.metric: stage.metric, "val_loss": "val loss", "train_loss": "train loss"}
-    return tune.CLIReporter(metric_columns=metrics, parameter_columns=list(stage.searched_keys) or None,
-                            max_report_frequency=30, sort_by_metric=True, metric=stage.metric, mode=stage.mode)
 
 
 def _finite(value: Any) -> bool:

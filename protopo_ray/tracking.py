@@ -2,6 +2,10 @@
 
 W&B runs offline unless the user has configured an API key (WANDB_API_KEY, or a login in ~/.netrc): a
 machine without network must never hang on a login prompt or an upload.
+
+The runs live in Ray actors whose output Ray forwards to the driver: unless `verbose`, they are silent (no
+banner, no run summary per trial) and leave the actors' console uncaptured. The settings travel with each
+`wandb.init` call, since environment variables set in the driver after `ray.init` never reach the actors.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
 
 def has_wandb_credentials() -> bool:
@@ -25,16 +30,24 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
 
 
-def wandb_callbacks(*, enabled: bool, project: str, experiment: str, stage: str, log_dir: Path) -> list:
+def quiet_settings() -> dict[str, Any]:
+    """`wandb.init(settings=...)` for runs nobody watches on a console: no output, no console capture."""
+    return {"silent": True, "console": "off"}
+
+
+def wandb_callbacks(*, enabled: bool, project: str, experiment: str, stage: str, log_dir: Path,
+                    verbose: bool = False) -> list:
     """Ray Tune logger callbacks: a W&B run per trial (config + every reported metric), or none."""
     if not enabled:
         return []
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     mode = wandb_mode()
-    # The logging actors inherit the driver's environment; pin the mode there too.
+    # The logging actors of a local cluster started after this inherit the driver's environment: pin the mode.
     os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
+    if not verbose:
+        os.environ.setdefault("WANDB_SILENT", "true")
     log_dir.mkdir(parents=True, exist_ok=True)
+    extra = {} if verbose else {"settings": quiet_settings()}
     return [WandbLoggerCallback(project=project, group=f"{experiment}/{stage}", job_type=stage, mode=mode,
-                                dir=str(log_dir), tags=[experiment, stage])]
+                                dir=str(log_dir), tags=[experiment, stage], **extra)]

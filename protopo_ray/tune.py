@@ -7,7 +7,8 @@
 
 Layout of an experiment directory (STORAGE/NAME): experiment.json, stages/<stage>.json (one per finished
 stage), tune/<stage>/ (Ray Tune's own state, what --resume restores), train/ (the trials' Ray Train runs and
-checkpoints), winner/ (winner.json + the winning checkpoint), report.md and plots/, wandb/.
+checkpoints), winner/ (winner.json + the winning checkpoint), report.md and plots/, wandb/, logs/ray.log (what
+Ray, W&B and the libraries print; `--verbose` prints it on the console instead, see protopo_ray/console.py).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protopo_ray import hardware, stages, storage
 from protopo_ray.config import Config, parse_overrides
 from protopo_ray.experiment import Experiment, StageSpec, load_experiment
+
+if TYPE_CHECKING:
+    from protopo_ray.console import SearchConsole
 
 log = logging.getLogger(__name__)
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--stages", help="comma-separated subset of stages to run")
     parser.add_argument("--no-wandb", action="store_true", help="no W&B runs")
+    parser.add_argument("--verbose", action="store_true", help="Ray Tune's trial tables, the workers' and W&B's output "
+                        "on the console (else in EXP/logs/ray.log)")
     return parser
 
 
@@ -127,7 +133,7 @@ def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str
 
 def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri: str, exp_dir: Path,
               cluster_file: str | None, longest: int, records: dict[str, stages.StageRecord], resume: bool,
-              use_wandb: bool) -> stages.StageRecord:
+              use_wandb: bool, display: SearchConsole) -> stages.StageRecord:
     """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp_dir`."""
     from ray import tune
 
@@ -147,7 +153,9 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     tune_dir = storage.join(exp_uri, "tune", stage.name)
     restore = resume and tune.Tuner.can_restore(tune_dir)
     callbacks = wandb_callbacks(enabled=use_wandb, project=experiment.wandb_project, experiment=experiment.name,
-                                stage=stage.name, log_dir=exp_dir / "wandb")
+                                stage=stage.name, log_dir=exp_dir / "wandb", verbose=display.verbose)
+    view = display.stage_view(stage, num_trials=stages.num_trials(stage, len(promoted or [])),
+                              start_epochs=[c.start_epoch for c in promoted or []])
     ctx = stages.StageContext.of(stage, base, plan, storage.join(exp_uri, "train"), longest)
     started = time.time()
     datasets = None
@@ -156,15 +164,16 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
 
         datasets = load_datasets(base)
     tuner = stages.build_tuner(stage, ctx, tune_dir=tune_dir, driver_resources=hardware.driver_resources(inventory),
-                               callbacks=callbacks, seed=experiment.seed, datasets=datasets,
-                               keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore)
-    results = tuner.fit()
+                               callbacks=[*callbacks, view], seed=experiment.seed, datasets=datasets,
+                               keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore,
+                               verbose=None if display.verbose else 0)
+    with view:
+        results = tuner.fit()
     release_leaked_placement_groups()
     record = stages.collect_stage(results, stage, ctx, wall_time_s=time.time() - started)
     record.save(exp_dir / "stages" / f"{stage.name}.json")
     storage.upload(exp_dir, exp_uri)
-    print(f"stage {stage.name}: {len(record.trials)} trials, best {record.best_trial}, "
-          f"epochs {record.epochs_run}/{record.epochs_full}, {record.wall_time_s:.0f} s", flush=True)
+    display.stage_done(record)
     return record
 
 
@@ -219,12 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    from protopo_ray.console import SearchConsole, quiet_output
+
+    # A search keeps Ray's, the workers' and W&B's output in its log file; a dry run has nothing to keep.
+    log_path = None if args.verbose or args.dry_run else quiet_output(exp_dir / "logs" / "ray.log")
+    display = SearchConsole(verbose=args.verbose, log_path=log_path)
     if args.dry_run and args.cluster:  # plan before the cluster exists: its YAML fully scaled out
         inventory = hardware.inventory_from_cluster_yaml(args.cluster)
     else:
         from protopo_ray.cluster import ray_init
 
-        ray_init()
+        ray_init(log_to_driver=log_path is None)
         inventory = hardware.read_inventory(args.cluster)
     longest = max_length(experiment.base)
     try:
@@ -251,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
          "base": experiment.base.to_dict()}, indent=1))
     records: dict[str, stages.StageRecord] = {}
     base = experiment.base
-    started = time.time()
     for stage in experiment.stages:
         record_path = exp_dir / "stages" / f"{stage.name}.json"
         if stage.inherit == "best" and records:
@@ -267,15 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records[stage.name] = run_stage(stage, base, experiment=experiment, exp_uri=exp_uri, exp_dir=exp_dir,
                                         cluster_file=args.cluster, longest=longest, records=records, resume=args.resume,
-                                        use_wandb=not args.no_wandb)
+                                        use_wandb=not args.no_wandb, display=display)
     winner = pick_winner(list(records.values())[-1], exp_dir) if records else None
     from protopo_ray.report import write_report
 
     report = write_report(exp_dir)
     storage.upload(exp_dir, exp_uri)
-    print(f"search finished in {time.time() - started:.0f} s; report: {report}")
-    if winner:
-        print(f"winner: {winner['trial_id']} ({winner['stage']}), checkpoint {winner['checkpoint']}")
+    display.summary(winner=winner, report=report, metric=list(records.values())[-1].metric if records else None)
     return 0
 
 
