@@ -31,7 +31,7 @@ def a10g(gpus: int = 1) -> Inventory:
 
 def context(stage: StageSpec, storage: str, plan=None) -> stages.StageContext:
     base = Config().replace({"data.batch_size": 8, "model.gc_size": 8})
-    plan = plan or plan_search(a10g(), [GIB // 10, 6 * GIB], num_trials=2)
+    plan = plan or plan_search(a10g(), [GIB // 10, 6 * GIB], num_trials=8)
     return stages.StageContext.of(stage, base, plan, storage, longest=600)
 
 
