@@ -180,7 +180,8 @@ def shuffled_grid(stage: StageSpec, seed: int, max_concurrent: int):
 
 def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_resources: dict[str, float],
                 callbacks: list, seed: int, datasets: dict[str, Any] | None, keep_checkpoints: int,
-                promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0):
+                promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0,
+                halving_state: str | Path | None = None):
     """The stage's Tuner. `verbose` is Tune's own console output: 0 (none: protopo_ray.console shows the stage
     through a callback), None for Tune's default trial tables (`--verbose`)."""
     from ray import tune
@@ -189,12 +190,22 @@ def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_re
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
                                     trial_resources(ctx, driver_resources))
     if restore:
+        # Tune unpickles the stage's scheduler; SynchronousHalving then reads its rung decisions back from its file.
         return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     plan = ctx.plan
-    scheduler = None
+    scheduler, limit = None, plan.max_concurrent_trials
     if stage.kind == "search" and stage.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="epoch", max_t=stage.max_epochs, grace_period=stage.grace_epochs,
                                   reduction_factor=stage.reduction_factor)
+    elif stage.kind == "search" and stage.scheduler == "sha":
+        from protopo_ray.halving import SynchronousHalving
+
+        scheduler = SynchronousHalving(time_attr="epoch", metric=stage.metric, mode=stage.mode,
+                                       grace=stage.grace_epochs, reduction_factor=stage.reduction_factor,
+                                       max_t=stage.max_epochs, num_trials=num_trials(stage), state_file=halving_state)
+        # Paused trials count as live for Tune's concurrency limits, and a rung waits for its whole cohort: with
+        # a limit the stage would wait forever. The trials' own resource requests bound what runs at once.
+        limit = 0
     search_alg, samples = None, stage.num_samples if stage.kind == "search" else 1
     shuffled = stage.kind == "search" and stage.search == "grid" and stage.order == "shuffled"
     if stage.kind == "search" and stage.search == "hyperopt":
@@ -202,7 +213,7 @@ def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_re
 
         search_alg = HyperOptSearch(random_state_seed=seed)
     elif shuffled:
-        search_alg, samples = shuffled_grid(stage, seed, plan.max_concurrent_trials)
+        search_alg, samples = shuffled_grid(stage, seed, limit)
     parent, name = tune_dir.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
         trainable,
@@ -211,7 +222,7 @@ def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_re
                                     num_samples=samples,
                                     # The shuffled grid's generator enforces its own limit (Tune ignores this one for
                                     # generators); HyperOpt, a Searcher, gets Tune's ConcurrencyLimiter from it.
-                                    max_concurrent_trials=None if shuffled else plan.max_concurrent_trials),
+                                    max_concurrent_trials=None if shuffled or not limit else limit),
         run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),

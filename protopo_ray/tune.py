@@ -166,7 +166,8 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     tuner = stages.build_tuner(stage, ctx, tune_dir=tune_dir, driver_resources=hardware.driver_resources(inventory),
                                callbacks=[*callbacks, view], seed=experiment.seed, datasets=datasets,
                                keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore,
-                               verbose=None if display.verbose else 0)
+                               verbose=None if display.verbose else 0,
+                               halving_state=exp_dir / "stages" / f"{stage.name}.halving.json")
     with view:
         results = tuner.fit()
     release_leaked_placement_groups()
