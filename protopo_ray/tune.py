@@ -167,7 +167,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
                                callbacks=[*callbacks, view], seed=experiment.seed, datasets=datasets,
                                keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore,
                                verbose=None if display.verbose else 0,
-                               halving_state=exp_dir / "stages" / f"{stage.name}.halving.json")
+                               halving_state=exp_dir / "halving" / f"{stage.name}.json")
     with view:
         results = tuner.fit()
     release_leaked_placement_groups()
