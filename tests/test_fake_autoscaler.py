@@ -61,7 +61,9 @@ def test_smoke_search_as_a_job_on_a_cluster_that_scales_from_zero(smoke_shards, 
             env=env, capture_output=True, text=True, timeout=900)
         wall = time.time() - started
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "Adding 1 node(s) of type search_gpu" in job.stdout  # the autoscaler started the GPU node
+        # The autoscaler started the GPU node (it idles out only a minute after the job).
+        status = subprocess.run([str(BIN / "ray"), "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert "search_gpu" in status.stdout.split("Pending:")[0], status.stdout
         record = json.loads((tmp_path / "runs" / "smoke" / "stages" / "architecture.json").read_text())
         assert record["plan"]["device"] == "gpu" and record["plan"]["accelerator_type"] == "A10G"
         promotion = json.loads((tmp_path / "runs" / "smoke" / "stages" / "promotion.json").read_text())
