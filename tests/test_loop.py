@@ -8,25 +8,7 @@ import torch
 from protopo_ray import batching, collate, loop, shards
 from protopo_ray.config import Config, TrainConfig
 from protopo_ray.model import TopologyModel
-
-
-@pytest.mark.parametrize(
-    ("schedule", "step", "expected"),
-    [
-        ("constant", 50, 1.0),
-        ("linear", 10, 1.0),  # first step after warm-up
-        ("linear", 60, 0.5),  # halfway through the 100 post-warm-up steps
-        ("linear", 110, 0.0),
-        ("cosine", 60, 0.5),
-        ("cosine", 10, 1.0),
-    ],
-)
-def test_lr_factor_by_hand(schedule, step, expected):
-    assert loop.lr_factor(step, total_steps=110, warmup_steps=10, schedule=schedule) == pytest.approx(expected)
-
-
-def test_warmup_ramps_linearly():
-    assert [loop.lr_factor(s, 100, 4, "constant") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+from protopo_ray.schedule import EpochSchedule
 
 
 def test_label_weights_and_smoothing_reach_the_loss():
@@ -43,8 +25,7 @@ def small_setup(smoke_shards, **train):
     torch.manual_seed(0)
     model = TopologyModel(config.model)
     optimizer = loop.build_optimizer(model, config.train)
-    plan = batching.plan_batches(table.column("length").to_numpy(), 8)
-    scheduler = loop.build_scheduler(optimizer, config.train, len(plan))
+    scheduler = EpochSchedule(optimizer, config.train)
     return config, table, model, optimizer, scheduler
 
 
@@ -95,7 +76,7 @@ def test_crf_loss_falls_and_validation_decodes_with_viterbi(smoke_shards):
     torch.manual_seed(0)
     model = TopologyModel(config.model)
     optimizer = loop.build_optimizer(model, config.train)
-    scheduler = loop.build_scheduler(optimizer, config.train, 10)
+    scheduler = EpochSchedule(optimizer, config.train)
     losses = []
     for epoch in range(3):
         plan = batching.plan_batches(table.column("length").to_numpy(), 8, epoch=epoch)

@@ -102,6 +102,7 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
     from protopo_ray.config import load_config
     from protopo_ray.model import TopologyModel
     from protopo_ray.runner import iter_batches, split_table
+    from protopo_ray.schedule import EpochSchedule
 
     config = load_config(ROOT / CONFIG, {**values, "data.path": data})
     torch.set_num_threads(1)
@@ -113,7 +114,7 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
         loop.set_seed(config.train.seed)
         model = TopologyModel(config.model)
         optimizer = loop.build_optimizer(model, config.train)
-        scheduler = loop.build_scheduler(optimizer, config.train, steps_per_epoch=100)
+        scheduler = EpochSchedule(optimizer, config.train)
         sides[name] = (model, optimizer, scheduler, loop.build_loss(config.train), [])
     for epoch in range(epochs):
         order = ("protopo", "naive") if epoch % 2 == 0 else ("naive", "protopo")
