@@ -1,33 +1,27 @@
 """What the cluster holds (nodes, CPUs, GPUs, accelerator types, GPU memory) and how each search stage uses it.
 
-Planning is pure: `plan_search` / `plan_promotion` take an `Inventory` and per-trial memory footprints in bytes
-and return a `StagePlan` whose `resources_overrides()` are applied to each trial's Config. The inventory comes
-from a running Ray cluster (`read_inventory`, the only place Ray is imported) or from a cluster YAML scaled out
-(`inventory_from_cluster_yaml`), so a search can be planned before the cluster exists.
+Planning is pure: `plan_search` / `plan_promotion` take an `Inventory` (protopo_ray.inventory: the live cluster
+plus what its autoscaler may start, or a cluster YAML scaled out) and per-trial memory footprints in bytes, and
+return a `StagePlan` whose `resources_overrides(footprint)` give each trial's Config its own share.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-GIB = 2**30
+from protopo_ray.inventory import (
+    DRIVER_RESOURCE,
+    GIB,
+    GPU_MEMORY_RESOURCE,
+    Inventory,
+    NodeInventory,
+    gib_text,
+    text_table,
+)
 
-#: GPU memory in GiB per Ray accelerator type (the names Ray puts in `accelerator_type:<T>` resources).
-#: Marketing "GB" read as GiB; `memory_headroom` absorbs the difference and the driver's reservation.
-KNOWN_GPU_MEMORY_GB: dict[str, float] = {
-    "K80": 12, "P4": 8, "P100": 16, "V100": 16, "T4": 16, "A10G": 24, "A10": 24, "L4": 24, "L40S": 48,
-    "A100": 40, "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141, "H20": 96, "B200": 180,
-    "RTX-PRO-6000": 96,
-}
-#: Custom node resource declaring GPU memory in GiB *per GPU* (cluster.yaml sets it; Ray only counts it).
-GPU_MEMORY_RESOURCE = "gpu_memory_gb"
-#: Custom resource on the node that hosts trial drivers (the head in cluster.yaml); a driver takes one unit.
-DRIVER_RESOURCE = "driver"
-ACCELERATOR_PREFIX = "accelerator_type:"
 #: Each trial process on a GPU holds its own CUDA context (~0.3-0.5 GiB) besides tensors; packing counts it.
 CUDA_CONTEXT_BYTES = GIB // 2
 #: More trials than this on one GPU just time-slice the SMs; throughput per trial collapses.
@@ -38,134 +32,6 @@ MAX_CPUS_PER_GPU_WORKER = 8
 
 class PlanError(ValueError):
     """The requested stage cannot run on this inventory (e.g. a trial does not fit any GPU)."""
-
-
-@dataclass(frozen=True)
-class NodeInventory:
-    node_id: str
-    cpus: float
-    gpus: float
-    accelerator_type: str | None
-    memory_bytes: int
-    gpu_memory_bytes: int | None
-    resources: dict = field(default_factory=dict)
-
-    @property
-    def is_driver_host(self) -> bool:
-        return self.resources.get(DRIVER_RESOURCE, 0) > 0
-
-
-@dataclass(frozen=True)
-class Inventory:
-    nodes: tuple[NodeInventory, ...]
-
-    @property
-    def total_cpus(self) -> float:
-        return sum(node.cpus for node in self.nodes)
-
-    @property
-    def total_gpus(self) -> float:
-        return sum(node.gpus for node in self.nodes)
-
-    @property
-    def driver_slots(self) -> int:
-        """Trial drivers the `driver` resource admits at once (0 = no driver resource: drivers go anywhere)."""
-        return int(sum(node.resources.get(DRIVER_RESOURCE, 0) for node in self.nodes))
-
-    def gpu_groups(self) -> dict[str, tuple[NodeInventory, ...]]:
-        """GPU nodes by accelerator type ("" where Ray reported none)."""
-        groups: dict[str, list[NodeInventory]] = {}
-        for node in self.nodes:
-            if node.gpus >= 1:
-                groups.setdefault(node.accelerator_type or "", []).append(node)
-        return {name: tuple(nodes) for name, nodes in groups.items()}
-
-
-def node_from_resources(node_id: str, resources: dict[str, Any]) -> NodeInventory:
-    """One node from its Ray resource dict (`ray.nodes()[i]["Resources"]` or a cluster.yaml node type)."""
-    types = [key[len(ACCELERATOR_PREFIX):] for key in resources if key.startswith(ACCELERATOR_PREFIX)]
-    # A node may carry both "A100" (auto-detected) and "A100-80G" (declared); the longer name is more specific.
-    accelerator = max(types, key=len) if types else None
-    gpus = float(resources.get("GPU", 0))
-    gpu_memory: int | None = None
-    if gpus > 0:
-        if resources.get(GPU_MEMORY_RESOURCE):
-            gpu_memory = int(float(resources[GPU_MEMORY_RESOURCE]) * GIB)
-        elif accelerator in KNOWN_GPU_MEMORY_GB:
-            gpu_memory = int(KNOWN_GPU_MEMORY_GB[accelerator] * GIB)
-    return NodeInventory(
-        node_id=node_id, cpus=float(resources.get("CPU", 0)), gpus=gpus, accelerator_type=accelerator,
-        memory_bytes=int(resources.get("memory", 0)), gpu_memory_bytes=gpu_memory, resources=dict(resources),
-    )
-
-
-#: Where `ray up` puts the autoscaler's config on the head node.
-BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
-
-
-def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
-    """The connected cluster's alive nodes plus the nodes its autoscaler may still start.
-
-    A fresh `ray up` cluster is a CPU head and nothing else: planning from live nodes alone finds no GPU. The
-    autoscaler's node types come from `cluster_file`, else the `ray up` head's bootstrap config; for each
-    type, `max_workers` less the nodes of that type already up are added as nodes that may come.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    live = [node_from_resources(n["NodeID"], n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-    path = Path(cluster_file) if cluster_file else BOOTSTRAP_CONFIG.expanduser()
-    if not path.exists():
-        return Inventory(tuple(live))
-    return with_autoscaler_headroom(live, _node_types(path))
-
-
-def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
-    """The fully scaled-out cluster a Ray autoscaler YAML describes: the head plus `max_workers` of each type.
-
-    Only the declared `resources` count (the autoscaler's own instance-type detection is not reproduced), so
-    the project's cluster YAMLs declare CPU, GPU, accelerator type and GPU memory for every node type.
-    """
-    spec = _read_yaml(Path(path))
-    head = spec.get("available_node_types", {}).get(spec.get("head_node_type"), {})
-    return with_autoscaler_headroom([node_from_resources("head", head.get("resources", {}))], _node_types(Path(path)))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def _node_types(path: Path) -> dict[str, dict[str, Any]]:
-    """The worker node types of an autoscaler YAML (the head is up already, whatever its config says)."""
-    spec = _read_yaml(path)
-    head = spec.get("head_node_type")
-    return {name: node_type for name, node_type in spec.get("available_node_types", {}).items() if name != head}
-
-
-def _signature(resources: dict[str, Any]) -> tuple:
-    """What tells a node's type apart: CPUs, GPUs and its declared custom resources (not Ray's per-node ones)."""
-    return tuple(sorted((k, float(v)) for k, v in resources.items()
-                        if k != "memory" and k != "object_store_memory" and not k.startswith("node:")))
-
-
-def with_autoscaler_headroom(live: list[NodeInventory], node_types: dict[str, dict[str, Any]]) -> Inventory:
-    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `<type>-<i>`)."""
-    nodes = list(live)
-    for name, node_type in node_types.items():
-        declared = node_type.get("resources", {})
-        up = sum(1 for node in live if _signature(node.resources) == _signature(declared))
-        for index in range(max(0, int(node_type.get("max_workers", 0)) - up)):
-            nodes.append(node_from_resources(f"{name}-{up + index}", declared))
-    return Inventory(tuple(nodes))
-
-
-def inventory_json(inventory: Inventory) -> list[dict[str, Any]]:
-    return [{"node": n.node_id, "cpus": n.cpus, "gpus": n.gpus, "accelerator_type": n.accelerator_type,
-             "gpu_memory_bytes": n.gpu_memory_bytes, "memory_bytes": n.memory_bytes, "driver_host": n.is_driver_host}
-            for n in inventory.nodes]
 
 
 def trial_footprints(configs: Sequence[Any], longest: int, world_size: int = 1) -> list[int]:
@@ -249,17 +115,13 @@ def _require_trials(num_trials: int) -> None:
         raise PlanError(f"num_trials must be >= 1, got {num_trials}")
 
 
-def _gib(num_bytes: float) -> str:
-    return f"{num_bytes / GIB:.2f}"
-
-
 def _too_big(footprint: int, inventory: Inventory, memory_headroom: float) -> PlanError:
     known = [(n.gpu_memory_bytes, n.accelerator_type or "unknown") for n in inventory.nodes if n.gpu_memory_bytes]
     biggest_bytes, biggest_name = max(known)
     return PlanError(
-        f"a trial needs {_gib(footprint)} GiB of GPU memory (+{_gib(CUDA_CONTEXT_BYTES)} GiB CUDA context), but "
-        f"the biggest GPU here is {biggest_name} with {_gib(biggest_bytes)} GiB "
-        f"({_gib(memory_headroom * biggest_bytes)} GiB usable at memory_headroom={memory_headroom}); "
+        f"a trial needs {gib_text(footprint)} GiB of GPU memory (+{gib_text(CUDA_CONTEXT_BYTES)} GiB CUDA context), but "
+        f"the biggest GPU here is {biggest_name} with {gib_text(biggest_bytes)} GiB "
+        f"({gib_text(memory_headroom * biggest_bytes)} GiB usable at memory_headroom={memory_headroom}); "
         "lower data.batch_size or max_len, or add bigger GPUs")
 
 
@@ -425,41 +287,22 @@ def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: in
                      memory_headroom=memory_headroom)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return lines
-
-
-def format_inventory(inventory: Inventory) -> str:
-    rows = []
-    for node in inventory.nodes:
-        gpu_memory = _gib(node.gpu_memory_bytes) if node.gpu_memory_bytes else "-"
-        rows.append([node.node_id[:16], f"{node.cpus:g}", f"{node.gpus:g}", node.accelerator_type or "-",
-                     gpu_memory, _gib(node.memory_bytes) if node.memory_bytes else "-",
-                     "yes" if node.is_driver_host else ""])
-    lines = _table(["node", "CPUs", "GPUs", "accelerator", "GiB/GPU", "mem GiB", "drivers"], rows)
-    lines.append(f"total: {len(inventory.nodes)} nodes, {inventory.total_cpus:g} CPUs, {inventory.total_gpus:g} GPUs"
-                 + (f", {inventory.driver_slots} driver slots" if inventory.driver_slots else ""))
-    return "\n".join(lines)
-
-
 def format_plan(plan: StagePlan, inventory: Inventory) -> str:
     """The table printed before a stage starts: what each trial gets and how many run at once."""
     if plan.device == "gpu":
         memory = next((n.gpu_memory_bytes for n in inventory.nodes
                        if n.gpus and (n.accelerator_type or "") == plan.accelerator_type and n.gpu_memory_bytes), None)
         accelerator = (plan.accelerator_type or "any") + (f" ({memory / GIB:g} GiB)" if memory else "")
-        per_worker = f"{plan.gpus_per_worker:g} GPU + {plan.cpus_per_worker:g} CPU"
+        largest = gpu_fraction(plan.trials_per_gpu_for(plan.footprint_bytes)) if plan.num_workers == 1 else 1.0
+        share = f"{plan.gpus_per_worker:g}" + (f"-{largest:g}" if largest > plan.gpus_per_worker else "")
+        per_worker = f"{share} GPU + {plan.cpus_per_worker:g} CPU"
         per_gpu = str(plan.trials_per_gpu)
     else:
         accelerator, per_worker, per_gpu = "-", f"{plan.cpus_per_worker:g} CPU", "-"
     of = f" of {plan.num_trials}" if plan.num_trials else ""
     row = [plan.kind, plan.device, accelerator, f"{plan.num_workers} x ({per_worker})", per_gpu,
-           f"{plan.max_concurrent_trials}{of}", _gib(plan.footprint_bytes)]
-    header = ["stage", "device", "accelerator", "workers x per worker", "trials/GPU", "concurrent", "footprint GiB"]
-    lines = _table(header, [row])
+           f"{plan.max_concurrent_trials}{of}", gib_text(plan.footprint_bytes)]
+    header = ["stage", "device", "accelerator", "workers x per worker", "trials/GPU", "concurrent", "largest GiB"]
+    lines = text_table(header, [row])
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

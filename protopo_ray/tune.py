@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from protopo_ray import hardware, stages, storage
 from protopo_ray.config import Config, parse_overrides
 from protopo_ray.experiment import Experiment, StageSpec, load_experiment
+from protopo_ray.inventory import format_inventory, inventory_from_cluster_yaml, inventory_json, read_inventory
 
 if TYPE_CHECKING:
     from protopo_ray.console import SearchConsole
@@ -147,7 +148,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
         if not promoted:
             raise RuntimeError(f"stage {stage.name!r}: no trial with a checkpoint to promote from {list(stage.from_stages)}")
     # What the cluster holds now and what its autoscaler may still start: read again for every stage.
-    inventory = hardware.read_inventory(cluster_file)
+    inventory = read_inventory(cluster_file)
     plan = plan_stage(stage, base, inventory, longest, promoted)
     print(hardware.format_plan(plan, inventory), flush=True)
     tune_dir = storage.join(exp_uri, "tune", stage.name)
@@ -235,20 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     log_path = None if args.verbose or args.dry_run else quiet_output(exp_dir / "logs" / "ray.log")
     display = SearchConsole(verbose=args.verbose, log_path=log_path)
     if args.dry_run and args.cluster:  # plan before the cluster exists: its YAML fully scaled out
-        inventory = hardware.inventory_from_cluster_yaml(args.cluster)
+        inventory = inventory_from_cluster_yaml(args.cluster)
     else:
         from protopo_ray.cluster import ray_init
 
         ray_init(log_to_driver=log_path is None)
-        inventory = hardware.read_inventory(args.cluster)
+        inventory = read_inventory(args.cluster)
     longest = max_length(experiment.base)
     try:
         table = plan_table(experiment, inventory, longest)
         if args.json:
-            print(json.dumps({"inventory": hardware.inventory_json(inventory), "longest_protein": longest,
+            print(json.dumps({"inventory": inventory_json(inventory), "longest_protein": longest,
                               "stages": table}, indent=1))
         else:
-            print(hardware.format_inventory(inventory))
+            print(format_inventory(inventory))
             for stage in experiment.stages:
                 if stage.kind == "search":
                     print(hardware.format_plan(plan_stage(stage, experiment.base, inventory, longest), inventory))

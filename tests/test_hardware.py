@@ -11,16 +11,13 @@ from protopo_ray.config import Config
 from protopo_ray.hardware import (
     CUDA_CONTEXT_BYTES,
     DRIVER_MEMORY_BYTES,
-    GIB,
-    Inventory,
     PlanError,
     driver_resources,
-    format_inventory,
     format_plan,
-    node_from_resources,
     plan_promotion,
     plan_search,
 )
+from protopo_ray.inventory import GIB, Inventory, format_inventory, node_from_resources
 
 SMALL = [int(0.3 * GIB)] * 36  # 36 seed-grid configs, each well under a GiB
 
@@ -189,7 +186,7 @@ def logical_a10g_cluster():
 
 @pytest.mark.ray
 def test_read_inventory_from_local_ray(logical_a10g_cluster):
-    from protopo_ray.hardware import read_inventory
+    from protopo_ray.inventory import read_inventory
 
     inventory = read_inventory()
     (node,) = inventory.gpu_groups()["A10G"]
@@ -205,7 +202,7 @@ def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
     """`ray up` starts only a CPU-0 head: the plan must come from the node types the autoscaler can start."""
     from pathlib import Path
 
-    from protopo_ray.hardware import _node_types, with_autoscaler_headroom
+    from protopo_ray.inventory import _node_types, with_autoscaler_headroom
 
     yaml_path = Path(__file__).resolve().parents[1] / "cluster.yaml"
     head = node_from_resources("head-live", {"CPU": 0, "driver": 32, "memory": 30 * GIB, "node:__internal_head__": 1})

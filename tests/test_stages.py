@@ -13,7 +13,8 @@ from ray.tune import Checkpoint, Result
 from protopo_ray import stages, tune
 from protopo_ray.config import Config
 from protopo_ray.experiment import StageSpec
-from protopo_ray.hardware import GIB, Inventory, node_from_resources, plan_promotion, plan_search
+from protopo_ray.hardware import plan_promotion, plan_search
+from protopo_ray.inventory import GIB, Inventory, node_from_resources
 
 SEARCH = StageSpec(name="architecture", metric="val_loss", mode="min", max_epochs=4,
                    grid={"model.lstm_size": [8, 512], "train.lr": [1e-3]})
