@@ -1,14 +1,15 @@
 """Quality figures of the decoding modes on the test fold, from the runs of experiments/deeptmhmm_crf.toml.
 
     .venv/bin/python -m tools.quality_decode [--crf runs/deeptmhmm_crf] [--ce runs/deeptmhmm_crf_twin_ce]
-        [--out benchmarks/quality_crf.json] [--rank]
+        [--out benchmarks/quality_crf.json]
+    .venv/bin/python -m tools.quality_decode --rank runs/deeptmhmm_crf runs/deeptmhmm_crf_twin_ce --out FILE
 
 Rows (each from a run's `best/` checkpoint, chosen by its own validation metric; nothing is tuned on the test fold):
 - CE twin, argmax;  CE twin, decode-only grammar Viterbi with the entry penalty that maximises val topo_mean (cv1);
 - CRF run, CRF Viterbi;  CRF run, argmax over its emissions (what the CRF head adds to the encoder);
 - ensemble of the two (mean label posteriors, grammar Viterbi, entry penalty tuned on cv1; `protopo_ray.ensemble`).
-Decoding is timed on the test fold. With --rank every kept epoch checkpoint of both runs is scored on the test fold
-too, to measure whether val_topo_mean or val_loss picks the better checkpoint.
+Decoding is timed on the test fold. With --rank every kept epoch checkpoint of the given runs is scored on the test
+fold instead (with each run's own decoder), to measure whether val_topo_mean or val_loss picks the better checkpoint.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crf", default="runs/deeptmhmm_crf")
     parser.add_argument("--ce", default="runs/deeptmhmm_crf_twin_ce")
     parser.add_argument("--out", default="benchmarks/quality_crf.json")
-    parser.add_argument("--rank", action="store_true", help="score every kept epoch on the test fold (ranking check)")
+    parser.add_argument("--rank", nargs="+", metavar="RUN_DIR",
+                        help="instead: score every kept epoch of these runs on the test fold (the ranking check)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default="deeptmhmm_crf (GC 64, LSTM 64 x 2 bi, 4 CPU epochs, seq-window graphs)",
                         help="what the markdown rows name the runs")
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = {}
     if args.rank:
-        result["rank"] = {name: rank_rows(Path(d)) for name, d in (("crf", args.crf), ("ce", args.ce))}
+        result["rank"] = {d: rank_rows(Path(d)) for d in args.rank}
     else:
         result["rows"] = run_rows(Path(args.crf), Path(args.ce))
     result["wall_s"] = time.time() - started
