@@ -200,7 +200,7 @@ def test_crf_model_loss_and_decode_follow_the_grammar():
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert model.crf.edge_scores.grad.abs().sum() > 0
-    assert float(model.loss(batch, logits, reduction="sum")) == pytest.approx(float(loss) * 65, rel=1e-5)
+    assert model.loss(batch, logits, reduction="sum").item() == pytest.approx(loss.item() * 65, rel=1e-5)
     model.eval()
     decoded = model.decode(batch, model(batch))
     assert decoded.shape == (65,)
