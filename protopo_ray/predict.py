@@ -23,7 +23,6 @@ import torch
 
 from protopo_ray import batching, graphs, loop
 from protopo_ray.checkpoint import CheckpointError
-from protopo_ray.checkpoint import load_model as checkpoint_model
 from protopo_ray.config import Config
 from protopo_ray.metrics import format_metrics, protein_metrics
 from protopo_ray.model import TopologyModel
@@ -36,8 +35,11 @@ _EXPERIMENT_DEPTH = 5
 
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TopologyModel, Config, int]:
-    """(model in eval mode, its config, the graph k its shards were built with)."""
-    model, config, _ = checkpoint_model(checkpoint, device)
+    """(predictor in eval mode, its config, the graph k its shards were built with). `checkpoint` is a checkpoint
+    directory or an ensemble directory (`ensemble.json`, protopo_ray.ensemble)."""
+    from protopo_ray.ensemble import load_predictor
+
+    model, config = load_predictor(checkpoint, device)
     return model, config, graph_k(config, experiment_synthetic(search_experiment_file(checkpoint)))
 
 
@@ -81,14 +83,17 @@ def build_graphs(records: list[ProteinRecord], structures: str | Path | None, k:
 
 @torch.no_grad()
 def label_probabilities(model: TopologyModel, batch, device: torch.device) -> list[np.ndarray]:
-    """float [L, NUM_LABELS] per protein of `batch`: the softmax of the model's logits.
+    """float [L, NUM_LABELS] per protein of `batch`: the decoder's label posteriors (softmax, or CRF marginals).
 
     A forward pass of its own, so the labels stay exactly what `loop.predict_labels` decodes (argmax, or the
     model's own decoder) while the plots and confidences show the per-residue distribution behind them.
     """
     model.eval()
     batch = batch.to(device)
-    probabilities = torch.softmax(model(batch).float(), dim=-1).cpu().numpy()
+    logits = model(batch)
+    # The decoder's own per-residue distribution: softmax for cross-entropy models, CRF marginals for CRF models
+    # and ensembles (their emissions are not probabilities).
+    probabilities = model.label_posteriors(batch, logits).float().cpu().numpy()
     ptr = batch.ptr.cpu().numpy()
     return [probabilities[ptr[i]:ptr[i + 1]] for i in range(int(batch.num_graphs))]
 

@@ -137,3 +137,15 @@ def test_a_searchs_synthetic_data_is_made_when_absent(tmp_path, capsys):
     manifest = read_manifest(tmp_path / "data")
     assert manifest["num_proteins"] == 12 and manifest["extra"]["generator"]["seed"] == 3
     assert "preparing the embedded synthetic set (12 proteins, seed 3)" in capsys.readouterr().out
+
+
+def test_an_ensemble_directory_predicts_like_its_members(checkpoint, tmp_path):
+    from protopo_ray.ensemble import write_ensemble
+
+    fasta = write(tmp_path, "in.fasta", ">P1\nMKTLLILAVVAAALAVPSFA\n>P2\nMSDNQKSLLEKAKELLG\n")
+    write_ensemble(tmp_path / "ensemble", [checkpoint, checkpoint])
+    assert predict.main(["--checkpoint", str(tmp_path / "ensemble"), "--input", str(fasta), "--out-dir",
+                         str(tmp_path / "out")]) == 0
+    lines = (tmp_path / "out" / "predicted.3line").read_text().splitlines()
+    assert [line.split("|")[0] for line in lines[::3]] == [">P1", ">P2"]
+    assert all(set(labels) <= set("IOPSMB") for labels in lines[2::3])
