@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tools.bench_search import _rungs, replay_asha, replay_sha
+from protopo_ray.halving import rungs as _rungs
+from tools.bench_search import replay_asha, replay_sha
 
 # Four trials, 9 epochs, lower is better; trial 3 is the best throughout, trial 0 the worst.
 CURVES = [[4.0 - 0.1 * e for e in range(9)], [3.0 - 0.1 * e for e in range(9)],

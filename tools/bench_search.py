@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The rung rule the search's schedulers use (ASHA's milestones for one bracket; SynchronousHalving's rungs).
+from protopo_ray.halving import rungs
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
 # The search starts its own Ray instance through protopo_ray.cluster.ray_init (dashboard on, loopback only);
@@ -29,6 +32,7 @@ EXPERIMENT = "experiments/bench_asha.toml"
 # start-up timeout than Ray Train's 60 s, which expired for trials on the 2-core machine under load (searches
 # then stalled, docs/benchmarks.md); `--asha-from` summarises whatever a search left.
 ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+
 
 
 def tune_command(storage: str, name: str) -> list[str]:
@@ -117,20 +121,11 @@ def tune_listed_order(spec) -> list[dict]:
     return sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])
 
 
-def _rungs(grace: int, rf: int, max_t: int) -> list[int]:
-    """Ray's AsyncHyperBand milestones for one bracket where a trial can be stopped: grace * rf**k below max_t."""
-    rungs, t = [], grace
-    while t < max_t:
-        rungs.append(t)
-        t *= rf
-    return rungs
-
-
 def replay_asha(curves: list[list[float]], order: list[int], grace: int, rf: int, max_t: int) -> tuple[int, int]:
     """Ray's asynchronous rule, one trial at a time in `order`: at each rung a trial goes on only if its
     metric (lower is better) beats the (1 - 1/rf) quantile of the trials recorded there before it.
     Returns (epochs run, index of the best trial by its best metric)."""
-    recorded: dict[int, list[float]] = {m: [] for m in _rungs(grace, rf, max_t)}
+    recorded: dict[int, list[float]] = {m: [] for m in rungs(grace, rf, max_t)}
     epochs, best = 0, None
     for i in order:
         ran = max_t
@@ -151,7 +146,7 @@ def replay_asha(curves: list[list[float]], order: list[int], grace: int, rf: int
 def replay_sha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tuple[int, int]:
     """Synchronous successive halving: all trials to the first rung, the best 1/rf of them to the next, ..."""
     alive, epochs, done = list(range(len(curves))), 0, 0
-    for m in [*_rungs(grace, rf, max_t), max_t]:
+    for m in [*rungs(grace, rf, max_t), max_t]:
         epochs += (m - done) * len(alive)
         done = m
         if m < max_t:
