@@ -2,11 +2,16 @@
 
     python -m protopo_ray.prepare --labels DeepTMHMM.partitions.json [--structures DIR] --out data/deeptmhmm
     python -m protopo_ray.prepare --synthetic 2000 --out data/synthetic [--seed 0]
+    python -m protopo_ray.prepare --synthetic 20000 --out s3://bucket/synthetic20k --ray   # on a Ray cluster
 
-Output is atomic: shards are written into `<out>.tmp-<pid>` beside `out` and renamed into place only when the
-manifest is written, so a crash never leaves a directory that looks complete, and `--overwrite` replaces an
-existing set only once the new one is finished. Exit codes: 0 ok, 2 bad input (message, no traceback), which
-includes a labels file without a single valid record.
+Graphs are built in `--workers` local processes, or with `--ray` in Ray Data tasks on a cluster (one task per
+batch of up to 512 inputs, each writing its own shard files; protopo_ray.prepare_ray). `--out` is a local
+directory or an object-store URI (s3://, gs://). Local output is atomic: shards are written into
+`<out>.tmp-<pid>` beside `out` and renamed into place only when the manifest is written, so a crash never
+leaves a directory that looks complete, and `--overwrite` replaces an existing set only once the new one is
+finished. On object storage (no rename) `--overwrite` deletes the old manifest first and writes the new one
+last. Exit codes: 0 ok, 2 bad input (message, no traceback), which includes a labels file without a single
+valid record.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pyarrow import fs as pafs
 
 from protopo_ray import shards, storage, synthetic
 from protopo_ray.config import Config, describe_keys, read_toml
@@ -49,6 +56,8 @@ class PrepareSummary:
     skipped: list[str] = field(default_factory=list)
     """Invalid records left out (--skip-invalid): one located message each."""
     elapsed_s: float = 0.0
+    task_cpu_s: float | None = None
+    """CPU seconds the Ray tasks spent building and writing (--ray only): proteins / task_cpu_s is per core."""
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -59,6 +68,9 @@ class PrepareSummary:
         lines = [f"prepared {self.out}: {self.num_written} of {self.num_read} records written in "
                  f"{self.elapsed_s:.1f} s ({self.proteins_per_s:.1f} proteins/s)",
                  f"  graphs: {self.num_structure} from structure, {self.num_sequence} sequence fallback"]
+        if self.task_cpu_s:
+            lines.append(f"  Ray tasks: {self.task_cpu_s:.1f} CPU s ({self.num_written / self.task_cpu_s:.1f} "
+                         f"proteins per CPU second)")
         if self.fallback:
             parts = []
             for reason, ids in sorted(self.fallback.items(), key=lambda item: -len(item[1])):
@@ -131,16 +143,21 @@ def _progress(total: int, what: str):
     return progress, progress.add_task(what, total=total)
 
 
+def _count(summary: PrepareSummary, protein_id: str, source: str) -> None:
+    """Account one written protein: its graph came from a structure, or why it fell back to the sequence."""
+    if source == "structure":
+        summary.num_structure += 1
+    else:
+        summary.num_sequence += 1
+        summary.fallback.setdefault(_fallback_reason(source), []).append(protein_id)
+    summary.num_written += 1
+
+
 def _counted(rows: Iterable[tuple[dict, str]], summary: PrepareSummary, total: int, what: str) -> Iterator[dict]:
     progress, task = _progress(total, what)
     with progress:
         for row, source in rows:
-            if source == "structure":
-                summary.num_structure += 1
-            else:
-                summary.num_sequence += 1
-                summary.fallback.setdefault(_fallback_reason(source), []).append(row["id"])
-            summary.num_written += 1
+            _count(summary, row["id"], source)
             progress.advance(task)
             yield row
 
@@ -148,10 +165,12 @@ def _counted(rows: Iterable[tuple[dict, str]], summary: PrepareSummary, total: i
 # ------------------------------------------------------------------------------------------------ output
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if overwrite or not out.exists():
+def _check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse (OutputExists) to write over a complete shard set or a non-empty directory without --overwrite."""
+    fs, root = storage.filesystem(str(out))
+    if overwrite or fs.get_file_info(root).type == pafs.FileType.NotFound:
         return
-    if (out / shards.MANIFEST).exists():
+    if fs.get_file_info(f"{root}/{shards.MANIFEST}").type == pafs.FileType.File:
         try:
             manifest = shards.read_manifest(out)
         except ValueError:  # unreadable or another schema version: still a set we must not clobber silently
@@ -159,7 +178,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise OutputExists(f"{out} already holds a complete shard set ({manifest.get('num_proteins', '?')} proteins, "
                            f"written {manifest.get('created_at', '?')}); pass --overwrite to replace it, or choose "
                            f"another --out")
-    if not out.is_dir() or any(out.iterdir()):
+    if fs.get_file_info(root).type != pafs.FileType.Directory or fs.get_file_info(pafs.FileSelector(root)):
         raise OutputExists(f"{out} exists and is not a complete shard set; pass --overwrite to replace it, or "
                            f"choose another --out")
 
@@ -175,14 +194,15 @@ def _remove_stale_temps(out: Path) -> None:
             pass
 
 
-def _write_atomic(rows: Iterable[dict], out: Path, overwrite: bool, **write_args: Any) -> dict[str, Any]:
-    """Write shards into a temp dir beside `out`, then rename it into place (replacing `out` only when complete)."""
+def _write_atomic(write: Callable[[str], dict], out: Path, overwrite: bool) -> dict[str, Any]:
+    """`write(dir)` shards into a temp dir beside `out`, then rename it into place (replacing `out` only when
+    complete)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = shards.write_shards(rows, tmp, **write_args)
+        manifest = write(str(tmp))
         if out.exists():
             _check_out(out, overwrite)  # another run may have finished first
             old = out.parent / f"{out.name}.old-{os.getpid()}"
@@ -197,15 +217,43 @@ def _write_atomic(rows: Iterable[dict], out: Path, overwrite: bool, **write_args
     return manifest
 
 
+def _write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite: bool) -> dict[str, Any]:
+    """Run `write(target)` for `out`: atomically via a temp dir when local; on object storage straight into
+    `out` after deleting an old set's manifest (first) and part files, the new manifest written last."""
+    if not storage.is_uri(out):
+        return _write_atomic(write, Path(out), overwrite)
+    _check_out(out, overwrite)
+    shards.clear_shards(*storage.filesystem(str(out)))
+    return write(str(out))
+
+
+def _build_and_write(fn: Callable, jobs: list, args: tuple, out: str | os.PathLike, summary: PrepareSummary, *,
+                     what: str, overwrite: bool, workers: int | None, use_ray: bool, **write_args: Any) -> dict:
+    """Rows of `fn(chunk, *args)` over `jobs` -> shards at `out`: in local processes, or in Ray Data tasks."""
+    if use_ray:
+        from protopo_ray import prepare_ray
+
+        def write(target: str) -> dict:
+            return prepare_ray.write_shards_ray(fn, jobs, args, target, summary, what=what, workers=workers,
+                                                **write_args)
+    else:
+        def write(target: str) -> dict:
+            rows = _run_chunks(fn, jobs, workers or 1, args)
+            return shards.write_shards(_counted(rows, summary, len(jobs), what), target, **write_args)
+    return _write_output(write, out, overwrite)
+
+
 # --------------------------------------------------------------------------------------------- entry points
 
 
 def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, structures: str | os.PathLike | None = None,
-                    k: int = DEFAULT_K, skip_invalid: bool = False, workers: int = 1,
-                    overwrite: bool = False) -> PrepareSummary:
-    """Read a labels file (.3line / .json / .fasta), build one graph per protein, write shards to `out`."""
+                    k: int = DEFAULT_K, skip_invalid: bool = False, workers: int | None = None,
+                    overwrite: bool = False, use_ray: bool = False) -> PrepareSummary:
+    """Read a labels file (.3line / .json / .fasta), build one graph per protein, write shards to `out` (a local
+    directory or an s3:// / gs:// URI). `workers`: local processes (default 1), or with `use_ray` the most Ray
+    tasks at once (default: every CPU of the cluster); `structures` must then be a directory every node sees."""
     start = time.perf_counter()
-    out, labels_path = Path(out), Path(labels_path)
+    out, labels_path = out if storage.is_uri(out) else Path(out), Path(labels_path)
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     _check_out(out, overwrite)
@@ -216,20 +264,23 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
     result = read_records(labels_path, skip_invalid=skip_invalid, allow_empty=False)
     summary = PrepareSummary(out=str(out), num_read=len(result.records) + len(result.skipped),
                              skipped=[str(error) for error in result.skipped])
-    rows = _run_chunks(_record_rows, result.records, workers, (str(structures) if structures else None, k))
+    # Absolute: Ray tasks run in other working directories.
+    args = (str(Path(structures).resolve()) if structures else None, k)
     extra = {"graph_builder": GRAPH_BUILDER, "labels_file": labels_path.name,
              "structures": str(structures) if structures else None, "skipped": summary.skipped}
-    summary.manifest = _write_atomic(_counted(rows, summary, len(result.records), "graphs"), out, overwrite, k=k,
-                                     sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra)
+    summary.manifest = _build_and_write(_record_rows, result.records, args, out, summary, what="graphs",
+                                        overwrite=overwrite, workers=workers, use_ray=use_ray, k=k,
+                                        sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra)
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
 
 def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int = DEFAULT_K, overwrite: bool = False,
-                      workers: int = 1) -> PrepareSummary:
-    """Generate `n` synthetic proteins (protopo_ray.synthetic) with structure graphs and write shards to `out`."""
+                      workers: int | None = None, use_ray: bool = False) -> PrepareSummary:
+    """Generate `n` synthetic proteins (protopo_ray.synthetic) with structure graphs and write shards to `out`
+    (`workers`, `use_ray`: as prepare_records)."""
     start = time.perf_counter()
-    out = Path(out)
+    out = out if storage.is_uri(out) else Path(out)
     if n < 1:
         raise ValueError(f"--synthetic must be >= 1, got {n}")
     if k < 1:
@@ -239,10 +290,10 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     jobs = list(zip(range(n), types, synthetic.assign_folds(types, seed)))
     summary = PrepareSummary(out=str(out), num_read=n)
     generator = {"module": "protopo_ray.synthetic", "n": n, "seed": seed}
-    rows = _run_chunks(_synthetic_rows, jobs, workers, (seed, k))
-    summary.manifest = _write_atomic(_counted(rows, summary, n, "synthetic"), out, overwrite, k=k,
-                                     sources={"synthetic": f"protopo_ray.synthetic n={n} seed={seed}"},
-                                     extra={"graph_builder": GRAPH_BUILDER, "generator": generator})
+    summary.manifest = _build_and_write(_synthetic_rows, jobs, (seed, k), out, summary, what="synthetic",
+                                        overwrite=overwrite, workers=workers, use_ray=use_ray, k=k,
+                                        sources={"synthetic": f"protopo_ray.synthetic n={n} seed={seed}"},
+                                        extra={"graph_builder": GRAPH_BUILDER, "generator": generator})
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
@@ -314,26 +365,42 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--labels", type=Path, help="labels file: .3line, partitions .json or .fasta")
     source.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic proteins instead")
     parser.add_argument("--structures", type=Path, help="directory of AlphaFold PDB/mmCIF files (optional)")
-    parser.add_argument("--out", type=Path, required=True, help="shard directory to write")
+    parser.add_argument("--out", required=True, help="shard directory to write: a local path or s3:// / gs:// URI")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="nearest neighbours per residue (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed for --synthetic")
     parser.add_argument("--skip-invalid", action="store_true", help="leave out invalid records (reported)")
-    parser.add_argument("--workers", type=int, default=1, help="processes building graphs (default 1)")
+    parser.add_argument("--workers", type=int, help="processes building graphs (default 1); with --ray the most "
+                        "Ray tasks at once (default: all the cluster's CPUs)")
+    parser.add_argument("--ray", action="store_true", help="build graphs and write shards in Ray Data tasks on the "
+                        "cluster this process joins (RAY_ADDRESS, else a running `ray start` cluster, else a new "
+                        "local one); --structures must then be visible to every node")
+    parser.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster for --ray (implies it): 'auto', "
+                        "host:port, ray://host:10001, or 'local' for a new private local cluster")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
     args = parser.parse_args(argv)
+    use_ray = args.ray or args.ray_address is not None
     try:
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        if use_ray:
+            from protopo_ray import prepare_ray
+
+            prepare_ray.connect(args.ray_address, args.workers)
         if args.synthetic is not None:
             if args.structures or args.skip_invalid:
                 raise ValueError("--structures and --skip-invalid apply to --labels, not --synthetic")
             summary = prepare_synthetic(args.synthetic, args.out, seed=args.seed, k=args.k,
-                                        overwrite=args.overwrite, workers=args.workers)
+                                        overwrite=args.overwrite, workers=args.workers, use_ray=use_ray)
         else:
             summary = prepare_records(args.labels, args.out, structures=args.structures, k=args.k,
                                       skip_invalid=args.skip_invalid, workers=args.workers,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, use_ray=use_ray)
     except (RecordError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if use_ray:
+            prepare_ray.disconnect()
     print(summary.format())
     return 0
 

@@ -28,6 +28,27 @@ from protopo_ray.records import ProteinRecord
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+# Shard layout, sized for streaming: the one rule every writer (the process pool and the Ray Data path) uses.
+# A streaming reader (pyarrow `ParquetFile.read_row_group`, a Ray Data `read_parquet` task) decodes at least a
+# whole row group of a column at once, so the row group bounds the memory of one read step; the file bounds
+# one read task (Ray Data reads a file per task) and is the unit a rank or a shuffle moves around.
+# Measured on synthetic structure graphs (k = 16): ~196 B per residue in memory, ~54 B on disk (zstd).
+MAX_ROWS_PER_FILE = 512
+"""A file closes at 512 proteins: ~10 MB on disk at the synthetic set's mean length (~390), ~14 MB at
+AlphaFold's ~500. Large enough that an object-store GET (tens of ms) is amortised, small enough that a 20k
+set has 40 files to spread over ranks and shuffle by file."""
+MAX_BYTES_PER_FILE = 64 << 20
+"""...or earlier, when its rows' in-memory size reaches 64 MiB (long proteins), so one read task holds <= 64 MiB."""
+ROW_GROUP_ROWS = 64
+"""A row group holds <= 64 proteins (two batches of 32; ~5 MB in memory at mean length 390)..."""
+ROW_GROUP_BYTES = 16 << 20
+"""...and <= 16 MiB of in-memory row size (64 proteins of 1300+ residues close it earlier)."""
+
+LENGTH_BIN_EDGES = (*range(0, 1000, 50), 1000, 1250, 1500, 2000, 2500, 3000, 4000)
+"""Fixed bins of the manifest's length histograms: bin i counts proteins with edges[i] <= length < edges[i+1],
+the last bin lengths >= 4000. 50-residue bins up to 1000 (where most proteins and the batching decisions are),
+then coarser. Fixed, so histograms of different sets (and shards) add up bin by bin."""
+
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("type", pa.string(), nullable=False),
@@ -93,6 +114,24 @@ def _row_bytes(row: dict[str, Any]) -> int:
     return sum(v.nbytes if isinstance(v, np.ndarray) else len(v) if isinstance(v, str) else 8 for v in row.values())
 
 
+def length_bin(length: int) -> int:
+    """Index of `length` in LENGTH_BIN_EDGES' bins."""
+    return int(np.searchsorted(LENGTH_BIN_EDGES, length, side="right")) - 1
+
+
+def _row_groups(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of at most `max_rows` rows and `max_bytes` bytes (but >= 1 row) each."""
+    groups, start, held = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_rows or held + size > max_bytes):
+            groups.append((start, i))
+            start, held = i, 0
+        held += size
+    if start < len(sizes):
+        groups.append((start, len(sizes)))
+    return groups
+
+
 def _filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if "://" in path:
@@ -112,78 +151,83 @@ def sha256_file(path: str | os.PathLike) -> str:
 class ShardWriter:
     """Writes rows to part-00000.parquet, part-00001.parquet, ... and manifest.json (last) on close.
 
-    A shard closes when it holds `max_rows_per_shard` rows or its rows' in-memory size reaches
-    `max_bytes_per_shard`; zstd makes files on disk several times smaller than that bound.
+    A file closes at `max_rows_per_shard` rows or when its rows' in-memory size reaches `max_bytes_per_shard`;
+    inside it, row groups of <= `row_group_rows` rows and <= `row_group_bytes` bytes (defaults: the streaming
+    layout above). zstd makes files on disk several times smaller than the in-memory bound.
+
+    The Ray path runs one writer per task with its own `file_prefix`, `clear=False` and `finish()` instead of
+    `close()`, and the driver writes the manifest of all tasks' files (`build_manifest`, `write_manifest`).
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, k: int, sources: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None, max_rows_per_shard: int = 512,
-                 max_bytes_per_shard: int = 64 << 20) -> None:
-        if max_rows_per_shard < 1 or max_bytes_per_shard < 1:
-            raise ValueError("max_rows_per_shard and max_bytes_per_shard must be >= 1")
+                 extra: dict[str, Any] | None = None, max_rows_per_shard: int = MAX_ROWS_PER_FILE,
+                 max_bytes_per_shard: int = MAX_BYTES_PER_FILE, row_group_rows: int = ROW_GROUP_ROWS,
+                 row_group_bytes: int = ROW_GROUP_BYTES, file_prefix: str = "part", clear: bool = True) -> None:
+        if min(max_rows_per_shard, max_bytes_per_shard, row_group_rows, row_group_bytes) < 1:
+            raise ValueError("max_rows_per_shard, max_bytes_per_shard, row_group_rows and row_group_bytes "
+                             "must be >= 1")
         self.out_dir = str(out_dir)
         self.fs, self.root = _filesystem(out_dir)
         self.k, self.sources, self.extra = k, dict(sources or {}), dict(extra or {})
-        self.max_rows, self.max_bytes = max_rows_per_shard, max_bytes_per_shard
+        self.layout = {"max_rows_per_file": max_rows_per_shard, "max_bytes_per_file": max_bytes_per_shard,
+                       "row_group_rows": row_group_rows, "row_group_bytes": row_group_bytes}
+        self.file_prefix = file_prefix
         self.fs.create_dir(self.root, recursive=True)
-        # A stale manifest would describe shards we are about to overwrite; remove it and old parts first.
-        for info in self.fs.get_file_info(pafs.FileSelector(self.root)):
-            if info.base_name == MANIFEST or (info.base_name.startswith("part-") and info.extension == "parquet"):
-                self.fs.delete_file(info.path)
+        if clear:
+            clear_shards(self.fs, self.root)
         self._buffer: list[dict[str, Any]] = []
         self._buffer_bytes = 0
         self._shards: list[dict[str, Any]] = []
-        self._counts: dict[str, Counter] = {"type": Counter(), "fold": Counter(), "graph_source": Counter()}
-        self._num_residues = 0
+        self._histogram: dict[str, list[int]] = {}
         self.manifest: dict[str, Any] | None = None
 
     def add(self, row: dict[str, Any]) -> None:
         size = _row_bytes(row)
-        if self._buffer and self._buffer_bytes + size > self.max_bytes:
+        if self._buffer and self._buffer_bytes + size > self.layout["max_bytes_per_file"]:
             self._flush()
         self._buffer.append(row)
         self._buffer_bytes += size
-        for key, counter in self._counts.items():
-            counter[row[key]] += 1
-        self._num_residues += int(row["length"])
-        if len(self._buffer) >= self.max_rows:
+        if len(self._buffer) >= self.layout["max_rows_per_file"]:
             self._flush()
 
     def _flush(self) -> None:
         if not self._buffer:
             return
-        name = f"part-{len(self._shards):05d}.parquet"
+        rows, name = self._buffer, f"{self.file_prefix}-{len(self._shards):05d}.parquet"
         path = f"{self.root}/{name}"
+        groups = _row_groups([_row_bytes(row) for row in rows], self.layout["row_group_rows"],
+                             self.layout["row_group_bytes"])
+        table = rows_to_table(rows)
         # Dictionary-encode only the repetitive strings; the numeric lists compress better plain + zstd.
-        pq.write_table(rows_to_table(self._buffer), path, filesystem=self.fs, compression="zstd",
-                       use_dictionary=["type", "fold", "graph_source"])
-        self._shards.append({"file": name, "num_rows": len(self._buffer),
-                             "num_bytes": self.fs.get_file_info(path).size})
+        with pq.ParquetWriter(path, SCHEMA, filesystem=self.fs, compression="zstd",
+                              use_dictionary=["type", "fold", "graph_source"]) as writer:
+            for start, stop in groups:
+                writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+        lengths = [int(row["length"]) for row in rows]
+        counts = {key: dict(sorted(Counter(row[key] for row in rows).items())) for key in COUNTED}
+        residues: Counter = Counter()
+        for row, length in zip(rows, lengths):
+            residues[row["fold"]] += length
+            self._histogram.setdefault(row["fold"], [0] * len(LENGTH_BIN_EDGES))[length_bin(length)] += 1
+        self._shards.append({"file": name, "num_rows": len(rows), "num_bytes": self.fs.get_file_info(path).size,
+                             "num_residues": sum(lengths), "num_row_groups": len(groups),
+                             "min_length": min(lengths), "max_length": max(lengths), "counts": counts,
+                             "residues": {"fold": dict(sorted(residues.items()))}})
         self._buffer, self._buffer_bytes = [], 0
+
+    def finish(self) -> tuple[list[dict[str, Any]], dict[str, list[int]]]:
+        """Flush the last file; (shard entries, length histogram per fold) of this writer's files, no manifest."""
+        self._flush()
+        return self._shards, self._histogram
 
     def close(self) -> dict[str, Any]:
         """Flush the last shard and write manifest.json; returns the manifest."""
         if self.manifest is not None:
             return self.manifest
-        self._flush()
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "num_proteins": sum(s["num_rows"] for s in self._shards),
-            "num_residues": self._num_residues,
-            "counts": {key: dict(sorted(counter.items())) for key, counter in self._counts.items()},
-            "k": self.k,
-            "node_features": list(NODE_FEATURES),
-            "edge_features": list(EDGE_FEATURES),
-            "shards": self._shards,
-            "sources": self.sources,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "extra": self.extra,
-        }
-        # Written last and moved into place, so a directory with a manifest always holds complete shards.
-        tmp = f"{self.root}/{MANIFEST}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write((json.dumps(manifest, indent=2) + "\n").encode())
-        self.fs.move(tmp, f"{self.root}/{MANIFEST}")
+        entries, histogram = self.finish()
+        manifest = build_manifest(entries, [histogram], k=self.k, sources=self.sources, extra=self.extra,
+                                  layout=self.layout)
+        write_manifest(self.fs, self.root, manifest)
         self.manifest = manifest
         return manifest
 
@@ -195,12 +239,69 @@ class ShardWriter:
             self.close()
 
 
+COUNTED = ("type", "fold", "graph_source")
+"""Columns whose values the manifest counts (`counts`, overall and per shard)."""
+
+
+def clear_shards(fs: pafs.FileSystem, root: str) -> None:
+    """Delete the manifest (first: a stale one would describe shards about to be overwritten) and part files."""
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    for info in sorted(infos, key=lambda info: info.base_name != MANIFEST):
+        if info.base_name == MANIFEST or (info.base_name.startswith("part-") and info.extension == "parquet"):
+            fs.delete_file(info.path)
+
+
+def build_manifest(entries: Sequence[dict[str, Any]], histograms: Iterable[dict[str, list[int]]], *, k: int,
+                   sources: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                   layout: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest of shard files `entries` (ShardWriter's, in read order); totals are sums over the entries."""
+    counts: dict[str, Counter] = {key: Counter() for key in COUNTED}
+    residues: Counter = Counter()
+    for entry in entries:
+        for key in COUNTED:
+            counts[key].update(entry["counts"][key])
+        residues.update(entry["residues"]["fold"])
+    by_fold: dict[str, np.ndarray] = {}
+    for histogram in histograms:
+        for fold, bins in histogram.items():
+            by_fold[fold] = by_fold.get(fold, np.zeros(len(LENGTH_BIN_EDGES), np.int64)) + np.asarray(bins)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "num_proteins": sum(entry["num_rows"] for entry in entries),
+        "num_residues": sum(entry["num_residues"] for entry in entries),
+        "counts": {key: dict(sorted(counter.items())) for key, counter in counts.items()},
+        "residues": {"fold": dict(sorted(residues.items()))},
+        "length_histogram": {"bin_edges": list(LENGTH_BIN_EDGES),
+                             "fold": {fold: bins.tolist() for fold, bins in sorted(by_fold.items())}},
+        "k": k,
+        "node_features": list(NODE_FEATURES),
+        "edge_features": list(EDGE_FEATURES),
+        "shards": list(entries),
+        "shard_layout": dict(layout or {"max_rows_per_file": MAX_ROWS_PER_FILE,
+                                        "max_bytes_per_file": MAX_BYTES_PER_FILE,
+                                        "row_group_rows": ROW_GROUP_ROWS, "row_group_bytes": ROW_GROUP_BYTES}),
+        "sources": dict(sources or {}),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "extra": dict(extra or {}),
+    }
+
+
+def write_manifest(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> None:
+    """Write manifest.json last, through a temporary file and a move, so a directory with a manifest always
+    holds complete shards (on object storage the move is a copy: the manifest object appears whole or not)."""
+    tmp = f"{root}/{MANIFEST}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write((json.dumps(manifest, indent=2) + "\n").encode())
+    fs.move(tmp, f"{root}/{MANIFEST}")
+
+
 def write_shards(rows: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *, k: int,
                  sources: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
-                 max_rows_per_shard: int = 512, max_bytes_per_shard: int = 64 << 20) -> dict[str, Any]:
+                 max_rows_per_shard: int = MAX_ROWS_PER_FILE, max_bytes_per_shard: int = MAX_BYTES_PER_FILE,
+                 row_group_rows: int = ROW_GROUP_ROWS) -> dict[str, Any]:
     """Write `record_to_row` dicts as shards + manifest under `out_dir`; returns the manifest."""
     with ShardWriter(out_dir, k=k, sources=sources, extra=extra, max_rows_per_shard=max_rows_per_shard,
-                     max_bytes_per_shard=max_bytes_per_shard) as writer:
+                     max_bytes_per_shard=max_bytes_per_shard, row_group_rows=row_group_rows) as writer:
         for row in rows:
             writer.add(row)
     return writer.close()

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph
 from protopo_ray.records import ProteinRecord
 from protopo_ray.shards import (
+    LENGTH_BIN_EDGES,
+    ROW_GROUP_ROWS,
     SCHEMA_VERSION,
+    ShardWriter,
+    _row_groups,
+    length_bin,
     read_manifest,
     read_table,
     record_to_row,
@@ -69,10 +75,6 @@ def test_round_trip_is_exact_for_ints_and_float16_close_for_floats(shard_dir):
             assert row["edge_distance"] is None and row["ca"] is None
 
 
-
-
-
-
 def test_shards_are_bounded(tmp_path):
     records, graphs = make_proteins(23)
     rows = [record_to_row(r, g) for r, g in zip(records, graphs)]
@@ -97,6 +99,49 @@ def test_manifest_counts_and_sources(shard_dir):
     assert manifest["edge_features"] == list(EDGE_FEATURES) and manifest["extra"] == {"note": "test"}
     (source, digest), = manifest["sources"].items()
     assert len(digest) == 64 and digest == sha256_file(source)
+
+
+def test_manifest_has_per_shard_counts_and_length_histograms(shard_dir):
+    path, records, _, manifest = shard_dir
+    # 12 proteins in shards of 5: P000-P004, P005-P009, P010-P011; folds cycle cv0, cv1, cv2.
+    first, _, last = manifest["shards"]
+    assert first["counts"]["fold"] == {"cv0": 2, "cv1": 2, "cv2": 1}
+    assert last["counts"]["fold"] == {"cv1": 1, "cv2": 1} and last["num_rows"] == 2
+    assert first["num_residues"] == sum(len(r.sequence) for r in records[:5])
+    assert (first["min_length"], first["max_length"]) == (min(len(r.sequence) for r in records[:5]),
+                                                           max(len(r.sequence) for r in records[:5]))
+    assert first["residues"]["fold"]["cv2"] == len(records[2].sequence)
+    assert manifest["residues"]["fold"]["cv0"] == sum(len(r.sequence) for r in records if r.fold == "cv0")
+    histogram = manifest["length_histogram"]
+    assert histogram["bin_edges"] == list(LENGTH_BIN_EDGES)
+    # make_proteins draws lengths 3..39: every protein is in the first bin [0, 50).
+    assert histogram["fold"] == {fold: [4] + [0] * (len(LENGTH_BIN_EDGES) - 1) for fold in ("cv0", "cv1", "cv2")}
+    assert manifest["shard_layout"]["row_group_rows"] == ROW_GROUP_ROWS
+
+
+@pytest.mark.parametrize("length, index", [(1, 0), (49, 0), (50, 1), (999, 19), (1000, 20), (1249, 20),
+                                           (3999, 25), (4000, 26), (35000, 26)])
+def test_length_bins_are_half_open_with_an_open_last_bin(length, index):
+    assert length_bin(length) == index
+
+
+def test_row_groups_follow_the_layout(tmp_path):
+    records, graphs = make_proteins(23)
+    with ShardWriter(tmp_path / "s", k=4, max_rows_per_shard=10, row_group_rows=4) as writer:
+        for record, graph in zip(records, graphs):
+            writer.add(record_to_row(record, graph))
+    files = [pq.ParquetFile(tmp_path / "s" / shard["file"]) for shard in writer.manifest["shards"]]
+    sizes = [[f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] for f in files]
+    assert sizes == [[4, 4, 2], [4, 4, 2], [3]]
+    assert [shard["num_row_groups"] for shard in writer.manifest["shards"]] == [3, 3, 1]
+    assert read_table(tmp_path / "s")["id"].to_pylist() == [r.id for r in records]
+
+
+def test_row_groups_close_on_bytes_and_keep_an_oversized_row_alone():
+    assert _row_groups([5, 5, 5, 5], max_rows=10, max_bytes=12) == [(0, 2), (2, 4)]
+    assert _row_groups([20, 1, 1], max_rows=10, max_bytes=12) == [(0, 1), (1, 3)]
+    assert _row_groups([1] * 5, max_rows=2, max_bytes=100) == [(0, 2), (2, 4), (4, 5)]
+    assert _row_groups([], max_rows=2, max_bytes=100) == []
 
 
 def test_fold_filter_and_columns(shard_dir):
