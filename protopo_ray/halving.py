@@ -31,6 +31,11 @@ def rungs(grace: int, reduction_factor: int, max_t: int) -> list[int]:
     return points
 
 
+def survivors(count: int, reduction_factor: int) -> int:
+    """How many of a rung's `count` scored trials continue: the best 1/rf, rounded up, at least one."""
+    return max(1, math.ceil(count / reduction_factor))
+
+
 class SynchronousHalving(TrialScheduler):
     # Every result is judged as it comes: a buffered batch of results could carry a trial past its rung.
     _supports_buffered_results = False
@@ -100,7 +105,7 @@ class SynchronousHalving(TrialScheduler):
             if not cohort or any(t not in self.scores[rung] for t in cohort):
                 return
             ranked = sorted(cohort, key=lambda t: self.scores[rung][t], reverse=self._mode == "max")
-            keep = ranked[: max(1, math.ceil(len(ranked) / self._rf))]
+            keep = ranked[: survivors(len(ranked), self._rf)]
             self.promoted[rung] = keep
             self.stopped.update(t for t in ranked if t not in keep)
             self._save()

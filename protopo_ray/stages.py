@@ -116,18 +116,39 @@ def run_trial(params: dict[str, Any], *, ctx: StageContext, datasets: dict[str, 
     """One Tune trial: in this process for one worker, else a Ray Train DDP run forwarding its reports."""
     import ray.tune
 
+    entered = time.time()
     config = trial_config(ctx, params, ray.tune.get_context().get_trial_id())
     if config.resources.num_workers <= 1:
         from protopo_ray.runner import fit
         from protopo_ray.worker import TuneSession
 
-        fit(config, TuneSession(config))
+        session = TuneSession(config)
+        session.report = _with_startup_times(session.report, entered)
+        fit(config, session)
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from protopo_ray.trainer import build_trainer
 
     build_trainer(config, callbacks=[TuneReportCallback()], datasets=datasets).fit()
+
+
+def _with_startup_times(report, entered: float):
+    """`report` that adds, to the trial's first report, where its start-up went (tools/bench_search.py reads them):
+    when the trial's process started (a reused actor: the first trial it ran), when `run_trial` was entered and
+    when torch / PyG and the training code had been imported; the first step's time comes from the loop."""
+    import psutil
+
+    times = {"startup_process_unix": psutil.Process().create_time(), "startup_entered_unix": entered,
+             "startup_imported_unix": time.time()}
+
+    def first_report(metrics: dict[str, float], *args: Any) -> None:
+        nonlocal times
+        if times:
+            metrics, times = {**metrics, **times}, {}
+        report(metrics, *args)
+
+    return first_report
 
 
 def grid_points(stage: StageSpec) -> list[dict[str, Any]]:
@@ -222,7 +243,11 @@ def build_tuner(stage: StageSpec, ctx: StageContext, *, tune_dir: str, driver_re
                                     num_samples=samples,
                                     # The shuffled grid's generator enforces its own limit (Tune ignores this one for
                                     # generators); HyperOpt, a Searcher, gets Tune's ConcurrencyLimiter from it.
-                                    max_concurrent_trials=None if shuffled or not limit else limit),
+                                    max_concurrent_trials=None if shuffled or not limit else limit,
+                                    # One-worker trials run in the trial's actor: a stopped or paused trial's process
+                                    # runs the next trial of the same resources, its torch / PyG imports already paid
+                                    # (docs/benchmarks.md, "Trial start-up"). A DDP driver starts its own workers anyway.
+                                    reuse_actors=plan.num_workers <= 1),
         run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
