@@ -50,8 +50,13 @@ class DataConfig:
     """Per-type resampling weights for training, e.g. {"TM" = 2.0}; missing types weigh 1."""
     max_proteins: int = 0
     """Use only the first N proteins of each split (0 = all); for quick runs and tests."""
-    reader: str = "arrow"
-    """How Ray runs load the shards: arrow (pyarrow in the driver, then Ray Data) or ray (read_parquet tasks)."""
+    loading: str = "auto"
+    """memory (hold each split as one table: the exact global batch plan), stream (Ray Data / row-group streams,
+    bounded memory at any data size), or auto: stream when the train split is estimated above stream_above_gib."""
+    stream_above_gib: float = 2.0
+    """With loading = auto: the in-memory size of the train split above which runs stream it."""
+    shuffle_rows: int = 0
+    """Streaming: rows held in the shuffle pool each window is drawn from (0 = two windows' worth)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path must name a shard directory")
@@ -61,7 +66,13 @@ class DataConfig:
         _check(self.max_residues_per_batch >= 0, "data.max_residues_per_batch must be >= 0 (0 = no budget)")
         _check(self.bucket_batches >= 1, f"data.bucket_batches must be >= 1, got {self.bucket_batches}")
         _check(self.max_proteins >= 0, "data.max_proteins must be >= 0 (0 = all)")
-        _check(self.reader in ("arrow", "ray"), f"data.reader must be arrow or ray, got {self.reader!r}")
+        _check(self.loading in ("auto", "memory", "stream"),
+               f"data.loading must be auto, memory or stream, got {self.loading!r}")
+        _check(not (self.loading == "stream" and self.max_proteins),
+               "data.max_proteins (the first N proteins by id) needs the in-memory path; set data.loading = "
+               "'memory' or 'auto', or leave max_proteins at 0")
+        _check(self.stream_above_gib >= 0, "data.stream_above_gib must be >= 0")
+        _check(self.shuffle_rows >= 0, "data.shuffle_rows must be >= 0 (0 = two windows)")
         for name, weight in self.type_weights.items():
             _check(name in PROTEIN_TYPES, f"data.type_weights: unknown type {name!r}; known: {PROTEIN_TYPES}")
             _check(weight > 0, f"data.type_weights[{name!r}] must be > 0, got {weight}")

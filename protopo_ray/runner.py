@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from protopo_ray import batching, collate, loop, shards, storage
+from protopo_ray import collate, loop, shards, storage
 from protopo_ray.checkpoint import (
     BestTracker,
     TrainState,
@@ -37,15 +39,14 @@ from protopo_ray.config import Config
 from protopo_ray.metrics import METRIC_KEYS, aggregate
 from protopo_ray.model import TopologyModel
 from protopo_ray.schedule import EpochSchedule
+from protopo_ray.stream import SPLIT_FOLDS, Split, id_keys, local_split, lockstep
 
 log = logging.getLogger(__name__)
-
-SPLIT_FOLDS = {"train": "train_folds", "val": "val_folds", "test": "test_folds"}
 
 #: Every metric a run reports each epoch (a stage metric must be one of these).
 REPORTED_METRICS = (
     ("epoch", "val_loss", "epoch_time_s", "train_padding_efficiency", "train_proteins_all_ranks", "train_rank_overlap",
-     "resumed_from_epoch")
+     "resumed_from_epoch", "peak_rss_bytes_max_rank")
     + tuple(f"val_{key}" for key in METRIC_KEYS)
     + tuple(loop.EpochStats().as_metrics().keys())
 )
@@ -55,7 +56,10 @@ class Session(Protocol):
     rank: int
     world_size: int
 
-    def load_split(self, split: str) -> pa.Table: ...
+    def split(self, name: str) -> Split:
+        """This rank's view of split `name` ("train" / "val"): held in memory or streamed (`stream`)."""
+    def all_min(self, value: int) -> int:
+        """The minimum of `value` over all ranks (a collective; identity with one rank)."""
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
     def gather(self, value: Any) -> list[Any]: ...
     def resume_state(self) -> TrainState | None:
@@ -64,14 +68,6 @@ class Session(Protocol):
         """Make a (complete) checkpoint directory the run's `<run>/best`."""
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         """Record an epoch: metrics always, the checkpoint when one was written (also as best/ when best)."""
-
-
-def split_table(table: pa.Table, config: Config) -> pa.Table:
-    """Deterministic row order (by id) whatever order the shards were read in; optional size cap."""
-    table = table.sort_by("id")
-    if config.data.max_proteins:
-        table = table.slice(0, config.data.max_proteins)
-    return table
 
 
 def validate_data(config: Config) -> dict[str, Any]:
@@ -89,26 +85,22 @@ def validate_data(config: Config) -> dict[str, Any]:
     return manifest
 
 
-def row_weights(table: pa.Table, config: Config) -> np.ndarray | None:
-    if not config.data.type_weights:
-        return None
-    types = table.column("type").to_pylist()
-    return np.array([config.data.type_weights.get(t, 1.0) for t in types], dtype=np.float64)
+def collated(tables: Iterable[pa.Table], depth: int = 2) -> Iterator:
+    """PyG batches of a stream of Arrow batch tables, collated in a prefetch thread ahead of the step."""
+    return loop.prefetch(collate.table_to_batch, tables, depth)
 
 
-def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2):
-    """Collate the planned batches (Arrow rows -> PyG Batch) ahead of the training step."""
-    return loop.prefetch(lambda idx: collate.table_to_batch(table.take(pa.array(idx))), plan, prefetch_depth)
+def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2) -> Iterator:
+    """Collated batches of a plan of row indices into `table` (tools that plan their own batches)."""
+    return collated((table.take(pa.array(idx)) for idx in plan), prefetch_depth)
 
 
-def evaluate_split(model, table: pa.Table, config: Config, device, session: Session | None = None) -> dict[str, float]:
-    """Loss and the full metric dict over a split; with a session, over all ranks' slices of it."""
-    plan = batching.eval_batches(table.column("length").to_numpy(), config.data.batch_size,
-                                 config.data.max_residues_per_batch)
-    if session is not None and session.world_size > 1:
-        plan = plan[session.rank :: session.world_size]  # every protein on exactly one rank
-    loss_sum, residues, results = loop.evaluate(model, iter_batches(table, plan), device, config.train.bf16)
-    if session is not None and session.world_size > 1:
+def evaluate_split(model, split: Split, config: Config, device, session: Session | None = None) -> dict[str, float]:
+    """Loss and the full metric dict over a split; with a session, over all ranks' parts of it (each protein once)."""
+    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
+    loss_sum, residues, results = loop.evaluate(model, collated(split.eval_batches(rank, world)), device,
+                                                config.train.bf16)
+    if world > 1:
         gathered = session.gather((loss_sum, residues, results))
         loss_sum = sum(g[0] for g in gathered)
         residues = sum(g[1] for g in gathered)
@@ -116,6 +108,25 @@ def evaluate_split(model, table: pa.Table, config: Config, device, session: Sess
     metrics = aggregate(results)
     metrics["loss"] = loss_sum / max(1, residues)
     return metrics
+
+
+class EpochLog:
+    """What a rank trained on in an epoch, seen where the step consumes it: ids (stable keys) and lengths."""
+
+    def __init__(self) -> None:
+        self.keys: list[np.ndarray] = []
+        self.real = self.padded = 0
+
+    def watch(self, batches: Iterable) -> Iterator:
+        for batch in batches:
+            lengths = batch.lengths.numpy()
+            self.keys.append(id_keys(batch.protein_id))
+            self.real += int(lengths.sum())
+            self.padded += len(lengths) * int(lengths.max())
+            yield batch
+
+    def seen(self) -> np.ndarray:
+        return np.unique(np.concatenate(self.keys)) if self.keys else np.zeros(0, dtype=np.uint64)
 
 
 def continuation_state(config: Config) -> TrainState | None:
@@ -136,16 +147,7 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         device = torch.device("cuda", session.rank % torch.cuda.device_count())
     loop.set_seed(cfg.seed)
-    train_table = split_table(session.load_split("train"), config)
-    val_table = split_table(session.load_split("val"), config)
-    lengths = train_table.column("length").to_numpy()
-    weights = row_weights(train_table, config)
-
-    def epoch_plan(epoch: int) -> list[np.ndarray]:
-        plan = batching.plan_batches(lengths, config.data.batch_size, max_residues=config.data.max_residues_per_batch,
-                                     bucket_batches=config.data.bucket_batches, seed=cfg.seed, epoch=epoch,
-                                     weights=weights, world_size=session.world_size)
-        return batching.shard_batches(plan, lengths, session.rank, session.world_size)
+    train, val_split = session.split("train"), session.split("val")
 
     model = session.prepare_model(TopologyModel(config.model).to(device), device)
     optimizer = loop.build_optimizer(model, cfg)
@@ -172,18 +174,21 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        plan = epoch_plan(epoch)
-        scheduler.start_epoch(epoch, len(plan))
-        # Which proteins each rank trains on this epoch (unique per rank; resampling may repeat one within a rank).
-        seen = session.gather(np.unique(np.concatenate(plan)) if plan else np.zeros(0, dtype=np.int64))
-        stats = loop.train_epoch(model, iter_batches(train_table, plan), optimizer, scheduler, loss_fn, cfg, device)
-        val = evaluate_split(model, val_table, config, device, session)
+        steps, tables = train.train_epoch(epoch, session.rank, session.world_size)
+        scheduler.start_epoch(epoch, steps)
+        trained = EpochLog()
+        batches = trained.watch(lockstep(collated(tables), session.all_min))
+        stats = loop.train_epoch(model, batches, optimizer, scheduler, loss_fn, cfg, device)
+        # Which proteins each rank trained on this epoch (unique per rank; resampling may repeat one within a rank).
+        seen = session.gather(trained.seen())
+        peak = session.gather(peak_rss_bytes())
+        val = evaluate_split(model, val_split, config, device, session)
         metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
-                   **stats.as_metrics(), "train_padding_efficiency": batching.padding_efficiency(lengths, plan),
+                   **stats.as_metrics(), "train_padding_efficiency": trained.real / max(1, trained.padded),
                    # Proteins this epoch over all ranks, and how many of them more than one rank trained on (0 = disjoint).
                    "train_proteins_all_ranks": len(np.unique(np.concatenate(seen))),
                    "train_rank_overlap": sum(len(s) for s in seen) - len(np.unique(np.concatenate(seen))),
-                   "resumed_from_epoch": start_epoch,
+                   "resumed_from_epoch": start_epoch, "peak_rss_bytes_max_rank": max(peak),
                    "epoch_time_s": time.perf_counter() - started}
         metrics = {k: float(v) for k, v in metrics.items()}
         last = epoch + 1 == cfg.epochs
@@ -198,6 +203,11 @@ def fit(config: Config, session: Session) -> dict[str, float]:
                     best_value=best.best, rng=rng_state()))
             session.report(metrics, checkpoint_dir, is_best)
     return metrics
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -219,14 +229,17 @@ class LocalSession:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.resume = resume
 
-    def load_split(self, split: str) -> pa.Table:
-        return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
+    def split(self, name: str) -> Split:
+        return local_split(self.config, name)
 
     def prepare_model(self, model, device):
         return model
 
     def gather(self, value):
         return [value]
+
+    def all_min(self, value: int) -> int:
+        return value
 
     def resume_state(self):
         candidates = [p for p in find_checkpoints(self.run_dir) if p.name != "best"] if self.resume else []
@@ -260,5 +273,4 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, config: Config | None = None
 
     model, own_config, _ = load_model(checkpoint_dir, device)
     config = config or own_config
-    table = split_table(shards.read_table(config.data.path, folds=getattr(config.data, SPLIT_FOLDS[split])), config)
-    return evaluate_split(model, table, config, torch.device(device))
+    return evaluate_split(model, local_split(config, split), config, torch.device(device))

@@ -14,7 +14,7 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from protopo_ray.loader import load_datasets
+    from protopo_ray.loader import data_config, load_datasets
     from protopo_ray.worker import train_fn_per_worker
 
     res = config.resources
@@ -41,8 +41,7 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,
-        # No Ray-side split: every rank reads the whole split and takes its slice of one global plan.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=data_config(config),  # unsplit (in memory) or one stream per rank
         # NCCL only where the workers really compute on GPUs (train.device = "cpu" forces gloo).
         torch_config=TorchConfig(backend="nccl" if use_gpu and config.train.device != "cpu" else "gloo"),
     )

@@ -12,10 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 
-from protopo_ray import shards, storage
+from protopo_ray import storage
 from protopo_ray.checkpoint import (
     CheckpointError,
     TrainState,
@@ -25,8 +24,9 @@ from protopo_ray.checkpoint import (
     load_latest_valid,
 )
 from protopo_ray.config import Config
-from protopo_ray.loader import stream_split
-from protopo_ray.runner import fit
+from protopo_ray.loader import worker_split
+from protopo_ray.runner import fit, peak_rss_bytes
+from protopo_ray.stream import Split, local_split
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ class StorageSession:
 
         self.config = config
         self.history: list[str] = []
-        self.placed = False
         runtime = ray.get_runtime_context()
         # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
         self.placement = {"rank": self.rank, "node_id": runtime.get_node_id(),
@@ -56,13 +55,11 @@ class StorageSession:
         copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
 
     def record(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
-        """Rank 0's files for one epoch (every rank calls it: the first call gathers placements)."""
-        if not self.placed:  # first report of this worker group: record where every rank runs
-            placements = self.gather(self.placement)  # every rank takes part: it is a collective
-            if self.rank == 0:
-                self._write_file("workers.json", json.dumps(placements, indent=1))
-            self.placed = True
+        """Rank 0's files for one epoch (every rank calls it: placements and peak memory are gathered)."""
+        # Where every rank runs and its peak resident memory so far; every rank takes part (a collective).
+        placements = self.gather({**self.placement, "peak_rss_bytes": peak_rss_bytes()})
         if self.rank == 0:
+            self._write_file("workers.json", json.dumps(placements, indent=1))
             self._write_metrics(metrics)
             if checkpoint_dir is not None and is_best:
                 self.save_best(checkpoint_dir)
@@ -103,8 +100,19 @@ class RaySession(StorageSession):
         self.world_size = context.get_world_size()
         super().__init__(config)
 
-    def load_split(self, split: str) -> pa.Table:
-        return stream_split(split, self.config)
+    def split(self, name: str) -> Split:
+        return worker_split(name, self.config)
+
+    def all_min(self, value: int) -> int:
+        if self.world_size <= 1:
+            return value
+        import torch.distributed as dist
+
+        # NCCL reduces device tensors only; gloo host tensors.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return int(flag.item())
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         import ray.train.torch
@@ -166,10 +174,11 @@ class TuneSession(StorageSession):
 
     rank, world_size = 0, 1
 
-    def load_split(self, split: str) -> pa.Table:
-        from protopo_ray.runner import SPLIT_FOLDS
+    def split(self, name: str) -> Split:
+        return local_split(self.config, name)
 
-        return shards.read_table(self.config.data.path, folds=getattr(self.config.data, SPLIT_FOLDS[split]))
+    def all_min(self, value: int) -> int:
+        return value
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model

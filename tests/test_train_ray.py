@@ -51,6 +51,27 @@ def test_ddp_two_workers_disjoint_exact_validation_and_resume(ray_cluster, smoke
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["resumed_from_epoch"] == 3
 
 
+def test_ddp_two_workers_on_ray_data_streams(ray_cluster, smoke_shards, tmp_path):
+    """data.loading = stream: read tasks on the cluster (0 CPUs: the two workers hold both), one streaming split
+    per rank; ranks disjoint and in step, validation exact over the whole split, each rank's memory recorded."""
+    assert run(smoke_shards, tmp_path, "streamed", "--num-workers", "2", "--set", "train.epochs=2",
+               "--set", "data.loading='stream'") == 0
+    run_dir = tmp_path / "streamed"
+    rows = history(run_dir)
+    num_train = shards.read_table(smoke_shards, folds=["train"]).num_rows
+    for row in rows:
+        assert row["train_rank_overlap"] == 0
+        # equal=True splits and lockstep drop at most a couple of batches' tail per rank
+        assert num_train - 2 * 8 <= row["train_proteins_all_ranks"] <= num_train
+    checkpoint, _ = load_latest_valid(find_checkpoints(run_dir))
+    single = evaluate_checkpoint(checkpoint, split="val")
+    assert single["n_proteins"] == rows[-1]["val_n_proteins"]
+    assert single["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
+    assert single["overlap_acc"] == pytest.approx(rows[-1]["val_overlap_acc"])
+    workers = json.loads((run_dir / "workers.json").read_text())
+    assert sorted(w["rank"] for w in workers) == [0, 1] and all(w["peak_rss_bytes"] > 0 for w in workers)
+
+
 def train_workers() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):

@@ -101,12 +101,13 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
     from protopo_ray import batching, loop, shards
     from protopo_ray.config import load_config
     from protopo_ray.model import TopologyModel
-    from protopo_ray.runner import iter_batches, split_table
+    from protopo_ray.runner import iter_batches
     from protopo_ray.schedule import EpochSchedule
+    from protopo_ray.stream import MemorySplit
 
     config = load_config(ROOT / CONFIG, {**values, "data.path": data})
     torch.set_num_threads(1)
-    table = split_table(shards.read_table(data, folds=config.data.train_folds), config)
+    table = MemorySplit(shards.read_table(data, folds=config.data.train_folds), config).table
     lengths = table.column("length").to_numpy()
     device = torch.device("cpu")
     sides = {}

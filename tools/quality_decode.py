@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protopo_ray import batching, runner, shards
+from protopo_ray import runner, stream
 from protopo_ray.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.checkpoint import checkpoint_epoch, find_checkpoints
 from protopo_ray.crf import CRF
@@ -36,11 +36,8 @@ LETTERS = np.array(list(LABELS))
 
 
 def split_batches(config, split: str) -> list:
-    table = runner.split_table(shards.read_table(config.data.path, folds=getattr(config.data, runner.SPLIT_FOLDS[split])),
-                               config)
-    plan = batching.eval_batches(table.column("length").to_numpy(), config.data.batch_size,
-                                 config.data.max_residues_per_batch)
-    return list(runner.iter_batches(table, plan, prefetch_depth=0))
+    memory = stream.local_split(config, split, mode="memory")
+    return list(runner.collated(memory.eval_batches(0, 1), depth=0))
 
 
 @torch.no_grad()
