@@ -32,12 +32,17 @@ def connect(address: str | None = None, workers: int | None = None) -> None:
     """Join the cluster at `address` (else the project's rule: RAY_ADDRESS, a running `ray start`, else a new
     local cluster of `workers` CPUs)."""
     import os
+    import socket
 
     from protopo_ray.cluster import ray_init
 
     if address is not None:
         os.environ["RAY_ADDRESS"] = address
-    ray_init(log_to_driver=False, logging_level="WARNING", **({"num_cpus": workers} if workers else {}))
+    # A new local cluster's dashboard on a free port, not Ray's default 8265 (another cluster's on a shared host).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local = {"dashboard_port": probe.getsockname()[1], **({"num_cpus": workers} if workers else {})}
+    ray_init(log_to_driver=False, logging_level="WARNING", **local)
 
 
 def disconnect() -> None:
