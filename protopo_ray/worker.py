@@ -12,9 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
-from protopo_ray import storage
+from protopo_ray import shards, storage
 from protopo_ray.checkpoint import (
     CheckpointError,
     TrainState,
@@ -26,7 +27,7 @@ from protopo_ray.checkpoint import (
 from protopo_ray.config import Config
 from protopo_ray.loader import worker_split
 from protopo_ray.runner import fit, peak_rss_bytes
-from protopo_ray.stream import Split, local_split
+from protopo_ray.stream import MemorySplit, Split, loading_mode, local_split, split_folds
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,13 @@ class RaySession(StorageSession):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
+#: Split tables this process has read: (shard directory, folds, max_proteins, manifest) -> table. Tune reuses a
+#: one-worker trial's process for the next trial of the stage (stages.build_tuner, reuse_actors), which then
+#: reads no shard again: the read was most of a reused trial's start-up (docs/benchmarks.md, "Trial start-up").
+_TABLES: dict[tuple[str, tuple[str, ...], int, str], pa.Table] = {}
+MAX_CACHED_TABLES = 4  # train and val of two data sets; a process holds no more than a few tables
+
+
 class TuneSession(StorageSession):
     """A single-worker search trial run in the Tune trial's own process (no Train worker group to start).
 
@@ -175,7 +183,22 @@ class TuneSession(StorageSession):
     rank, world_size = 0, 1
 
     def split(self, name: str) -> Split:
-        return local_split(self.config, name)
+        """The split in memory, read once per process (a reused process hands the next trial the same table);
+        streamed splits are not held."""
+        data = self.config.data
+        manifest = shards.read_manifest(data.path)
+        if loading_mode(self.config, manifest) != "memory":
+            return local_split(self.config, name)
+        folds = tuple(split_folds(self.config, name))
+        # The manifest is rewritten whenever the shards are: a cached table is the one the shards hold now.
+        key = (str(data.path), folds, data.max_proteins, json.dumps(manifest, sort_keys=True))
+        table = _TABLES.get(key)
+        split = MemorySplit(table if table is not None else shards.read_table(data.path, folds=list(folds)), self.config)
+        if table is None:
+            if len(_TABLES) >= MAX_CACHED_TABLES:
+                _TABLES.clear()
+            _TABLES[key] = split.table  # sorted and cut to max_proteins already: the next trial's copy is cheap
+        return split
 
     def all_min(self, value: int) -> int:
         return value

@@ -1,0 +1,35 @@
+"""TuneSession: a reused trial process reads each split once (and again when the shards change)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from protopo_ray.config import Config
+
+
+@pytest.mark.ray
+def test_tune_session_reads_a_split_once_per_process_until_the_shards_change(ray_cluster, smoke_shards, tmp_path,
+                                                                            monkeypatch):
+    from protopo_ray import shards, worker
+
+    reads = []
+    read_table = shards.read_table
+    monkeypatch.setattr(worker.shards, "read_table", lambda *a, **k: reads.append(k["folds"]) or read_table(*a, **k))
+    data = tmp_path / "shards"
+    shutil.copytree(smoke_shards, data)
+    config = Config().replace({"data.path": str(data), "data.train_folds": ["train"], "data.val_folds": ["val"],
+                               "data.max_proteins": 20, "resources.storage": str(tmp_path / "runs")})
+    worker._TABLES.clear()
+    first = worker.TuneSession(config).split("train")
+    again = worker.TuneSession(config.replace({"name": "next_trial"})).split("train")
+    # The next trial in the process reads nothing: the same 20 proteins.
+    assert reads == [["train"]] and again.table.equals(first.table) and first.num_proteins == 20
+    worker.TuneSession(config).split("val")
+    assert reads == [["train"], ["val"]]
+    manifest = data / "manifest.json"  # shards rewritten (prepare writes a new manifest): read again
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "rewritten": True}))
+    worker.TuneSession(config).split("train")
+    assert reads == [["train"], ["val"], ["train"]]
