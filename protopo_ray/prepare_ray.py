@@ -97,18 +97,21 @@ def write_shards_ray(fn: Callable, jobs: list, args: tuple, out_dir: str, summar
              for i, start in enumerate(range(0, len(jobs), size))]
     # Our own bar counts proteins; Ray Data's operator bars would draw over it.
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    shown, context.enable_progress_bars = context.enable_progress_bars, False
     compute = ray.data.TaskPoolStrategy(size=workers) if workers else None
-    reports = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map_batches(_build_batch, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
-                            fn_kwargs={"fn": fn, "args": args, "root": root, "write_args": {"k": k}}))
     done: list[dict[str, Any]] = []
-    progress, bar = _progress(len(jobs), f"{what} (Ray, {len(items)} tasks)")
-    with progress:
-        for row in reports.iter_rows():
-            report = json.loads(row["report"])
-            done.append(report)
-            progress.advance(bar, len(report["sources"]))
+    try:
+        reports = (ray.data.from_items(items, override_num_blocks=len(items))
+                   .map_batches(_build_batch, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                fn_kwargs={"fn": fn, "args": args, "root": root, "write_args": {"k": k}}))
+        progress, bar = _progress(len(jobs), f"{what} (Ray, {len(items)} tasks)")
+        with progress:
+            for row in reports.iter_rows():
+                report = json.loads(row["report"])
+                done.append(report)
+                progress.advance(bar, len(report["sources"]))
+    finally:
+        context.enable_progress_bars = shown
     done.sort(key=lambda report: report["task"])  # input order, whatever order the tasks finished in
     for report in done:
         for protein_id, source in report["sources"]:
