@@ -202,3 +202,13 @@ def test_help_lists_the_data_keys_with_their_docs(capsys):
     out = capsys.readouterr().out
     assert 'data.path = "data/synthetic"' in out and "Shard directory written by `protopo_ray.prepare`" in out
     assert 'data.val_folds = ["val"]' in out and "model.lstm_size" not in out
+
+
+def test_object_store_output_without_ray(tmp_path):
+    uri = f"file://{tmp_path}/bucket/syn"  # the object-store branch (manifest last, no rename) on local disk
+    prepare_synthetic(6, uri, seed=0, workers=2)
+    assert shards.read_manifest(uri)["num_proteins"] == 6 and shards.read_table(uri).num_rows == 6
+    with pytest.raises(OutputExists, match="already holds a complete shard set"):
+        prepare_synthetic(6, uri, seed=0)
+    assert prepare_synthetic(2, uri, seed=0, overwrite=True).manifest["num_proteins"] == 2
+    assert shards.read_table(uri).num_rows == 2
