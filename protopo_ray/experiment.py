@@ -3,6 +3,7 @@
     name = "default"
     [experiment]            # synthetic = N prepares the embedded synthetic set when data.path is missing
     [data] [model] [train] [resources]     # the base run config (see protopo_ray.config)
+    [prices]                # USD per hour of the cluster's nodes (protopo_ray.cost; defaults for its GPU types)
     [[stages]]              # one table per stage, run in order
     name = "architecture"
     kind = "search"         # search | promotion
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from protopo_ray.config import Config, read_toml, set_dotted
+from protopo_ray.cost import PriceConfig
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "quniform", "randint")
 
@@ -116,6 +118,8 @@ class Experiment:
     seed: int = 0
     """Seed of the synthetic set and of HyperOpt."""
     wandb_project: str = "protopo_ray"
+    prices: PriceConfig = field(default_factory=PriceConfig)
+    """USD per hour of the cluster's nodes: what the planner prefers the cheaper pool by and the report's dollars."""
     source: str = ""
 
     def stage(self, name: str) -> StageSpec:
@@ -135,6 +139,7 @@ def parse_experiment(values: dict[str, Any], source: str = "experiment", overrid
         set_dotted(values, key, value, where="--set")
     stages_raw = values.pop("stages", None)
     meta = values.pop("experiment", {})
+    prices = PriceConfig.from_dict(values.pop("prices", {}), where=f"{source}: [prices]")
     unknown_meta = sorted(set(meta) - _EXPERIMENT_FIELDS)
     if unknown_meta:
         raise ValueError(f"{source}: [experiment] unknown key(s) {unknown_meta}; known: {sorted(_EXPERIMENT_FIELDS)}")
@@ -159,7 +164,7 @@ def parse_experiment(values: dict[str, Any], source: str = "experiment", overrid
             raise ValueError(f"{source}: {error}") from None
     _check_stages(stages, base, source)
     return Experiment(name=values.get("name", base.name), base=base, stages=tuple(stages), source=source,
-                      **{k: meta[k] for k in meta})
+                      prices=prices, **{k: meta[k] for k in meta})
 
 
 def _check_stages(stages: list[StageSpec], base: Config, source: str) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from protopo_ray.cost import PriceConfig, market_of
 from protopo_ray.inventory import (
     DRIVER_RESOURCE,
     GIB,
@@ -61,6 +62,10 @@ class StagePlan:
     gpu_memory_bytes: int = 0
     """Memory of one GPU of the pinned type (0 = unknown or CPU): what each trial's own share is cut from."""
     memory_headroom: float = 0.9
+    usd_per_device_hour: float | None = None
+    """Price of one device the trials hold for an hour (a GPU; a vCPU on CPU plans); None = unknown."""
+    market: str = ""
+    """spot, on-demand or mixed: the capacity the stage's pool runs on."""
 
     def trials_per_gpu_for(self, footprint_bytes: int) -> int:
         """How many trials of this footprint share one GPU: the stage's cap, or fewer for a bigger model."""
@@ -125,7 +130,13 @@ def _too_big(footprint: int, inventory: Inventory, memory_headroom: float) -> Pl
         "lower data.batch_size or max_len, or add bigger GPUs")
 
 
-def _cpu_search(inventory: Inventory, footprint: int, num_trials: int, cpus_per_trial: float) -> StagePlan:
+def _cpu_price(inventory: Inventory, prices: PriceConfig) -> dict[str, Any]:
+    nodes = [n for n in inventory.nodes if n.cpus]
+    return {"usd_per_device_hour": prices.device_hour_price(nodes, "cpu"), "market": market_of(nodes)}
+
+
+def _cpu_search(inventory: Inventory, footprint: int, num_trials: int, cpus_per_trial: float,
+                prices: PriceConfig) -> StagePlan:
     cpus_per_worker = max(1.0, float(math.floor(cpus_per_trial)))
     # Per node: a worker cannot straddle nodes, so fractional leftovers on each node are lost.
     slots = sum(math.floor(node.cpus / cpus_per_worker) for node in inventory.nodes)
@@ -133,16 +144,21 @@ def _cpu_search(inventory: Inventory, footprint: int, num_trials: int, cpus_per_
     concurrent = max(1, min(num_trials, slots))
     return StagePlan(kind="search", device="cpu", num_workers=1, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=0.0, accelerator_type="", trials_per_gpu=0, max_concurrent_trials=concurrent,
-                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials)
+                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials,
+                     **_cpu_price(inventory, prices))
 
 
 def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_trials: int,
-                cpus_per_trial: float = 1.0, memory_headroom: float = 0.9) -> StagePlan:
-    """Many small trials at once: each one worker on a slice of a GPU, all pinned to the type with most slots.
+                cpus_per_trial: float = 1.0, memory_headroom: float = 0.9,
+                prices: PriceConfig | None = None) -> StagePlan:
+    """Many small trials at once: each one worker on a slice of a GPU, all pinned to one accelerator type.
 
-    Only one accelerator type is used so ASHA compares trials that ran on the same hardware.
+    The type is the cheapest per trial-hour (its GPU-hour price / trials per GPU) where every type has a price,
+    so a spot search pool goes before an on-demand promotion node; else the smallest GPUs every config fits.
+    Only one type is used so the scheduler compares trials that ran on the same hardware.
     """
     _require_trials(num_trials)
+    prices = prices or PriceConfig()
     if not footprint_bytes:
         raise PlanError("plan_search needs at least one footprint (bytes per trial)")
     footprint = max(int(f) for f in footprint_bytes)
@@ -151,7 +167,7 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
     if not groups:
         if inventory.total_cpus < 1:
             raise PlanError("the inventory has no GPUs and less than one CPU: nothing can run a trial")
-        return _cpu_search(inventory, footprint, num_trials, cpus_per_trial)
+        return _cpu_search(inventory, footprint, num_trials, cpus_per_trial, prices)
 
     need = footprint + CUDA_CONTEXT_BYTES
     candidates = []
@@ -185,24 +201,34 @@ def plan_search(inventory: Inventory, footprint_bytes: Sequence[int], *, num_tri
             notes.append(f"only {cpus_per_gpu:g} CPU per GPU: workers get {cpus_per_worker:g} CPU, data loading "
                          "may bound speed")
         slots = num_gpus * trials_per_gpu
-        concurrent = min(num_trials, slots)
-        candidates.append((concurrent, -min(m or 0 for m in memories), -trials_per_gpu, name, trials_per_gpu,
-                           cpus_per_worker, notes, min(m or 0 for m in memories)))
+        price = prices.device_hour_price(nodes, "gpu")
+        candidates.append({"name": name, "concurrent": min(num_trials, slots), "trials_per_gpu": trials_per_gpu,
+                           "cpus_per_worker": cpus_per_worker, "notes": notes, "memory": min(m or 0 for m in memories),
+                           "price": price, "market": market_of(nodes),
+                           "trial_hour": None if price is None else price / trials_per_gpu})
     if not candidates:
         raise _too_big(footprint, inventory, memory_headroom)
 
-    # Search on the smallest GPUs every config of the stage fits, promotion on the biggest (plan_promotion): the
-    # small pool is the cheap (spot) one, and the big-GPU nodes stay free for promoted runs. Among types of
-    # the same memory, the most concurrent trials.
-    concurrent, _, _, name, trials_per_gpu, cpus_per_worker, notes, gpu_memory = max(candidates, key=lambda c: (c[1], c[0], c[2]))
-    others = sorted(c[3] or "unknown" for c in candidates if c[3] != name) + [f"{s or 'unknown'} (too small)"
-                                                                             for s in skipped]
+    # Cheapest per trial-hour where every pool has a price; else (and among equal prices) the smallest GPUs every
+    # config fits, so the big-GPU nodes stay free for promoted runs (plan_promotion); then the most concurrent.
+    priced = all(c["trial_hour"] is not None for c in candidates)
+    chosen = min(candidates, key=lambda c: (c["trial_hour"] if priced else 0.0, c["memory"], -c["concurrent"],
+                                            c["trials_per_gpu"]))
+    name, notes = chosen["name"], chosen["notes"]
+    others = sorted(c["name"] or "unknown" for c in candidates if c["name"] != name) + [
+        f"{s or 'unknown'} (too small)" for s in skipped]
     if others:
         notes.append(f"search pinned to {name or 'any GPU'}; idle this stage: {', '.join(others)}")
-    return StagePlan(kind="search", device="gpu", num_workers=1, cpus_per_worker=cpus_per_worker,
-                     gpus_per_worker=gpu_fraction(trials_per_gpu), accelerator_type=name, trials_per_gpu=trials_per_gpu,
-                     max_concurrent_trials=concurrent, footprint_bytes=footprint, notes=tuple(notes),
-                     num_trials=num_trials, gpu_memory_bytes=gpu_memory, memory_headroom=memory_headroom)
+    if priced and len(candidates) > 1:
+        notes.append("USD per trial-hour: " + ", ".join(
+            f"{c['name'] or 'unknown'} ({c['market']}) {c['trial_hour']:.3f}"
+            for c in sorted(candidates, key=lambda c: c["trial_hour"])))
+    return StagePlan(kind="search", device="gpu", num_workers=1, cpus_per_worker=chosen["cpus_per_worker"],
+                     gpus_per_worker=gpu_fraction(chosen["trials_per_gpu"]), accelerator_type=name,
+                     trials_per_gpu=chosen["trials_per_gpu"], max_concurrent_trials=chosen["concurrent"],
+                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials,
+                     gpu_memory_bytes=chosen["memory"], memory_headroom=memory_headroom,
+                     usd_per_device_hour=chosen["price"], market=chosen["market"])
 
 
 def _workers_within_nodes(share: int, gpus_per_node: int) -> int:
@@ -216,7 +242,8 @@ def _workers_within_nodes(share: int, gpus_per_node: int) -> int:
     return max(d for d in range(1, share + 1) if gpus_per_node % d == 0)
 
 
-def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int, max_workers: int = 0) -> StagePlan:
+def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int, max_workers: int,
+                   prices: PriceConfig) -> StagePlan:
     total = math.floor(inventory.total_cpus)
     notes = ["no GPUs: CPU DDP workers (gloo), one CPU each; trial drivers hold 0 CPU"]
     if total >= num_trials:
@@ -230,26 +257,30 @@ def _cpu_promotion(inventory: Inventory, footprint: int, num_trials: int, max_wo
     concurrent = _cap_by_drivers(concurrent, inventory, notes, workers)
     return StagePlan(kind="promotion", device="cpu", num_workers=workers, cpus_per_worker=1.0, gpus_per_worker=0.0,
                      accelerator_type="", trials_per_gpu=0, max_concurrent_trials=concurrent,
-                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials)
+                     footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials,
+                     **_cpu_price(inventory, prices))
 
 
 def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: int,
-                   memory_headroom: float = 0.9, max_workers: int = 0) -> StagePlan:
-    """The top trials continue on whole GPUs of the biggest type, split into DDP workers between them.
+                   memory_headroom: float = 0.9, max_workers: int = 0, prices: PriceConfig | None = None) -> StagePlan:
+    """The top trials continue on whole GPUs of the biggest type, split into DDP workers between them; between
+    pools of GPUs with the same memory, the cheaper per GPU-hour (then the one with more GPUs).
 
     `max_workers` (> 0) caps a trial's workers: the global batch is split across them, one protein each at least.
     """
     _require_trials(num_trials)
+    prices = prices or PriceConfig()
     footprint = int(footprint_bytes)
     groups = inventory.gpu_groups()
     if not groups:
         if inventory.total_cpus < 1:
             raise PlanError("the inventory has no GPUs and less than one CPU: nothing can run a trial")
-        return _cpu_promotion(inventory, footprint, num_trials, max_workers)
+        return _cpu_promotion(inventory, footprint, num_trials, max_workers, prices)
 
-    def rank(item: tuple[str, tuple[NodeInventory, ...]]) -> tuple[int, float]:
+    def rank(item: tuple[str, tuple[NodeInventory, ...]]) -> tuple[int, float, float]:
         memories = [n.gpu_memory_bytes or 0 for n in item[1]]
-        return min(memories), sum(n.gpus for n in item[1])
+        price = prices.device_hour_price(item[1], "gpu")
+        return min(memories), -price if price is not None else -math.inf, sum(n.gpus for n in item[1])
 
     name, nodes = max(groups.items(), key=rank)
     memory = min(n.gpu_memory_bytes or 0 for n in nodes)
@@ -284,7 +315,8 @@ def plan_promotion(inventory: Inventory, footprint_bytes: int, *, num_trials: in
     return StagePlan(kind="promotion", device="gpu", num_workers=workers, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=1.0, accelerator_type=name, trials_per_gpu=1, max_concurrent_trials=concurrent,
                      footprint_bytes=footprint, notes=tuple(notes), num_trials=num_trials, gpu_memory_bytes=memory,
-                     memory_headroom=memory_headroom)
+                     memory_headroom=memory_headroom, usd_per_device_hour=prices.device_hour_price(nodes, "gpu"),
+                     market=market_of(nodes))
 
 
 def format_plan(plan: StagePlan, inventory: Inventory) -> str:
@@ -300,9 +332,11 @@ def format_plan(plan: StagePlan, inventory: Inventory) -> str:
     else:
         accelerator, per_worker, per_gpu = "-", f"{plan.cpus_per_worker:g} CPU", "-"
     of = f" of {plan.num_trials}" if plan.num_trials else ""
+    unit = "GPU" if plan.device == "gpu" else "CPU"
+    price = "-" if plan.usd_per_device_hour is None else f"{plan.usd_per_device_hour:.3f}/{unit}-h {plan.market}"
     row = [plan.kind, plan.device, accelerator, f"{plan.num_workers} x ({per_worker})", per_gpu,
-           f"{plan.max_concurrent_trials}{of}", gib_text(plan.footprint_bytes)]
-    header = ["stage", "device", "accelerator", "workers x per worker", "trials/GPU", "concurrent", "largest GiB"]
+           f"{plan.max_concurrent_trials}{of}", gib_text(plan.footprint_bytes), price]
+    header = ["stage", "device", "accelerator", "workers x per worker", "trials/GPU", "concurrent", "largest GiB", "USD"]
     lines = text_table(header, [row])
     lines += [f"  note: {note}" for note in plan.notes]
     return "\n".join(lines)

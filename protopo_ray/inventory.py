@@ -7,6 +7,7 @@ search can be planned before the cluster exists.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ class NodeInventory:
     memory_bytes: int
     gpu_memory_bytes: int | None
     resources: dict = field(default_factory=dict)
+    node_type: str = ""
+    """The autoscaler node type it is (or would be) an instance of ("" = not known): what its price is keyed by."""
+    spot: bool = False
+    """Spot / preemptible capacity (its node type's node_config asks for it): priced at spot rates."""
 
     @property
     def is_driver_host(self) -> bool:
@@ -67,7 +72,7 @@ class Inventory:
         return {name: tuple(nodes) for name, nodes in groups.items()}
 
 
-def node_from_resources(node_id: str, resources: dict[str, Any]) -> NodeInventory:
+def node_from_resources(node_id: str, resources: dict[str, Any], node_type: str = "", spot: bool = False) -> NodeInventory:
     """One node from its Ray resource dict (`ray.nodes()[i]["Resources"]` or a cluster.yaml node type)."""
     types = [key[len(ACCELERATOR_PREFIX):] for key in resources if key.startswith(ACCELERATOR_PREFIX)]
     # A node may carry both "A100" (auto-detected) and "A100-80G" (declared); the longer name is more specific.
@@ -82,6 +87,7 @@ def node_from_resources(node_id: str, resources: dict[str, Any]) -> NodeInventor
     return NodeInventory(
         node_id=node_id, cpus=float(resources.get("CPU", 0)), gpus=gpus, accelerator_type=accelerator,
         memory_bytes=int(resources.get("memory", 0)), gpu_memory_bytes=gpu_memory, resources=dict(resources),
+        node_type=node_type, spot=spot,
     )
 
 
@@ -113,9 +119,13 @@ def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
     Only the declared `resources` count (the autoscaler's own instance-type detection is not reproduced), so
     the project's cluster YAMLs declare CPU, GPU, accelerator type and GPU memory for every node type.
     """
+    from protopo_ray.cost import is_spot
+
     spec = _read_yaml(Path(path))
-    head = spec.get("available_node_types", {}).get(spec.get("head_node_type"), {})
-    return with_autoscaler_headroom([node_from_resources("head", head.get("resources", {}))], _node_types(Path(path)))
+    name = spec.get("head_node_type") or ""
+    head = spec.get("available_node_types", {}).get(name, {})
+    node = node_from_resources("head", head.get("resources", {}), name, is_spot(head.get("node_config") or {}))
+    return with_autoscaler_headroom([node], _node_types(Path(path)))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -138,20 +148,28 @@ def _signature(resources: dict[str, Any]) -> tuple:
 
 
 def with_autoscaler_headroom(live: list[NodeInventory], node_types: dict[str, dict[str, Any]]) -> Inventory:
-    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `<type>-<i>`)."""
+    """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `<type>-<i>`); a live node
+    whose resources match a node type is tagged with its name and market (what prices it)."""
+    from protopo_ray.cost import is_spot
+
     nodes = list(live)
     for name, node_type in node_types.items():
         declared = node_type.get("resources", {})
-        up = sum(1 for node in live if _signature(node.resources) == _signature(declared))
+        spot = is_spot(node_type.get("node_config") or {})
+        matching = [i for i, node in enumerate(live) if _signature(node.resources) == _signature(declared)]
+        for i in matching:
+            if not nodes[i].node_type:
+                nodes[i] = dataclasses.replace(nodes[i], node_type=name, spot=spot)
+        up = len(matching)
         for index in range(max(0, int(node_type.get("max_workers", 0)) - up)):
-            nodes.append(node_from_resources(f"{name}-{up + index}", declared))
+            nodes.append(node_from_resources(f"{name}-{up + index}", declared, name, spot))
     return Inventory(tuple(nodes))
 
 
 def inventory_json(inventory: Inventory) -> list[dict[str, Any]]:
-    return [{"node": n.node_id, "cpus": n.cpus, "gpus": n.gpus, "accelerator_type": n.accelerator_type,
-             "gpu_memory_bytes": n.gpu_memory_bytes, "memory_bytes": n.memory_bytes, "driver_host": n.is_driver_host}
-            for n in inventory.nodes]
+    return [{"node": n.node_id, "node_type": n.node_type, "spot": n.spot, "cpus": n.cpus, "gpus": n.gpus,
+             "accelerator_type": n.accelerator_type, "gpu_memory_bytes": n.gpu_memory_bytes,
+             "memory_bytes": n.memory_bytes, "driver_host": n.is_driver_host} for n in inventory.nodes]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -166,14 +184,20 @@ def gib_text(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.2f}"
 
 
-def format_inventory(inventory: Inventory) -> str:
+def format_inventory(inventory: Inventory, prices: Any = None) -> str:
+    """The node table; `prices` (a protopo_ray.cost.PriceConfig, default prices when None) adds USD per hour."""
+    from protopo_ray.cost import PriceConfig
+
+    prices = prices or PriceConfig()
     rows = []
     for node in inventory.nodes:
         gpu_memory = gib_text(node.gpu_memory_bytes) if node.gpu_memory_bytes else "-"
+        price = prices.node_price(node)
         rows.append([node.node_id[:16], f"{node.cpus:g}", f"{node.gpus:g}", node.accelerator_type or "-",
                      gpu_memory, gib_text(node.memory_bytes) if node.memory_bytes else "-",
+                     "spot" if node.spot else "on-demand", "-" if price is None else f"{price:.3f}",
                      "yes" if node.is_driver_host else ""])
-    lines = text_table(["node", "CPUs", "GPUs", "accelerator", "GiB/GPU", "mem GiB", "drivers"], rows)
+    lines = text_table(["node", "CPUs", "GPUs", "accelerator", "GiB/GPU", "mem GiB", "market", "USD/h", "drivers"], rows)
     lines.append(f"total: {len(inventory.nodes)} nodes, {inventory.total_cpus:g} CPUs, {inventory.total_gpus:g} GPUs"
                  + (f", {inventory.driver_slots} driver slots" if inventory.driver_slots else ""))
     return "\n".join(lines)

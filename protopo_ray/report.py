@@ -18,14 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
-
+from protopo_ray.cost import stage_cost, trial_cost, usd_text
 from protopo_ray.metrics import TYPE_KEYS
+from protopo_ray.plots import TOPO_COLUMNS, plot_grad_norms, plot_per_type_top, plot_val_curves
 
-#: Per-type topology columns of the trial tables: (column title, metric suffix).
-TOPO_COLUMNS = (("TM", "tm"), ("SP+TM", "sptm"), ("SP", "sp"), ("GLOB", "glob"), ("BETA", "beta"))
 #: Types of the seed's batch-size table (the ones whose topology is hard to get right).
 BATCH_TYPES = (("TM", "tm"), ("SP+TM", "sptm"), ("BETA", "beta"))
 #: Config fields shown for the winner besides its searched params.
@@ -34,7 +30,8 @@ WINNER_FIELDS = (
     "model.lstm_layers", "model.dropout", "train.lr", "train.weight_decay", "train.schedule", "train.epochs",
     "train.clip_grad_norm", "train.label_smoothing",
 )
-STATUS_TEXT = {"stopped": "stopped by ASHA", "completed": "completed", "error": "error"}
+STATUS_TEXT = {"stopped": "stopped by {scheduler}", "completed": "completed", "error": "error"}
+SCHEDULER_TEXT = {"asha": "ASHA", "sha": "SHA", "none": "no scheduler"}
 
 
 class ExperimentError(ValueError):
@@ -189,6 +186,38 @@ def plan_line(stage: dict) -> str:
     )
 
 
+def price_text(stage: dict) -> str:
+    """What the stage cost in dollars, at the price its plan recorded."""
+    plan, cost = stage.get("plan") or {}, stage_cost(stage)
+    price = _num(plan.get("usd_per_device_hour"))
+    if math.isnan(price):
+        return "cost: no price recorded (the plan's pool has none: add it to the experiment's [prices])"
+    unit = "GPU" if plan.get("device") == "gpu" else "vCPU"
+    pool = ", ".join(str(x) for x in (plan.get("accelerator_type"), plan.get("market")) if x)
+    return f"cost: {usd_text(cost.usd)} at ${price:.3f} per {unit}-hour" + (f" ({pool})" if pool else "")
+
+
+def cost_section(stages: Sequence[dict]) -> list[str]:
+    """Per stage and in all: device-hours and dollars spent, and what early stopping saved in both."""
+    header = ["stage", "scheduler", "pool", "USD / device-h", "accel-h", "USD", "saved accel-h", "saved USD",
+              "wall min"]
+    rows, totals = [], [0.0, 0.0, 0.0, 0.0]
+    for stage in stages:
+        plan, cost = stage.get("plan") or {}, stage_cost(stage)
+        pool = " ".join(str(x) for x in (plan.get("device"), plan.get("accelerator_type"), plan.get("market")) if x)
+        values = [cost.accelerator_hours, cost.usd, cost.saved_accelerator_hours, cost.saved_usd]
+        totals = [t + v for t, v in zip(totals, values)]
+        rows.append([f"`{stage['stage']}`", str(stage.get("scheduler", "?")), pool or "-",
+                     _fmt(plan.get("usd_per_device_hour"), 3), f"{values[0]:.3f}", usd_text(values[1]),
+                     f"{values[2]:.3f}", usd_text(values[3]), _fmt(_num(stage.get("wall_time_s")) / 60, 1)])
+    rows.append(["all", "", "", "", f"{totals[0]:.3f}", usd_text(totals[1]), f"{totals[2]:.3f}", usd_text(totals[3]),
+                 _fmt(sum(_num(s.get("wall_time_s")) for s in stages) / 60, 1)])
+    return ["## Cost", "", *_table(header, rows), "",
+            "Accelerator-hours: the GPU share (a vCPU on CPU plans) each trial held x its workers x its epochs' time; "
+            "dollars at the stage plan's price (the experiment's `[prices]`, protopo_ray/cost.py). Saved: epochs a "
+            "stopped trial did not run x that trial's own cost per epoch. n/a: no price for the pool.", ""]
+
+
 def _param_keys(trials: Sequence[dict]) -> list[str]:
     keys: list[str] = []
     for trial in trials:
@@ -208,8 +237,13 @@ def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
         f"search {stage.get('search', '?')}; best trial `{stage.get('best_trial', '-')}`",
         f"- {plan_line(stage)}",
         f"- wall time: {_fmt(wall_s, 1)} s ({_fmt(wall_s / 60, 1)} min); accelerator-hours: "
-        f"{_fmt(sum(_num(t.get('accelerator_hours') or 0) for t in stage.get('trials', [])), 3)}",
+        f"{_fmt(sum(_num(t.get('accelerator_hours') or 0) for t in stage.get('trials', [])), 3)}; {price_text(stage)}",
     ]
+    cost = stage_cost(stage)
+    if cost.saved_accelerator_hours:
+        lines.append(f"- saved by {SCHEDULER_TEXT.get(str(stage.get('scheduler')), stage.get('scheduler'))}: "
+                     f"{cost.saved_accelerator_hours:.3f} accelerator-hours, {usd_text(cost.saved_usd)} (epochs not "
+                     "run x each stopped trial's own measured cost per epoch)")
     run, full, ratio = asha_saving(stage)
     what = "ASHA saving" if stage.get("scheduler") == "asha" else f"epochs (scheduler {stage.get('scheduler', '?')})"
     if math.isnan(ratio):
@@ -222,7 +256,7 @@ def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
     fixed = ["val_loss", *(f"val_topo_{k}" for _, k in TOPO_COLUMNS), "val_type_acc", "val_overlap_acc"]
     extra = [] if metric in fixed else [metric]
     header = ["#", "trial", *params, *extra, "val loss", *(f"topo {t}" for t, _ in TOPO_COLUMNS),
-              "type acc", "overlap acc", "epochs", "status", "accel-h"]
+              "type acc", "overlap acc", "epochs", "status", "accel-h", "USD", "saved accel-h", "saved USD"]
     if kind == "promotion":
         header.insert(2, "from epoch")
     rows = []
@@ -231,9 +265,11 @@ def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
         row = [str(rank), f"`{trial.get('trial_id', '?')}`", *(_fmt_param((trial.get("params") or {}).get(p))
                                                              for p in params)]
         row += [_fmt(best.get(k)) for k in (*extra, *fixed)]
-        status = str(trial.get("status", "?"))
-        row += [str(trial.get("epochs", "-")), STATUS_TEXT.get(status, status),
-                _fmt(trial.get("accelerator_hours"), 3)]
+        status, cost = str(trial.get("status", "?")), trial_cost(trial, stage)
+        scheduler = SCHEDULER_TEXT.get(str(stage.get("scheduler")), str(stage.get("scheduler")))
+        row += [str(trial.get("epochs", "-")), STATUS_TEXT.get(status, status).format(scheduler=scheduler),
+                _fmt(trial.get("accelerator_hours"), 3), usd_text(cost.usd), f"{cost.saved_accelerator_hours:.3f}",
+                usd_text(cost.saved_usd)]
         if kind == "promotion":
             row.insert(2, str(trial.get("start_epoch", 0)))
         rows.append(row)
@@ -292,58 +328,6 @@ def winner_section(winner: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _epochs(trial: dict) -> list[tuple[float, dict]]:
-    """(epoch, metrics) per history entry; entries without an epoch count on from start_epoch."""
-    start = int(trial.get("start_epoch") or 0)
-    out = []
-    for i, entry in enumerate(trial.get("history") or []):
-        epoch = _num(entry.get("epoch"))
-        out.append((start + i + 1 if math.isnan(epoch) else epoch, entry))
-    return out
-
-
-def _plot_curves(ax, trials: Sequence[dict], key: str) -> bool:
-    drawn = False
-    for trial in trials:
-        points = [(x, _num(m.get(key))) for x, m in _epochs(trial)]
-        points = [(x, y) for x, y in points if not math.isnan(y)]
-        if not points:
-            continue
-        stopped = trial.get("status") != "completed"
-        xs, ys = zip(*points)
-        (line,) = ax.plot(xs, ys, "--" if stopped else "-", marker=".", label=str(trial.get("trial_id")))
-        if stopped:
-            ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
-        drawn = True
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(key)
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize="x-small", ncol=2)
-    else:
-        ax.text(0.5, 0.5, f"no {key} recorded", ha="center", va="center", transform=ax.transAxes)
-    return drawn
-
-
-def plot_val_curves(stage: dict, path: Path) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    _plot_curves(ax, stage.get("trials", []), _metric_key(stage))
-    ax.set_title(f"{stage['stage']}: {_metric_key(stage)} per epoch (dashed, x = stopped early / error)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def plot_grad_norms(stage: dict, path: Path) -> None:
-    fig = Figure(figsize=(11, 4))
-    for ax, key in zip(fig.subplots(1, 2), ("train_grad_norm_mean", "train_grad_norm_max")):
-        _plot_curves(ax, stage.get("trials", []), key)
-        ax.set_title(f"{stage['stage']}: {key}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def ranking_metric(stages: Sequence[dict]) -> tuple[str, bool]:
     """(metric, is_max) ranking trials across stages: the last stage's, which is every stage's when they agree;
     when they differ one metric must rank all (an accuracy and a loss cannot be ranked against each other)."""
@@ -363,31 +347,6 @@ def top_trials(stages: Sequence[dict], count: int = 5) -> list[tuple[str, dict]]
     return [(name, trial) for _, name, trial in scored[:count]]
 
 
-def plot_per_type_top(stages: Sequence[dict], path: Path, count: int = 5) -> None:
-    top = top_trials(stages, count)
-    fig = Figure(figsize=(9, 4.5))
-    ax = fig.subplots()
-    width = 0.8 / max(len(top), 1)
-    for i, (_, trial) in enumerate(top):
-        best = trial.get("best") or {}
-        for j, (_, k) in enumerate(TOPO_COLUMNS):
-            x = j + (i - (len(top) - 1) / 2) * width
-            v = _num(best.get(f"val_topo_{k}"))
-            if math.isnan(v):  # absent type: no bar, a label instead of a misleading 0
-                ax.text(x, 0.01, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
-            else:
-                ax.bar(x, v, width, color=f"C{i}")
-    ax.set_xticks(range(len(TOPO_COLUMNS)), [t for t, _ in TOPO_COLUMNS])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("topology accuracy (best epoch, val)")
-    ax.set_title(f"Per-type topology accuracy, top {len(top)} trials by {ranking_metric(stages)[0]}")
-    if top:  # proxy handles: a trial whose every type is absent draws no bar to take its legend entry from
-        ax.legend([Patch(color=f"C{i}") for i in range(len(top))],
-                  [f"{name}/{trial.get('trial_id')}" for name, trial in top], fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def write_report(exp_dir: str | Path) -> Path:
     """Write EXP/report.md and EXP/plots/*.png; return the report's path."""
     exp_dir = Path(exp_dir)
@@ -399,7 +358,7 @@ def write_report(exp_dir: str | Path) -> Path:
     missing = [str(s) for s in experiment.get("stages", []) if str(s) not in finished]
     lines = [f"# Experiment `{name}`", "", f"Stages finished: {', '.join(f'`{s}`' for s in finished)}."]
     lines += [f"Not finished: {', '.join(f'`{s}`' for s in missing)}."] if missing else []
-    lines += ["", *winner_section(winner)]
+    lines += ["", *winner_section(winner), *cost_section(stages)]
     for stage in stages:
         slug = _slug(str(stage["stage"]))
         plots = {"validation curves": f"plots/val_curves_{slug}.png", "gradient norms": f"plots/grad_norms_{slug}.png"}
@@ -407,8 +366,8 @@ def write_report(exp_dir: str | Path) -> Path:
         plot_grad_norms(stage, exp_dir / plots["gradient norms"])
         lines += stage_section(stage, plots)
     lines += batch_size_section(stages)
-    plot_per_type_top(stages, plot_dir / "per_type_top5.png")
     metric, is_max = ranking_metric(stages)
+    plot_per_type_top(top_trials(stages), metric, plot_dir / "per_type_top5.png")
     top = ", ".join(f"`{name}/{trial.get('trial_id')}`" for name, trial in top_trials(stages))
     lines += ["## Top trials per type", "", f"The five best trials across stages by `{metric}` "
               f"({'max' if is_max else 'min'}, best-epoch value): {top or 'none with a value'}.", "",

@@ -14,6 +14,7 @@ Ray, W&B and the libraries print; `--verbose` prints it on the console instead, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from protopo_ray import hardware, stages, storage
 from protopo_ray.config import Config, parse_overrides
+from protopo_ray.cost import PriceConfig
 from protopo_ray.experiment import Experiment, StageSpec, load_experiment
 from protopo_ray.inventory import format_inventory, inventory_from_cluster_yaml, inventory_json, read_inventory
 
@@ -69,9 +71,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
     # Trials run in other processes (and other working directories on a cluster): make local paths absolute.
     fixes = {"data.path": storage.resolve(experiment.base.data.path),
              "resources.storage": storage.resolve(experiment.base.resources.storage)}
-    return Experiment(name=experiment.name, base=experiment.base.replace(fixes), stages=experiment.stages,
-                      synthetic=experiment.synthetic, seed=experiment.seed, wandb_project=experiment.wandb_project,
-                      source=experiment.source)
+    return dataclasses.replace(experiment, base=experiment.base.replace(fixes))
 
 
 def max_length(config: Config) -> int:
@@ -93,14 +93,14 @@ def stage_configs(stage: StageSpec, base: Config, promoted: list[stages.Continua
 
 
 def plan_stage(stage: StageSpec, base: Config, inventory, longest: int,
-               promoted: list[stages.Continuation] | None = None) -> hardware.StagePlan:
+               promoted: list[stages.Continuation] | None = None, prices: PriceConfig | None = None) -> hardware.StagePlan:
     configs = stage_configs(stage, base, promoted)
     if stage.kind == "promotion":
         # Sized for one worker's share of the global batch on the most workers a trial could get (a bound).
         footprint = max(hardware.trial_footprints(configs, longest))
         return hardware.plan_promotion(inventory, footprint, num_trials=len(promoted) if promoted else stage.top_k,
-                                       max_workers=min(c.data.batch_size for c in configs))
-    return hardware.plan_search(inventory, hardware.trial_footprints(configs, longest),
+                                       max_workers=min(c.data.batch_size for c in configs), prices=prices)
+    return hardware.plan_search(inventory, hardware.trial_footprints(configs, longest), prices=prices,
                                 num_trials=stages.num_trials(stage), cpus_per_trial=base.resources.cpus_per_worker)
 
 
@@ -114,7 +114,7 @@ def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str
 
     rows = []
     for stage in experiment.stages:
-        plan = plan_stage(stage, experiment.base, inventory, longest)
+        plan = plan_stage(stage, experiment.base, inventory, longest, prices=experiment.prices)
         configs = stage_configs(stage, experiment.base)
         points = stages.grid_points(stage) if stage.kind == "search" and stage.search == "grid" else [{}]
         trials = []
@@ -128,6 +128,7 @@ def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str
                            "num_workers": plan.num_workers, "cpus_per_worker": share["resources.cpus_per_worker"]})
         rows.append({"stage": stage.name, "kind": stage.kind, "device": plan.device,
                      "accelerator_type": plan.accelerator_type, "num_trials": plan.num_trials,
+                     "usd_per_device_hour": plan.usd_per_device_hour, "market": plan.market,
                      "max_concurrent_trials": plan.max_concurrent_trials, "notes": list(plan.notes), "trials": trials})
     return rows
 
@@ -149,7 +150,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
             raise RuntimeError(f"stage {stage.name!r}: no trial with a checkpoint to promote from {list(stage.from_stages)}")
     # What the cluster holds now and what its autoscaler may still start: read again for every stage.
     inventory = read_inventory(cluster_file)
-    plan = plan_stage(stage, base, inventory, longest, promoted)
+    plan = plan_stage(stage, base, inventory, longest, promoted, prices=experiment.prices)
     print(hardware.format_plan(plan, inventory), flush=True)
     tune_dir = storage.join(exp_uri, "tune", stage.name)
     restore = resume and tune.Tuner.can_restore(tune_dir)
@@ -249,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"inventory": inventory_json(inventory), "longest_protein": longest,
                               "stages": table}, indent=1))
         else:
-            print(format_inventory(inventory))
-            for stage in experiment.stages:
-                if stage.kind == "search":
-                    print(hardware.format_plan(plan_stage(stage, experiment.base, inventory, longest), inventory))
+            print(format_inventory(inventory, experiment.prices))
+            for stage in experiment.stages:  # a promotion planned for its top_k on the base config (no results yet)
+                plan = plan_stage(stage, experiment.base, inventory, longest, prices=experiment.prices)
+                print(f"{stage.name}:\n" + hardware.format_plan(plan, inventory))
     except hardware.PlanError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

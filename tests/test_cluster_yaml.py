@@ -73,6 +73,10 @@ def test_scaled_out_inventory_plans_both_stages(path):
     assert (search.trials_per_gpu, search.max_concurrent_trials) == (8, 32)
     promotion = plan_promotion(inventory, 2 * GIB, num_trials=2)
     assert (promotion.accelerator_type, promotion.num_workers, promotion.gpus_per_worker) == ("A100", 4, 1.0)
+    # Priced by the default table: the search on the spot pool, the promotion on the on-demand node.
+    assert (search.market, promotion.market) == ("spot", "on-demand")
+    assert 0 < search.usd_per_device_hour < promotion.usd_per_device_hour
+    assert {n.node_type for n in inventory.nodes} == set(spec["available_node_types"])
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)

@@ -70,3 +70,17 @@ def test_shuffled_grid_runs_every_point_once_seeded_and_at_most_max_concurrent_a
     assert sorted(map(str, points)) == sorted(map(str, grid_points(architecture)))
     assert points != grid_points(architecture)  # shuffled, not as listed
     assert shuffled_grid(architecture, seed=0, max_concurrent=8)[0]._points_to_evaluate == points
+
+
+def test_prices_table_is_read_and_checked(tmp_path):
+    from protopo_ray.experiment import load_experiment
+
+    text = (Path(__file__).parents[1] / "experiments" / "smoke.toml").read_text()
+    path = tmp_path / "priced.toml"  # a top-level table after the [[stages]] array
+    path.write_text(text + '\n[prices]\nnode_types = { search_a10g = 0.4 }\nspot_gpu_hour = { L4 = 0.2 }\n')
+    prices = load_experiment(path).prices
+    assert prices.node_types == {"search_a10g": 0.4} and prices.gpu_hour_price("L4", spot=True) == 0.2
+    assert prices.gpu_hour_price("A10G", spot=False) == 1.212  # the defaults stay under what the table sets
+    path.write_text(text + '\n[prices]\ngpu_hour = { A10G = "cheap" }\n')
+    with pytest.raises(ValueError, match=r"priced.toml: \[prices\].*gpu_hour.A10G must be a price"):
+        load_experiment(path)

@@ -214,3 +214,28 @@ def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
     up = node_from_resources("live-g5", {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1, "gpu_memory_gb": 24,
                                          "memory": 30 * GIB, "node:10.0.0.5": 1})
     assert with_autoscaler_headroom([head, up], _node_types(yaml_path)).total_gpus == 4 + 8
+
+
+def test_search_takes_the_cheapest_pool_per_trial_hour_over_the_smallest_gpus():
+    from protopo_ray.cost import PriceConfig
+
+    spot_l40s = tuple(node_from_resources(f"l40s-{i}", {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}, "pool_l40s",
+                                          spot=True) for i in range(2))
+    inventory = Inventory((*spot_l40s, gpu_node("g5-0", "A10G", gpus=1, cpus=8)))
+    # Without an L40S price the smaller A10G (24 GiB) wins, as before prices existed.
+    assert plan_search(inventory, SMALL, num_trials=36).accelerator_type == "A10G"
+    plan = plan_search(inventory, SMALL, num_trials=36, prices=PriceConfig(spot_gpu_hour={"L40S": 0.6}))
+    # L40S spot 0.6 / 8 trials per GPU = 0.075 per trial-hour beats A10G on demand 1.212 / 8.
+    assert (plan.accelerator_type, plan.usd_per_device_hour, plan.market) == ("L40S", 0.6, "spot")
+    assert any("USD per trial-hour: L40S (spot) 0.075, A10G (on-demand) 0.151" in note for note in plan.notes)
+
+
+def test_promotion_keeps_the_biggest_gpus_and_takes_the_cheaper_of_equal_ones():
+    from protopo_ray.cost import PriceConfig
+
+    inventory = Inventory((gpu_node("a-0", "A100", gpus=8, cpus=96), gpu_node("b-0", "A100-40G", gpus=8, cpus=96),
+                           gpu_node("s-0", "A10G", gpus=1, cpus=8)))
+    prices = PriceConfig(gpu_hour={"A100": 4.0, "A100-40G": 3.0, "A10G": 0.1})
+    plan = plan_promotion(inventory, 2 * GIB, num_trials=2, prices=prices)
+    assert (plan.accelerator_type, plan.usd_per_device_hour) == ("A100-40G", 3.0)
+    assert "3.000/GPU-h on-demand" in format_plan(plan, inventory)

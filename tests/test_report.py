@@ -52,7 +52,8 @@ def _stage(name, trials, *, kind="search", metric="val_overlap_acc", mode="max",
         "stage": name, "kind": kind, "metric": metric, "mode": mode, "max_epochs": max_epochs, "grace_epochs": 1,
         "scheduler": "asha" if kind == "search" else "none", "search": "grid",
         "plan": {"device": "gpu", "accelerator_type": "H100", "num_workers": 1, "gpus_per_worker": 0.5,
-                 "cpus_per_worker": 4.0, "trials_per_gpu": 2, "max_concurrent_trials": 4},
+                 "cpus_per_worker": 4.0, "trials_per_gpu": 2, "max_concurrent_trials": 4,
+                 "usd_per_device_hour": 4.0, "market": "spot"},
         "wall_time_s": 600.0, "best_trial": sort_trials(trials, metric, mode)[0]["trial_id"], "trials": trials,
     }
     if run is not None:
@@ -180,16 +181,19 @@ def test_report_lists_trials_in_metric_order(written):
 def test_report_rows_status_absent_types_and_asha(written):
     _, report = written
     arch = _section(report, "## Stage `architecture`")
-    # #, trial, gc_size, batch, val loss, TM, SP+TM, SP, GLOB, BETA, type acc, overlap, epochs, status, accel-h
+    # #, trial, gc_size, batch, val loss, TM, SP+TM, SP, GLOB, BETA, type acc, overlap, epochs, status, accel-h,
+    # USD (0.125 h x $4), saved accel-h, saved USD
     assert _row(arch, "| 1 | `a2` |") == (
         "| 1 | `a2` | 64 | 32 | 1.0000 | 0.8000 | 0.4000 | 0.9000 | 0.9000 | n/a | 0.9000 | 0.8000 | 4 | completed "
-        "| 0.125 |"
+        "| 0.125 | $0.5000 | 0.000 | $0.0000 |"
     )
-    assert "stopped by ASHA" in _row(arch, "| 4 | `a3` |")
+    # Stopped after 1 of 4 epochs: 3 epochs not run x 0.125 accelerator-hours per epoch, x $4.
+    assert _row(arch, "| 4 | `a3` |").endswith("| 1 | stopped by ASHA | 0.125 | $0.5000 | 0.375 | $1.50 |")
     assert "error" in _row(_section(report, "## Stage `regularisation`"), "| 4 | `r4` |")
     assert "ratio 0.625 (62.5% of a full run, 37.5% saved)" in arch
     assert "plan: gpu (H100), 1 worker(s) per trial × 0.5 GPU + 4 CPU" in arch
-    assert "600.0 s (10.0 min); accelerator-hours: 0.500" in arch and "best trial `a2`" in arch
+    assert "600.0 s (10.0 min); accelerator-hours: 0.500; cost: $2.00 at $4.000 per GPU-hour (H100, spot)" in arch
+    assert "saved by ASHA: 0.750 accelerator-hours, $3.00" in arch and "best trial `a2`" in arch
     promo = _section(report, "## Stage `promotion`")
     assert "from epoch" in promo and _row(promo, "| 1 | `p1` | 4 |")
 
@@ -264,5 +268,16 @@ def test_sparse_stage_without_experiment_json_still_reports(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "## Stage `only`" in report and "plan: not recorded" in report
     assert "2 / 4 epochs run = ratio 0.500" in report
-    assert _row(report, "| 1 | `t1` |").count("n/a") == 1 and "| 2 | `t2` |" in report
+    # One n/a among the metrics (the cost columns: no price recorded)
+    assert _row(report, "| 1 | `t1` |").split("| completed")[0].count("n/a") == 1 and "| 2 | `t2` |" in report
     assert (tmp_path / "plots" / "val_curves_only.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_cost_table_per_stage_and_in_all(written):
+    cost = _section(written[1], "## Cost")
+    # architecture: 4 trials x 0.125 h = 0.5 h ($2); a3 and a4 stopped after 1 of 4 epochs: 6 x 0.125 h saved ($3).
+    assert _row(cost, "| `architecture` |") == ("| `architecture` | asha | gpu H100 spot | 4.000 | 0.500 | $2.00 | "
+                                                "0.750 | $3.00 | 10.0 |")
+    # regularisation: r3 stopped after 1 of 3 epochs (2 x 0.125 h); the errored r4 saves nothing.
+    assert _row(cost, "| `regularisation` |").endswith("| 0.500 | $2.00 | 0.250 | $1.00 | 10.0 |")
+    assert _row(cost, "| all |").startswith("| all |  |  |  | 1.") and "| 1.000 | $4.00 | 30.0 |" in cost

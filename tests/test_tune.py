@@ -130,3 +130,15 @@ def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, 
     assert len(runs) >= 6  # one W&B run per trial: 4 + 1 + 1
     logged = b"".join(p.read_bytes() for run in runs for p in run.glob("*.wandb"))
     assert b"val_loss" in logged and b"train_grad_norm_max" in logged
+
+
+def test_dry_run_json_on_the_cluster_yaml_prices_each_stage(smoke_shards, tmp_path, capsys):
+    """No cluster: the YAML scaled out, priced by the default table (spot search pool, on-demand promotion)."""
+    assert tune.main(["experiments/smoke.toml", "--data", str(smoke_shards), "--storage", str(tmp_path), "--dry-run",
+                      "--json", "--cluster", str(REPO / "cluster.yaml")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    stages = {s["kind"]: s for s in plan["stages"]}
+    assert (stages["search"]["accelerator_type"], stages["search"]["market"]) == ("A10G", "spot")
+    assert (stages["promotion"]["accelerator_type"], stages["promotion"]["market"]) == ("A100", "on-demand")
+    assert 0 < stages["search"]["usd_per_device_hour"] < stages["promotion"]["usd_per_device_hour"]
+    assert {n["node_type"] for n in plan["inventory"]} == {"head", "search_a10g", "promotion_a100"}
