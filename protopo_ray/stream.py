@@ -46,11 +46,17 @@ def bytes_per_residue(manifest: dict[str, Any]) -> int:
 
 
 def split_bytes(manifest: dict[str, Any], folds: Iterable[str]) -> float:
-    """Estimated in-memory size of the rows of `folds` (the manifest's residues pro rata to the fold counts)."""
-    counts = manifest.get("counts", {}).get("fold", {})
-    proteins = max(1, int(manifest.get("num_proteins", 0)))
-    share = sum(counts.get(fold, 0) for fold in folds) / proteins
-    return share * int(manifest.get("num_residues", 0)) * bytes_per_residue(manifest)
+    """Estimated in-memory size of the rows of `folds`: the manifest's residues per fold (older manifests: all
+    residues pro rata to the fold counts) x `bytes_per_residue`."""
+    folds = list(folds)
+    per_fold = manifest.get("residues", {}).get("fold")
+    if per_fold is not None:
+        residues = sum(per_fold.get(fold, 0) for fold in folds)
+    else:
+        counts = manifest.get("counts", {}).get("fold", {})
+        share = sum(counts.get(fold, 0) for fold in folds) / max(1, int(manifest.get("num_proteins", 0)))
+        residues = share * int(manifest.get("num_residues", 0))
+    return residues * bytes_per_residue(manifest)
 
 
 def loading_mode(config: Config, manifest: dict[str, Any]) -> str:

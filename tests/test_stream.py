@@ -174,6 +174,8 @@ def test_loading_mode_auto_streams_above_the_threshold():
     assert stream.loading_mode(config, manifest) == "memory"  # 1.4 GB < 2 GiB
     assert stream.loading_mode(config.replace({"data.stream_above_gib": 1.0}), manifest) == "stream"
     assert stream.loading_mode(config.replace({"data.loading": "stream"}), manifest) == "stream"
+    exact = {**manifest, "residues": {"fold": {"train": 9_000_000, "val": 1_000_000}}}
+    assert stream.split_bytes(exact, ["train"]) == 9_000_000 * stream.bytes_per_residue(manifest)
     capped = config.replace({"data.stream_above_gib": 1.0, "data.max_proteins": 10})
     assert stream.loading_mode(capped, manifest) == "memory"
     with pytest.raises(ValueError, match="max_proteins"):
