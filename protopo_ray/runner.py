@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from protopo_ray.checkpoint import (
     unwrap,
 )
 from protopo_ray.config import Config
+from protopo_ray.memwatch import process_watch
 from protopo_ray.metrics import METRIC_KEYS, aggregate
 from protopo_ray.model import TopologyModel
 from protopo_ray.schedule import EpochSchedule
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: Every metric a run reports each epoch (a stage metric must be one of these).
 REPORTED_METRICS = (
     ("epoch", "val_loss", "epoch_time_s", "train_padding_efficiency", "train_proteins_all_ranks", "train_rank_overlap",
-     "resumed_from_epoch", "peak_rss_bytes_max_rank")
+     "resumed_from_epoch", "peak_rss_bytes_max_rank", "peak_anon_bytes_max_rank")
     + tuple(f"val_{key}" for key in METRIC_KEYS)
     + tuple(loop.EpochStats().as_metrics().keys())
 )
@@ -181,14 +181,15 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         stats = loop.train_epoch(model, batches, optimizer, scheduler, loss_fn, cfg, device)
         # Which proteins each rank trained on this epoch (unique per rank; resampling may repeat one within a rank).
         seen = session.gather(trained.seen())
-        peak = session.gather(peak_rss_bytes())
+        memory = session.gather(process_watch().peaks())
         val = evaluate_split(model, val_split, config, device, session)
         metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
                    **stats.as_metrics(), "train_padding_efficiency": trained.real / max(1, trained.padded),
                    # Proteins this epoch over all ranks, and how many of them more than one rank trained on (0 = disjoint).
                    "train_proteins_all_ranks": len(np.unique(np.concatenate(seen))),
                    "train_rank_overlap": sum(len(s) for s in seen) - len(np.unique(np.concatenate(seen))),
-                   "resumed_from_epoch": start_epoch, "peak_rss_bytes_max_rank": max(peak),
+                   "resumed_from_epoch": start_epoch, "peak_rss_bytes_max_rank": max(m.rss_bytes for m in memory),
+                   "peak_anon_bytes_max_rank": max(m.anon_bytes for m in memory),
                    "epoch_time_s": time.perf_counter() - started}
         metrics = {k: float(v) for k, v in metrics.items()}
         last = epoch + 1 == cfg.epochs
@@ -203,11 +204,6 @@ def fit(config: Config, session: Session) -> dict[str, float]:
                     best_value=best.best, rng=rng_state()))
             session.report(metrics, checkpoint_dir, is_best)
     return metrics
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _finite_or_none(value: Any) -> float | None:

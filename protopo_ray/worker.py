@@ -26,7 +26,8 @@ from protopo_ray.checkpoint import (
 )
 from protopo_ray.config import Config
 from protopo_ray.loader import worker_split
-from protopo_ray.runner import fit, peak_rss_bytes
+from protopo_ray.memwatch import process_watch
+from protopo_ray.runner import fit
 from protopo_ray.stream import MemorySplit, Split, loading_mode, local_split, split_folds
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class StorageSession:
     def record(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         """Rank 0's files for one epoch (every rank calls it: placements and peak memory are gathered)."""
         # Where every rank runs and its peak resident memory so far; every rank takes part (a collective).
-        placements = self.gather({**self.placement, "peak_rss_bytes": peak_rss_bytes()})
+        peaks = process_watch().peaks().as_dict()  # rss (shared pages too), anon (private), shmem (object store)
+        placements = self.gather({**self.placement, **{f"peak_{k}": v for k, v in peaks.items()}})
         if self.rank == 0:
             self._write_file("workers.json", json.dumps(placements, indent=1))
             self._write_metrics(metrics)

@@ -190,5 +190,5 @@ def test_in_process_run_on_a_stream(many_shards, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     num_train = shards.read_table(many_shards, folds=["train"]).num_rows
     assert metrics["train_proteins_all_ranks"] == num_train and metrics["train_rank_overlap"] == 0
-    assert metrics["peak_rss_bytes_max_rank"] > 0
+    assert metrics["peak_rss_bytes_max_rank"] >= metrics["peak_anon_bytes_max_rank"] > 0
     assert 0 < metrics["train_padding_efficiency"] <= 1

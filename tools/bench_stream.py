@@ -7,8 +7,9 @@
 
 memory: one 2-worker Ray Train epoch (DDP, gloo) of the smoke model over each shard set, per loading path;
 peak RSS of the driver (this tool's child, joined to a Ray instance this tool started, so Ray's daemons are
-not its children: `wait4` gives the driver's own peak) and of every rank (`workers.json`, each rank's
-`getrusage` peak). Growth = large / small.
+not its children: `wait4` gives the driver's own peak) and of every rank (`workers.json`: `getrusage` peak
+RSS, which counts the object-store pages a rank maps, and the sampled peak of its private memory, RssAnon;
+see protopo_ray/memwatch.py). Growth = large / small.
 throughput: in-process runs (the path one-worker search trials take) of bench_asha.toml's model on the real split with
 `data.loading` memory and stream, epochs interleaved; residues/s, data-wait share, padding efficiency, and
 the validation metrics of both (the stream's batches differ, so they agree within noise, not exactly). On a
@@ -58,6 +59,8 @@ def memory(small: str, large: str, storage: str) -> dict:
                        "proteins": json.loads((Path(data) / "manifest.json").read_text())["num_proteins"],
                        "driver_peak_rss_bytes": driver_peak,
                        "rank_peak_rss_bytes": [w["peak_rss_bytes"] for w in sorted(workers, key=lambda w: w["rank"])],
+                       "rank_peak_anon_bytes": [w["peak_anon_bytes"] for w in sorted(workers, key=lambda w: w["rank"])],
+                       "rank_peak_shmem_bytes": [w["peak_shmem_bytes"] for w in sorted(workers, key=lambda w: w["rank"])],
                        "epoch_time_s": metrics["epoch_time_s"], "train_proteins_all_ranks": metrics["train_proteins_all_ranks"],
                        "train_rank_overlap": metrics["train_rank_overlap"],
                        "command": " ".join(["RAY_ADDRESS=<local>", ".venv/bin/python", *cmd[1:]])}
@@ -69,7 +72,8 @@ def memory(small: str, large: str, storage: str) -> dict:
         rows = {r["size"]: r for r in out["runs"] if r["loading"] == loading}
         out[f"{loading}_growth"] = {
             "driver": rows["20x"]["driver_peak_rss_bytes"] / rows["1x"]["driver_peak_rss_bytes"],
-            "ranks": [b / a for a, b in zip(rows["1x"]["rank_peak_rss_bytes"], rows["20x"]["rank_peak_rss_bytes"])]}
+            "ranks_rss": [b / a for a, b in zip(rows["1x"]["rank_peak_rss_bytes"], rows["20x"]["rank_peak_rss_bytes"])],
+            "ranks_anon": [b / a for a, b in zip(rows["1x"]["rank_peak_anon_bytes"], rows["20x"]["rank_peak_anon_bytes"])]}
     return out
 
 
