@@ -9,6 +9,9 @@ Arrow buffers it copied); Linux keeps no peak of it, so a daemon thread samples 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import resource
 import threading
 from dataclasses import asdict, dataclass
@@ -69,6 +72,49 @@ class MemoryWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TAMED = False
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def tame_allocator() -> bool:
+    """Keep a long run's private memory flat under glibc malloc (a no-op elsewhere; False when not applied).
+
+    Every batch has its own shape, so activations and collation buffers come in ever new sizes; glibc's
+    heap fragments and its dynamic mmap threshold moves up, so freed buffers stay in the process. Measured on
+    the 20k synthetic set (1,700 steps, tools/bench_stream.py notes): private memory grew 397 -> 743 MB and
+    still rising; with buffers >= 256 KiB mmapped (returned to the OS when freed) 397 -> 555 MB, flat from step
+    1,000. `trim()` at epoch ends returns the rest of the free heap.
+    """
+    global _TAMED
+    if _TAMED:
+        return True
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
+    _TAMED = True
+    return True
+
+
+def trim() -> None:
+    """Return free heap pages to the OS (glibc malloc_trim), e.g. after an epoch."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _WATCH: MemoryWatch | None = None

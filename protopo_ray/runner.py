@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from protopo_ray import collate, loop, shards, storage
+from protopo_ray import collate, loop, memwatch, shards, storage
 from protopo_ray.checkpoint import (
     BestTracker,
     TrainState,
@@ -35,7 +35,6 @@ from protopo_ray.checkpoint import (
     unwrap,
 )
 from protopo_ray.config import Config
-from protopo_ray.memwatch import process_watch
 from protopo_ray.metrics import METRIC_KEYS, aggregate
 from protopo_ray.model import TopologyModel
 from protopo_ray.schedule import EpochSchedule
@@ -144,6 +143,7 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = loop.resolve_device(cfg.device)
+    memwatch.tame_allocator()
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         device = torch.device("cuda", session.rank % torch.cuda.device_count())
     loop.set_seed(cfg.seed)
@@ -181,7 +181,8 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         stats = loop.train_epoch(model, batches, optimizer, scheduler, loss_fn, cfg, device)
         # Which proteins each rank trained on this epoch (unique per rank; resampling may repeat one within a rank).
         seen = session.gather(trained.seen())
-        memory = session.gather(process_watch().peaks())
+        memwatch.trim()
+        memory = session.gather(memwatch.process_watch().peaks())
         val = evaluate_split(model, val_split, config, device, session)
         metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
                    **stats.as_metrics(), "train_padding_efficiency": trained.real / max(1, trained.padded),
