@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "experiments/smoke.toml"
 
 
-def memory(small: str, large: str, storage: str) -> dict:
+def memory(small: str, large: str, storage: str, budget: int, loadings: tuple[str, ...] = ("stream", "memory")) -> dict:
+    """A residue budget bounds the largest batch: without one the larger set's longer tail alone makes the
+    biggest batch (and its activations) larger, which is the model's footprint, not the data path's."""
     import ray
 
     os.environ["RAY_worker_niceness"] = "0"  # Ray's default nice 15 starves its workers on a shared machine
@@ -40,13 +42,13 @@ def memory(small: str, large: str, storage: str) -> dict:
     env = {**os.environ, "RAY_ADDRESS": context.address_info["address"], "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     out: dict = {"runs": []}
     try:
-        for loading in ("stream", "memory"):
+        for loading in loadings:
             for label, data in (("1x", small), ("20x", large)):
                 name = f"mem_{loading}_{label}_{int(time.time())}"
                 cmd = [sys.executable, "-m", "protopo_ray.train", "--config", SMOKE, "--num-workers", "2",
                        "--storage", storage, "--set", f"name={name}", "--set", f"data.path='{data}'",
                        "--set", "train.epochs=1", "--set", "train.num_threads=1", "--set", "data.batch_size=16",
-                       "--set", f"data.loading='{loading}'"]
+                       "--set", f"data.loading='{loading}'", "--set", f"data.max_residues_per_batch={budget}"]
                 probe = [sys.executable, "-c", PROBE, *cmd]
                 proc = subprocess.run(probe, cwd=ROOT, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
@@ -68,7 +70,7 @@ def memory(small: str, large: str, storage: str) -> dict:
                 out["runs"].append(row)
     finally:
         ray.shutdown()
-    for loading in ("stream", "memory"):
+    for loading in loadings:
         rows = {r["size"]: r for r in out["runs"] if r["loading"] == loading}
         out[f"{loading}_growth"] = {
             "driver": rows["20x"]["driver_peak_rss_bytes"] / rows["1x"]["driver_peak_rss_bytes"],
@@ -188,11 +190,14 @@ def main() -> None:
     parser.add_argument("--data", default="data/deeptmhmm")
     parser.add_argument("--pairs", type=int, default=2, help="memory/stream pairs of one-epoch runs")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each quality run")
+    parser.add_argument("--loadings", default="stream,memory", help="memory part: which loading paths to run")
+    parser.add_argument("--memory-budget", type=int, default=4096, help="data.max_residues_per_batch for memory")
     parser.add_argument("--budget", type=int, default=65536, help="data.max_residues_per_batch for throughput")
     parser.add_argument("--storage", default="/tmp/protopo_bench_stream")
     args = parser.parse_args()
     if args.part == "memory":
-        result = memory(str(ROOT / args.small), str(ROOT / args.large), args.storage)
+        result = memory(str(ROOT / args.small), str(ROOT / args.large), args.storage, args.memory_budget,
+                        tuple(args.loadings.split(",")))
     elif args.part == "padding":
         result = padding(str(ROOT / args.data), args.budget)
     elif args.part == "throughput":
