@@ -207,7 +207,8 @@ def cost_section(stages: Sequence[dict]) -> list[str]:
         pool = " ".join(str(x) for x in (plan.get("device"), plan.get("accelerator_type"), plan.get("market")) if x)
         values = [cost.accelerator_hours, cost.usd, cost.saved_accelerator_hours, cost.saved_usd]
         totals = [t + v for t, v in zip(totals, values)]
-        rows.append([f"`{stage['stage']}`", str(stage.get("scheduler", "?")), pool or "-",
+        scheduler = str(stage.get("scheduler", "?")) if stage.get("kind", "search") == "search" else "-"
+        rows.append([f"`{stage['stage']}`", scheduler, pool or "-",
                      _fmt(plan.get("usd_per_device_hour"), 3), f"{values[0]:.3f}", usd_text(values[1]),
                      f"{values[2]:.3f}", usd_text(values[3]), _fmt(_num(stage.get("wall_time_s")) / 60, 1)])
     rows.append(["all", "", "", "", f"{totals[0]:.3f}", usd_text(totals[1]), f"{totals[2]:.3f}", usd_text(totals[3]),
