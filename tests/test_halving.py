@@ -50,12 +50,21 @@ else:
     scheduler = SynchronousHalving(time_attr="epoch", metric="val_loss", mode="min", grace=1, reduction_factor=3,
                                    max_t=9, num_trials=9, state_file=state)
     tuner = tune.Tuner(trainable, param_space={"x": tune.grid_search([5, 1, 8, 3, 9, 2, 7, 4, 6])},
-                       tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min"),
+                       # reuse_actors as the search's one-worker stages run (stages.build_tuner): paused trials resume
+                       # in processes other trials ran in
+                       tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
                        run_config=tune.RunConfig(name="sha", storage_path=storage, verbose=0))
-results = tuner.fit()
-# A trial stopped right after a restore has no result of this session: its config and epochs are in its history.
-frames = [r.metrics_dataframe for r in results]
-print(json.dumps({str(int(f["config/x"].iloc[0])): int(f["epoch"].max()) for f in frames if f is not None and len(f)}))
+tuner.fit()
+# Epochs each trial trained over every session, from the result.json files Tune appends to in the trial
+# directories (a trial stopped right after a restore has no result of this session in the ResultGrid).
+epochs = {}
+for root, _, files in os.walk(os.path.join(storage, "sha")):
+    if "result.json" in files:
+        for line in open(os.path.join(root, "result.json")):
+            row = json.loads(line)
+            key = str(int(row["config"]["x"]))
+            epochs[key] = max(epochs.get(key, 0), int(row["epoch"]))
+print(json.dumps(epochs))
 """
 
 
