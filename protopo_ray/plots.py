@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 TOPO_COLUMNS = (("TM", "tm"), ("SP+TM", "sptm"), ("SP", "sp"), ("GLOB", "glob"), ("BETA", "beta"))
 
 
-def _num(value: object) -> float:
+def as_number(value: object) -> float:
     """A float, NaN for anything missing or non-numeric."""
     if isinstance(value, bool) or value is None:
         return math.nan
@@ -25,7 +25,7 @@ def _num(value: object) -> float:
         return math.nan
 
 
-def _metric_key(stage: dict) -> str:
+def metric_key(stage: dict) -> str:
     return str(stage.get("metric") or "val_overlap_acc")
 
 
@@ -34,7 +34,7 @@ def _epochs(trial: dict) -> list[tuple[float, dict]]:
     start = int(trial.get("start_epoch") or 0)
     out = []
     for i, entry in enumerate(trial.get("history") or []):
-        epoch = _num(entry.get("epoch"))
+        epoch = as_number(entry.get("epoch"))
         out.append((start + i + 1 if math.isnan(epoch) else epoch, entry))
     return out
 
@@ -42,7 +42,7 @@ def _epochs(trial: dict) -> list[tuple[float, dict]]:
 def _plot_curves(ax, trials: Sequence[dict], key: str) -> bool:
     drawn = False
     for trial in trials:
-        points = [(x, _num(m.get(key))) for x, m in _epochs(trial)]
+        points = [(x, as_number(m.get(key))) for x, m in _epochs(trial)]
         points = [(x, y) for x, y in points if not math.isnan(y)]
         if not points:
             continue
@@ -66,8 +66,8 @@ def _plot_curves(ax, trials: Sequence[dict], key: str) -> bool:
 def plot_val_curves(stage: dict, path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    _plot_curves(ax, stage.get("trials", []), _metric_key(stage))
-    ax.set_title(f"{stage['stage']}: {_metric_key(stage)} per epoch (dashed, x = stopped early / error)")
+    _plot_curves(ax, stage.get("trials", []), metric_key(stage))
+    ax.set_title(f"{stage['stage']}: {metric_key(stage)} per epoch (dashed, x = stopped early / error)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -90,7 +90,7 @@ def plot_per_type_top(top: Sequence[tuple[str, dict]], metric: str, path: Path) 
         best = trial.get("best") or {}
         for j, (_, k) in enumerate(TOPO_COLUMNS):
             x = j + (i - (len(top) - 1) / 2) * width
-            v = _num(best.get(f"val_topo_{k}"))
+            v = as_number(best.get(f"val_topo_{k}"))
             if math.isnan(v):  # absent type: no bar, a label instead of a misleading 0
                 ax.text(x, 0.01, "n/a", ha="center", va="bottom", rotation=90, fontsize=7)
             else:

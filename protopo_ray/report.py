@@ -20,7 +20,14 @@ from pathlib import Path
 
 from protopo_ray.cost import stage_cost, trial_cost, usd_text
 from protopo_ray.metrics import TYPE_KEYS
-from protopo_ray.plots import TOPO_COLUMNS, plot_grad_norms, plot_per_type_top, plot_val_curves
+from protopo_ray.plots import (
+    TOPO_COLUMNS,
+    as_number,
+    metric_key,
+    plot_grad_norms,
+    plot_per_type_top,
+    plot_val_curves,
+)
 
 #: Types of the seed's batch-size table (the ones whose topology is hard to get right).
 BATCH_TYPES = (("TM", "tm"), ("SP+TM", "sptm"), ("BETA", "beta"))
@@ -70,20 +77,6 @@ def load_experiment(exp_dir: str | Path) -> tuple[dict, list[dict], dict | None]
     return experiment, [by_name[s] for s in order], winner
 
 
-def _num(value: object) -> float:
-    """A float, NaN for anything missing or non-numeric."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _metric_key(stage: dict) -> str:
-    return str(stage.get("metric") or "val_overlap_acc")
-
-
 def _is_max(stage: dict) -> bool:
     return stage.get("mode", "max") != "min"
 
@@ -92,7 +85,7 @@ def sort_trials(trials: Sequence[dict], metric: str, mode: str = "max") -> list[
     """Trials best first by `best[metric]`; NaN and missing values last, ties keep their order."""
 
     def key(trial: dict) -> tuple[bool, float]:
-        value = _num((trial.get("best") or {}).get(metric))
+        value = as_number((trial.get("best") or {}).get(metric))
         if math.isnan(value):
             return True, 0.0
         return False, -value if mode == "max" else value
@@ -128,7 +121,7 @@ def batch_size_table(stages: Sequence[dict]) -> dict[int, dict[str, object]]:
             counts[size] = counts.get(size, 0) + 1
             per_type = values.setdefault(size, {k: [] for _, k in BATCH_TYPES})
             for _, k in BATCH_TYPES:
-                v = _num((trial.get("best") or {}).get(f"val_topo_{k}"))
+                v = as_number((trial.get("best") or {}).get(f"val_topo_{k}"))
                 if not math.isnan(v):
                     per_type[k].append(v)
     return {
@@ -151,7 +144,7 @@ def asha_saving(stage: dict) -> tuple[int, int, float]:
 def _fmt(value: object, digits: int = 4, absent: str = "n/a") -> str:
     if value is None:
         return "-"
-    v = _num(value)
+    v = as_number(value)
     return absent if math.isnan(v) else f"{v:.{digits}f}"
 
 
@@ -189,7 +182,7 @@ def plan_line(stage: dict) -> str:
 def price_text(stage: dict) -> str:
     """What the stage cost in dollars, at the price its plan recorded."""
     plan, cost = stage.get("plan") or {}, stage_cost(stage)
-    price = _num(plan.get("usd_per_device_hour"))
+    price = as_number(plan.get("usd_per_device_hour"))
     if math.isnan(price):
         return "cost: no price recorded (the plan's pool has none: add it to the experiment's [prices])"
     unit = "GPU" if plan.get("device") == "gpu" else "vCPU"
@@ -210,9 +203,9 @@ def cost_section(stages: Sequence[dict]) -> list[str]:
         scheduler = str(stage.get("scheduler", "?")) if stage.get("kind", "search") == "search" else "-"
         rows.append([f"`{stage['stage']}`", scheduler, pool or "-",
                      _fmt(plan.get("usd_per_device_hour"), 3), f"{values[0]:.3f}", usd_text(values[1]),
-                     f"{values[2]:.3f}", usd_text(values[3]), _fmt(_num(stage.get("wall_time_s")) / 60, 1)])
+                     f"{values[2]:.3f}", usd_text(values[3]), _fmt(as_number(stage.get("wall_time_s")) / 60, 1)])
     rows.append(["all", "", "", "", f"{totals[0]:.3f}", usd_text(totals[1]), f"{totals[2]:.3f}", usd_text(totals[3]),
-                 _fmt(sum(_num(s.get("wall_time_s")) for s in stages) / 60, 1)])
+                 _fmt(sum(as_number(s.get("wall_time_s")) for s in stages) / 60, 1)])
     return ["## Cost", "", *_table(header, rows), "",
             "Accelerator-hours: the GPU share (a vCPU on CPU plans) each trial held x its workers x its epochs' time; "
             "dollars at the stage plan's price (the experiment's `[prices]`, protopo_ray/cost.py). Saved: epochs a "
@@ -227,8 +220,8 @@ def _param_keys(trials: Sequence[dict]) -> list[str]:
 
 
 def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
-    name, metric, is_max = str(stage["stage"]), _metric_key(stage), _is_max(stage)
-    kind, wall_s = stage.get("kind", "search"), _num(stage.get("wall_time_s"))
+    name, metric, is_max = str(stage["stage"]), metric_key(stage), _is_max(stage)
+    kind, wall_s = stage.get("kind", "search"), as_number(stage.get("wall_time_s"))
     trials = sort_trials(stage.get("trials", []), metric, "max" if is_max else "min")
     lines = [
         f"## Stage `{name}` ({kind})",
@@ -238,7 +231,7 @@ def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
         f"search {stage.get('search', '?')}; best trial `{stage.get('best_trial', '-')}`",
         f"- {plan_line(stage)}",
         f"- wall time: {_fmt(wall_s, 1)} s ({_fmt(wall_s / 60, 1)} min); accelerator-hours: "
-        f"{_fmt(sum(_num(t.get('accelerator_hours') or 0) for t in stage.get('trials', [])), 3)}; {price_text(stage)}",
+        f"{_fmt(sum(as_number(t.get('accelerator_hours') or 0) for t in stage.get('trials', [])), 3)}; {price_text(stage)}",
     ]
     cost = stage_cost(stage)
     if cost.saved_accelerator_hours:
@@ -332,7 +325,7 @@ def winner_section(winner: dict | None) -> list[str]:
 def ranking_metric(stages: Sequence[dict]) -> tuple[str, bool]:
     """(metric, is_max) ranking trials across stages: the last stage's, which is every stage's when they agree;
     when they differ one metric must rank all (an accuracy and a loss cannot be ranked against each other)."""
-    return _metric_key(stages[-1]), _is_max(stages[-1])
+    return metric_key(stages[-1]), _is_max(stages[-1])
 
 
 def top_trials(stages: Sequence[dict], count: int = 5) -> list[tuple[str, dict]]:
@@ -341,7 +334,7 @@ def top_trials(stages: Sequence[dict], count: int = 5) -> list[tuple[str, dict]]
     scored = []
     for stage in stages:
         for trial in stage.get("trials", []):
-            v = _num((trial.get("best") or {}).get(metric))
+            v = as_number((trial.get("best") or {}).get(metric))
             if not math.isnan(v):
                 scored.append((v if is_max else -v, str(stage["stage"]), trial))
     scored.sort(key=lambda s: -s[0])  # stable: ties keep stage and trial order
