@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +210,39 @@ class TuneSession(StorageSession):
         return model
 
     def resume_state(self) -> TrainState | None:
+        """Tune's checkpoint of this trial, or the run's own best/ where that is newer.
+
+        Tune registers a checkpoint only once the driver has processed the report that carried it, and restores
+        from its last experiment snapshot: a driver killed in between restarts the trial from an older checkpoint
+        (or from scratch) although the run had already saved a complete newer one as best/ (measured:
+        `tests/test_tune.py::test_smoke_search_killed_then_resumed_end_to_end`). best/ counts only when it is
+        this run's own: a promotion seeds best/ with the checkpoint it continues from, which is not.
+        """
         import ray.tune
 
+        state = None
         checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint(directory)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                state = load_checkpoint(directory)
+        best = self._own_best()
+        if best is not None and (state is None or best.epoch > state.epoch):
+            log.info("resuming from best/ (epoch %d): newer than Tune's checkpoint (%s)", best.epoch,
+                     state.epoch if state is not None else "none")
+            return best
+        return state
+
+    def _own_best(self) -> TrainState | None:
+        with tempfile.TemporaryDirectory(prefix="protopo-best-") as tmp:
+            source = storage.join(storage.join(self.config.resources.storage, self.config.name), "best")
+            if not storage.exists(storage.join(source, "meta.json")):
+                return None
+            try:
+                state = load_checkpoint(storage.fetch_dir(source, Path(tmp) / "best"))
+            except CheckpointError as error:
+                log.warning("%s; not resuming from best/", error)
+                return None
+        return state if state.config.get("name") == self.config.name else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         import ray.tune

@@ -33,3 +33,28 @@ def test_tune_session_reads_a_split_once_per_process_until_the_shards_change(ray
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "rewritten": True}))
     worker.TuneSession(config).split("train")
     assert reads == [["train"], ["val"], ["train"]]
+
+
+@pytest.mark.ray
+def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_cluster, tmp_path, monkeypatch):
+    """A driver killed between a trial's report and Tune's snapshot: Tune hands back an older checkpoint (here
+    none), but the run's best/ is complete and newer. A promotion's best/, seeded from its source run, is not its
+    own and never counts."""
+    import ray.tune
+
+    from protopo_ray import worker
+    from protopo_ray.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
+
+    monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: None)
+    config = Config().replace({"resources.storage": str(tmp_path / "runs"), "name": "trial_a"})
+
+    def best_of(run_config, epoch):
+        state = TrainState(model={}, optimizer=None, epoch=epoch, config=run_config.to_dict(),
+                           metrics={"val_loss": 0.5}, best_value=0.5, rng=rng_state())
+        copy_checkpoint(save_checkpoint(tmp_path / f"src_{epoch}", state), str(tmp_path / "runs"), "trial_a/best")
+
+    assert worker.TuneSession(config).resume_state() is None
+    best_of(config.replace({"name": "source_trial"}), 6)  # seeded by a continuation from another run
+    assert worker.TuneSession(config).resume_state() is None
+    best_of(config, 2)  # the run's own
+    assert worker.TuneSession(config).resume_state().epoch == 2
