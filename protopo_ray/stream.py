@@ -165,9 +165,8 @@ class StreamSplit:
         data = self.config.data
         window = data.batch_size * data.bucket_batches * 4
         for table in windows(self.source(0), window):
-            order = np.argsort(table.column("length").to_numpy(), kind="stable")
-            for idx in batching._cut(order, table.column("length").to_numpy(), data.batch_size,
-                                     data.max_residues_per_batch):
+            for idx in batching.eval_batches(table.column("length").to_numpy(), data.batch_size,
+                                             data.max_residues_per_batch):
                 yield table.take(pa.array(idx))
 
 
@@ -205,9 +204,7 @@ def bucketed(tables: Iterable[pa.Table], rng: np.random.Generator, *, batch_size
     pool: pa.Table | None = None
 
     def cut(rows: pa.Table) -> Iterator[pa.Table]:
-        lengths = rows.column("length").to_numpy()
-        order = np.argsort(lengths, kind="stable")
-        batches = batching._cut(order, lengths, batch_size, max_residues)
+        batches = batching.eval_batches(rows.column("length").to_numpy(), batch_size, max_residues)  # sorted, cut
         for i in rng.permutation(len(batches)):
             yield rows.take(pa.array(batches[i]))
 

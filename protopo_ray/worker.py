@@ -191,7 +191,7 @@ class TuneSession(StorageSession):
         data = self.config.data
         manifest = shards.read_manifest(data.path)
         if loading_mode(self.config, manifest) != "memory":
-            return local_split(self.config, name)
+            return local_split(self.config, name, mode="stream")
         folds = tuple(split_folds(self.config, name))
         # The manifest is rewritten whenever the shards are: a cached table is the one the shards hold now.
         key = (str(data.path), folds, data.max_proteins, json.dumps(manifest, sort_keys=True))
