@@ -18,17 +18,22 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from protopo_ray.alphabet import IGNORE_LABEL
+from protopo_ray.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.checkpoint import STATE_FILE, load_checkpoint
 from protopo_ray.config import Config
 from protopo_ray.crf import CRF
 from protopo_ray.grammar import default_grammar
+from protopo_ray.metrics import aggregate, protein_result
 from protopo_ray.model import TopologyModel, pad_by_protein
 
 ENSEMBLE_FILE = "ensemble.json"
+#: Entry penalties tried when one is chosen on validation data (the rule's one free number).
+PENALTIES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+_LETTERS = np.array(list(LABELS))
 #: Posteriors are clamped here before the log, so one member's certainty never makes a label impossible.
 MIN_PROBABILITY = 1e-6
 
@@ -64,6 +69,37 @@ class Ensemble(nn.Module):
 def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:
     """The ensemble rule's average: log of the members' mean per-residue label posteriors (clamped)."""
     return torch.stack(posteriors).mean(0).clamp_min(MIN_PROBABILITY).log()
+
+
+def grammar_decode(batches: list, log_probs: list[Tensor], penalty: float) -> list[Tensor]:
+    """Grammar Viterbi (fixed moves, `penalty` on entering M or B) of per-residue log-probabilities, batch by batch."""
+    crf = CRF.fixed(default_grammar(), penalty)
+    decoded = []
+    for batch, lp in zip(batches, log_probs):
+        padded, lengths, index = pad_by_protein(lp, batch)
+        decoded.append(crf.decode(padded, lengths)[index])
+    return decoded
+
+
+def score(batches: list, decoded: list[Tensor]) -> dict[str, float]:
+    """The project's metrics (`metrics.aggregate`) of decoded labels against the batches' labelled proteins."""
+    results = []
+    for batch, pred in zip(batches, decoded):
+        y, pred, ptr = batch.y.numpy(), pred.numpy(), batch.ptr.numpy()
+        for i in range(int(batch.num_graphs)):
+            lo, hi = ptr[i], ptr[i + 1]
+            if (y[lo:hi] != IGNORE_LABEL).all():
+                results.append(protein_result("".join(_LETTERS[y[lo:hi]]), "".join(_LETTERS[pred[lo:hi]])))
+    return aggregate(results)
+
+
+def choose_entry_penalty(batches: list, log_probs: list[Tensor], penalties: tuple[float, ...] = PENALTIES
+                         ) -> tuple[float, dict[float, float], dict[str, float]]:
+    """The penalty whose decoding has the best topo_mean on these (validation) batches, ties to the smaller one.
+    Returns (penalty, topo_mean by penalty, the chosen penalty's figures)."""
+    figures = {p: score(batches, grammar_decode(batches, log_probs, p)) for p in penalties}
+    chosen = max(penalties, key=lambda p: (figures[p]["topo_mean"], -p))
+    return chosen, {p: f["topo_mean"] for p, f in figures.items()}, figures[chosen]
 
 
 def load_model(checkpoint: str | Path, overrides: dict | None = None) -> tuple[TopologyModel, Config]:

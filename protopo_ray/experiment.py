@@ -6,7 +6,7 @@
     [prices]                # USD per hour of the cluster's nodes (protopo_ray.cost; defaults for its GPU types)
     [[stages]]              # one table per stage, run in order
     name = "architecture"
-    kind = "search"         # search | promotion
+    kind = "search"         # search | promotion | ensemble (protopo_ray.rotation)
     search = "grid"         # grid | hyperopt
     metric = "val_overlap_acc"
     [stages.grid]           # dotted run-config keys -> values to try (grid search)
@@ -33,7 +33,8 @@ class StageSpec:
     name: str
     """Stage name: the directory of its results and its label in the report."""
     kind: str = "search"
-    """search (a grid or HyperOpt over the space, ASHA stopping) or promotion (top-k continue longer)."""
+    """search (a grid or HyperOpt over the space, ASHA stopping), promotion (top-k continue longer) or ensemble
+    (the config trained once per validation fold, the members decoded together: protopo_ray.rotation)."""
     search: str = "grid"
     """grid or hyperopt (search stages)."""
     metric: str = "val_overlap_acc"
@@ -65,11 +66,15 @@ class StageSpec:
     """promotion: how many of the best trials continue."""
     from_stages: tuple[str, ...] = ()
     """promotion: stages whose trials compete (default: the previous stage)."""
+    folds: tuple[str, ...] = ()
+    """ensemble: each member's validation fold (default: every train and val fold of the base config in turn)."""
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
         checks = [
-            (self.kind in ("search", "promotion"), f"kind must be search or promotion, got {self.kind!r}"),
+            (self.kind in ("search", "promotion", "ensemble"),
+             f"kind must be search, promotion or ensemble, got {self.kind!r}"),
+            (not self.folds or self.kind == "ensemble", "folds is a key of ensemble stages only"),
             (self.search in ("grid", "hyperopt"), f"search must be grid or hyperopt, got {self.search!r}"),
             (self.mode in ("max", "min"), f"mode must be max or min, got {self.mode!r}"),
             (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
@@ -156,8 +161,13 @@ def parse_experiment(values: dict[str, Any], source: str = "experiment", overrid
         if "name" not in raw:
             raise ValueError(f"{where}: every stage needs a name")
         raw = dict(raw)
-        if "from_stages" in raw:
-            raw["from_stages"] = tuple(raw["from_stages"])
+        for key in ("from_stages", "folds"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        if raw.get("kind") == "ensemble" and not raw.get("folds"):
+            from protopo_ray.rotation import rotation_pool
+
+            raw["folds"] = rotation_pool(base)
         try:
             stages.append(StageSpec(**raw))
         except (TypeError, ValueError) as error:
@@ -183,6 +193,10 @@ def _check_stages(stages: list[StageSpec], base: Config, source: str) -> None:
             missing = [s for s in stage.from_stages if s not in seen]
             if missing:
                 raise ValueError(f"{source}: stage {stage.name!r} from_stages {missing} are not earlier stages")
+        if stage.kind == "ensemble":
+            from protopo_ray.rotation import check_folds
+
+            check_folds(stage, base, source)
         # Every searched key must be a real run-config key with a valid value: try it on the base.
         for key in stage.searched_keys:
             sample = stage.grid[key][0] if stage.search == "grid" else _space_sample(stage.space[key])

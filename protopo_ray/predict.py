@@ -116,7 +116,7 @@ def predict_records(model: TopologyModel, records: list[ProteinRecord], graph_li
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m protopo_ray.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (holds state.pt)")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (holds state.pt) or ensemble directory (holds ensemble.json)")
     parser.add_argument("--input", required=True, help=".fasta or .3line file (.gz allowed)")
     parser.add_argument("--structures", help="directory of AlphaFold/PDB structures (optional)")
     parser.add_argument("--out-dir", type=Path, help="write predicted.3line, predicted.gff3, summary.tsv here")

@@ -245,6 +245,13 @@ def stage_section(stage: dict, plots: dict[str, str]) -> list[str]:
     else:
         lines.append(f"- {what}: {run} / {full} epochs run = ratio {ratio:.3f} ({ratio:.1%} of a full run, "
                      f"{1 - ratio:.1%} saved)")
+    ensemble = stage.get("ensemble") or {}
+    if ensemble:
+        members = ", ".join(f"{fold}: `{trial}`" for fold, trial in (ensemble.get("members") or {}).items())
+        lines.append(f"- ensemble `{ensemble.get('path', '?')}` (members by validation fold: {members}); entry penalty "
+                     f"{_fmt(ensemble.get('entry_penalty'), 1)}, chosen out of fold (pooled topo_mean "
+                     f"{_fmt((ensemble.get('out_of_fold') or {}).get('topo_mean'))}, overlap acc "
+                     f"{_fmt((ensemble.get('out_of_fold') or {}).get('overlap_acc'))})")
     lines.append("")
     params = _param_keys(trials)
     fixed = ["val_loss", *(f"val_topo_{k}" for _, k in TOPO_COLUMNS), "val_type_acc", "val_overlap_acc"]

@@ -28,6 +28,7 @@ from protopo_ray import storage
 from protopo_ray.config import Config
 from protopo_ray.experiment import StageSpec
 from protopo_ray.hardware import StagePlan
+from protopo_ray.rotation import ROTATION_KEY, EnsembleRecord, member_overrides
 
 CHECKPOINT_KEY = "checkpoint_path"  # what TuneReportCallback adds to a report that carried a checkpoint
 CONTINUE_KEY = "continue"  # the Tune parameter that carries a promoted trial's Continuation
@@ -80,12 +81,14 @@ def trial_config(ctx: StageContext, params: dict[str, Any], trial_id: str) -> Co
     from protopo_ray.footprint import trial_footprint
 
     values: dict[str, Any] = {}
+    if params.get(ROTATION_KEY):  # an ensemble member: the base config on its own fold rotation
+        values.update(member_overrides(Config.from_dict(ctx.base), params[ROTATION_KEY]))
     continuation = params.get(CONTINUE_KEY)
     if continuation:
         spec = Continuation.from_params(continuation)
         values.update(spec.overrides)
         values["train.init_checkpoint"] = spec.checkpoint
-    values.update({k: v for k, v in params.items() if k != CONTINUE_KEY})
+    values.update({k: v for k, v in params.items() if k not in (CONTINUE_KEY, ROTATION_KEY)})
     # The run's own best/ is judged by the stage's metric, so the trial's best epoch is the one ASHA saw.
     values.update({"train.epochs": ctx.max_epochs, "train.metric": ctx.metric, "train.mode": ctx.mode,
                    "resources.storage": ctx.train_storage, "name": f"{ctx.name}_{trial_id}"})
@@ -161,6 +164,8 @@ def param_space(stage: StageSpec, promoted: list[Continuation] | None = None) ->
 
     if stage.kind == "promotion":
         return {CONTINUE_KEY: tune.grid_search([c.to_params() for c in promoted or []])}
+    if stage.kind == "ensemble":
+        return {ROTATION_KEY: tune.grid_search(list(stage.folds))}  # filled from the base when the file names none
     if stage.search == "grid":
         return {key: tune.grid_search(values) for key, values in stage.grid.items()}
     space = {}
@@ -182,6 +187,8 @@ def param_space(stage: StageSpec, promoted: list[Continuation] | None = None) ->
 def num_trials(stage: StageSpec, promoted: int = 0) -> int:
     if stage.kind == "promotion":
         return promoted
+    if stage.kind == "ensemble":
+        return len(stage.folds)
     if stage.search == "grid":
         return math.prod(len(v) for v in stage.grid.values()) * stage.num_samples
     return stage.num_samples
@@ -313,6 +320,8 @@ class StageRecord:
     best_trial: str | None
     trials: list[TrialRecord] = field(default_factory=list)
     finished_at: str = ""
+    ensemble: EnsembleRecord | None = None
+    """ensemble stages: the predictor its members make (protopo_ray.rotation.build_ensemble)."""
 
     def best(self) -> TrialRecord | None:
         return next((t for t in self.trials if t.trial_id == self.best_trial), None)
@@ -325,7 +334,8 @@ class StageRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         trial_names = {f.name for f in dataclasses.fields(TrialRecord)}
         trials = [TrialRecord(**{k: v for k, v in t.items() if k in trial_names}) for t in values.get("trials", [])]
-        return cls(**{**{k: v for k, v in values.items() if k in names}, "trials": trials})
+        return cls(**{**{k: v for k, v in values.items() if k in names}, "trials": trials,
+                      "ensemble": EnsembleRecord.from_json(values.get("ensemble"))})
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from protopo_ray.config import Config, parse_overrides
 from protopo_ray.cost import PriceConfig
 from protopo_ray.experiment import Experiment, StageSpec, load_experiment
 from protopo_ray.inventory import format_inventory, inventory_from_cluster_yaml, inventory_json, read_inventory
+from protopo_ray.rotation import build_ensemble, evaluate_ensemble, member_overrides
 
 if TYPE_CHECKING:
     from protopo_ray.console import SearchConsole
@@ -85,6 +86,8 @@ def max_length(config: Config) -> int:
 def stage_configs(stage: StageSpec, base: Config, promoted: list[stages.Continuation] | None = None) -> list[Config]:
     if stage.kind == "promotion":
         return [base.replace(c.overrides) for c in promoted] if promoted else [base]
+    if stage.kind == "ensemble":
+        return [base.replace(member_overrides(base, fold)) for fold in stage.folds]
     if stage.search == "grid":
         return [base.replace(point) for point in stages.grid_points(stage)]
     # HyperOpt: size the plan for the largest corner of the space.
@@ -174,6 +177,8 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
         results = tuner.fit()
     release_leaked_placement_groups()
     record = stages.collect_stage(results, stage, ctx, wall_time_s=time.time() - started)
+    if stage.kind == "ensemble":
+        record.ensemble = build_ensemble(record, exp_dir)
     record.save(exp_dir / "stages" / f"{stage.name}.json")
     storage.upload(exp_dir, exp_uri)
     display.stage_done(record)
@@ -181,9 +186,12 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
 
 
 def pick_winner(record: stages.StageRecord, exp_dir: Path) -> dict[str, Any] | None:
-    """Copy the best trial's checkpoint to winner/ and evaluate it once on the held-out test folds."""
+    """Copy the best trial's checkpoint to winner/ and evaluate it once on the held-out test folds (an ensemble
+    stage: its ensemble is the winner)."""
     from protopo_ray.runner import evaluate_checkpoint
 
+    if record.ensemble is not None:
+        return ensemble_winner(record, exp_dir)
     trial = record.best()
     if trial is None or not trial.checkpoint:
         return None
@@ -200,6 +208,22 @@ def pick_winner(record: stages.StageRecord, exp_dir: Path) -> dict[str, Any] | N
         test = evaluate_checkpoint(target, config.replace({"data.max_proteins": 0}), split="test")
     winner = {"stage": record.stage, "trial_id": trial.trial_id, "params": trial.params, "config": trial.config,
               "val": trial.best, "test": test, "checkpoint": str(target), "source": source}
+    (exp_dir / "winner" / "winner.json").write_text(json.dumps(winner, indent=1, default=_json_nan))
+    return winner
+
+
+def ensemble_winner(record: stages.StageRecord, exp_dir: Path) -> dict[str, Any]:
+    """winner/ of an ensemble stage: its ensemble directory (members' checkpoints + ensemble.json), evaluated once
+    on the test folds of the first member's config (every member has the same test folds)."""
+    target = exp_dir / "winner" / "checkpoint"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(record.ensemble.path, target)
+    config = Config.from_dict(record.trials[0].config).replace({"data.max_proteins": 0})
+    test = evaluate_ensemble(target, config, split="test") if config.data.test_folds else {}
+    winner = {"stage": record.stage, "trial_id": "ensemble", "params": {"members": record.ensemble.members,
+              "entry_penalty": record.ensemble.entry_penalty}, "config": record.trials[0].config,
+              "val": record.ensemble.out_of_fold, "test": test, "checkpoint": str(target),
+              "source": record.ensemble.path}
     (exp_dir / "winner" / "winner.json").write_text(json.dumps(winner, indent=1, default=_json_nan))
     return winner
 

@@ -19,20 +19,11 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from protopo_ray import runner, stream
-from protopo_ray.alphabet import IGNORE_LABEL, LABELS
+from protopo_ray import ensemble, runner, stream
 from protopo_ray.checkpoint import checkpoint_epoch, find_checkpoints
-from protopo_ray.crf import CRF
-from protopo_ray.ensemble import load_model, mean_log_posteriors
-from protopo_ray.grammar import default_grammar
-from protopo_ray.metrics import aggregate, protein_result
-from protopo_ray.model import pad_by_protein
-
-PENALTIES = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
-LETTERS = np.array(list(LABELS))
+from protopo_ray.ensemble import load_model, mean_log_posteriors, score
 
 
 def split_batches(config, split: str) -> list:
@@ -45,31 +36,17 @@ def outputs(model, batches: list) -> list[torch.Tensor]:
     return [model(b).float() for b in batches]
 
 
-def score(batches: list, decoded: list[torch.Tensor]) -> dict[str, float]:
-    results = []
-    for batch, pred in zip(batches, decoded):
-        y, pred, ptr = batch.y.numpy(), pred.numpy(), batch.ptr.numpy()
-        for i in range(int(batch.num_graphs)):
-            lo, hi = ptr[i], ptr[i + 1]
-            if (y[lo:hi] == IGNORE_LABEL).any():
-                continue
-            results.append(protein_result("".join(LETTERS[y[lo:hi]]), "".join(LETTERS[pred[lo:hi]])))
-    return aggregate(results)
-
-
 def grammar_decode(batches: list, log_probs: list[torch.Tensor], penalty: float) -> tuple[list[torch.Tensor], float]:
-    crf = CRF.fixed(default_grammar(), penalty)
-    start, decoded = time.process_time(), []
-    for batch, lp in zip(batches, log_probs):
-        padded, lengths, index = pad_by_protein(lp, batch)
-        decoded.append(crf.decode(padded, lengths)[index])
+    """`ensemble.grammar_decode`, timed in CPU seconds."""
+    start = time.process_time()
+    decoded = ensemble.grammar_decode(batches, log_probs, penalty)
     return decoded, time.process_time() - start
 
 
 def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, dict[float, float]]:
     """The entry penalty with the best val topo_mean (ties: the smaller penalty)."""
-    by_penalty = {p: score(batches, grammar_decode(batches, log_probs, p)[0])["topo_mean"] for p in PENALTIES}
-    return max(PENALTIES, key=lambda p: (by_penalty[p], -p)), by_penalty
+    penalty, by_penalty, _ = ensemble.choose_entry_penalty(batches, log_probs)
+    return penalty, by_penalty
 
 
 def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
