@@ -351,7 +351,8 @@ class SearchConsole:
 
         `start_epochs`: where a promotion's trials continue from (their epoch budgets are shorter)."""
         scheduler = {"asha": "ASHA", "sha": "halving"}.get(stage.scheduler) if stage.kind == "search" else None
-        how = f"{stage.search} search" if stage.kind == "search" else "continued from their checkpoints"
+        how = {"search": f"{stage.search} search", "promotion": "continued from their checkpoints",
+               "ensemble": "one ensemble member per validation fold"}[stage.kind]
         stopper = f", {scheduler} from epoch {stage.grace_epochs}" if scheduler else ""
         self.console.print(Text.assemble(("── stage ", "cyan"), (stage.name, "bold cyan"),
                                          f": {num_trials} trials, {how}{stopper}, up to epoch {stage.max_epochs}, "
