@@ -98,10 +98,12 @@ def stage_configs(stage: StageSpec, base: Config, promoted: list[stages.Continua
 def plan_stage(stage: StageSpec, base: Config, inventory, longest: int,
                promoted: list[stages.Continuation] | None = None, prices: PriceConfig | None = None) -> hardware.StagePlan:
     configs = stage_configs(stage, base, promoted)
-    if stage.kind == "promotion":
-        # Sized for one worker's share of the global batch on the most workers a trial could get (a bound).
+    if stage.kind in ("promotion", "ensemble"):
+        # Final runs, planned alike: whole GPUs of the biggest type, DDP across several where there are more GPUs
+        # than trials. Sized for one worker's share of the global batch on the most workers a trial could get.
         footprint = max(hardware.trial_footprints(configs, longest))
-        return hardware.plan_promotion(inventory, footprint, num_trials=len(promoted) if promoted else stage.top_k,
+        trials = len(stage.folds) if stage.kind == "ensemble" else len(promoted) if promoted else stage.top_k
+        return hardware.plan_promotion(inventory, footprint, num_trials=trials,
                                        max_workers=min(c.data.batch_size for c in configs), prices=prices)
     return hardware.plan_search(inventory, hardware.trial_footprints(configs, longest), prices=prices,
                                 num_trials=stages.num_trials(stage), cpus_per_trial=base.resources.cpus_per_worker)
@@ -164,7 +166,9 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     ctx = stages.StageContext.of(stage, base, plan, storage.join(exp_uri, "train"), longest)
     started = time.time()
     datasets = None
-    if plan.num_workers > 1:  # Ray Train DDP trials: their splits go through Ray Data, loaded once per stage
+    if plan.num_workers > 1 and stage.kind != "ensemble":
+        # Ray Train DDP trials: their splits go through Ray Data, loaded once per stage (ensemble members' folds
+        # differ: each Train run loads its own)
         from protopo_ray.loader import load_datasets
 
         datasets = load_datasets(base)

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import stages
+from protopo_ray import stages, tune
 from protopo_ray.config import Config
 from protopo_ray.ensemble import ENSEMBLE_FILE, PENALTIES
 from protopo_ray.experiment import parse_experiment
-from protopo_ray.hardware import plan_search
-from protopo_ray.inventory import GIB, Inventory, node_from_resources
+from protopo_ray.inventory import Inventory, node_from_resources
 from protopo_ray.rotation import ROTATION_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +39,21 @@ def test_ensemble_folds_default_to_every_train_and_val_fold_never_a_test_fold():
         parse_experiment({"stages": [{"name": "a", "folds": ["cv1"], "grid": {"model.gc_size": [8]}}]}, source="x")
 
 
+def test_members_are_planned_as_final_runs_ddp_where_gpus_outnumber_them():
+    exp = experiment({})  # four members
+    gpus = Inventory(tuple(node_from_resources(f"g{i}", {"CPU": 16, "GPU": 4, "accelerator_type:A10G": 1}) for i in range(2)))
+    plan = tune.plan_stage(exp.stages[0], exp.base, gpus, longest=800)
+    assert (plan.num_workers, plan.gpus_per_worker, plan.max_concurrent_trials) == (2, 1.0, 4)
+    cpus = tune.plan_stage(exp.stages[0], exp.base, Inventory((node_from_resources("n", {"CPU": 2}),)), longest=800)
+    assert (cpus.num_workers, cpus.max_concurrent_trials) == (2, 1)  # 4 members on 2 cores: in turn, DDP on both
+    assert tune.plan_stage(experiment({"folds": ["cv1", "cv0"]}).stages[0], exp.base,
+                           Inventory((node_from_resources("n", {"CPU": 2}),)), longest=800).max_concurrent_trials == 2
+
+
 def test_each_member_validates_on_its_fold_and_trains_on_the_others(tmp_path):
     exp = experiment({"folds": ["cv1", "cv3"], "max_epochs": 3})
     stage = exp.stages[0]
-    plan = plan_search(Inventory((node_from_resources("n", {"CPU": 4}),)), [GIB // 10], num_trials=2)
+    plan = tune.plan_stage(stage, exp.base, Inventory((node_from_resources("n", {"CPU": 4}),)), longest=600)
     ctx = stages.StageContext.of(stage, exp.base, plan, str(tmp_path), longest=600)
     assert stages.num_trials(stage) == 2
     member = stages.trial_config(ctx, {ROTATION_KEY: "cv3"}, "m3")
