@@ -10,8 +10,8 @@ length: a padded step leaves that sequence's forward variables as they are. Each
 (`grammar.py`), so a step gathers [B, S, K] scores instead of multiplying by an S x S matrix. Forward in log
 space; the NLL of the true labels is log Z - log Z(paths that emit the true labels), the second term being the
 same forward pass with the emissions of the other labels masked, so the true path needs no explicit mapping
-and any grammar ambiguity (globular I vs alpha-world I) is summed over exactly. Viterbi keeps uint8
-backpointers and backtracks in numpy.
+and any grammar ambiguity (globular I vs alpha-world I) is summed over exactly. Viterbi keeps the max-product
+variables only and backtracks in numpy, recomputing each step's argmax for the state the path is in.
 """
 
 from __future__ import annotations
@@ -78,24 +78,24 @@ class CRF(nn.Module):
         end = self.edge_scores.new_full((self.grammar.num_states,), NEG).index_put((self.ends,), self.end_scores)
         return trans, start, end
 
-    def _viterbi_run(self, emissions: Tensor, lengths: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Max-product over label emissions [B, T, L]: final scores [B, S] and uint8 backpointers per step."""
+    def _viterbi_run(self, emissions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Max-product over label emissions [B, T, L]: final scores [B, S], the max-product variables [T, B, S]
+        and the [S, K] transition scores. No backpointers: `amax` over the <= 3 predecessors is ~10x cheaper
+        on CPU than `max` with its indices (measured 10 vs 110 us a step at B = 32), and the backtrace recomputes
+        the argmax for the one state each sequence is in, from the same float sums."""
         trans, start, end = self._scores()
         trans_ks = trans.T.contiguous()  # [K, S]: predecessors on dim 1 of the candidates, states contiguous
         pred_ks = self.pred.T.contiguous().flatten()
         state_em = emissions.float().transpose(0, 1)[..., self.state_labels]  # [T, B, S]
         batch, num_states = state_em.shape[1:]
-        state_em = state_em.unbind(0)
-        alphas = [start + state_em[0]]
-        backpointers = []
+        alphas = torch.empty_like(state_em)
+        alphas[0] = start + state_em[0]
         for t in range(1, len(state_em)):
-            cand = alphas[-1].index_select(1, pred_ks).view(batch, -1, num_states) + trans_ks  # [B, K, S]
-            best, arg = cand.max(dim=1)
-            backpointers.append(arg.to(torch.uint8))
-            alphas.append(best + state_em[t])
+            cand = alphas[t - 1].index_select(1, pred_ks).view(batch, -1, num_states) + trans_ks  # [B, K, S]
+            torch.add(cand.amax(dim=1), state_em[t], out=alphas[t])
         # steps past a sequence's end compute on regardless; its own last step is picked out here
-        final = torch.stack(alphas)[lengths - 1, torch.arange(batch, device=lengths.device)]
-        return final + end, backpointers
+        final = alphas[lengths - 1, torch.arange(batch, device=lengths.device)]
+        return final + end, alphas, trans
 
     def log_partition(self, emissions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """(log Z [B], possible [B] bool) of label emissions [B, T, NUM_LABELS] (right-padded; `lengths` [B]).
@@ -154,18 +154,19 @@ class CRF(nn.Module):
         batch, steps = emissions.shape[:2]
         if batch == 0 or steps == 0:
             return torch.zeros(batch, steps, dtype=torch.long, device=emissions.device)
-        final, backpointers = self._viterbi_run(emissions, lengths)
+        final, alphas, trans = self._viterbi_run(emissions, lengths)
         cur = final.argmax(dim=-1).cpu().numpy()
-        bp = torch.stack(backpointers).cpu().numpy() if backpointers else np.zeros((0, batch, 1), np.uint8)
+        alphas, trans = alphas.cpu().numpy(), trans.detach().cpu().numpy()
         ends = lengths.cpu().numpy() - 1
         rows = np.arange(batch)
         states = np.zeros((batch, steps), dtype=np.int64)
         for t in range(steps - 1, -1, -1):
             active = t <= ends
             states[active, t] = cur[active]
-            if t > 0:
-                prev = self.pred_np[cur, bp[t - 1, rows, cur]]
-                cur = np.where(active, prev, cur)
+            if t > 0:  # the predecessor the forward pass's max came from (first of equals)
+                preds = self.pred_np[cur]  # [B, K]
+                best = (alphas[t - 1][rows[:, None], preds] + trans[cur]).argmax(1)
+                cur = np.where(active, preds[rows, best], cur)
         labels = np.asarray(self.grammar.labels)[states]
         labels[np.arange(steps)[None, :] > ends[:, None]] = 0
         return torch.from_numpy(labels).to(emissions.device)
