@@ -270,7 +270,7 @@ def figure_rows(results: dict, command: str) -> list[tuple]:
     return rows
 
 
-def quality_table(results: dict, existing_row: str | None) -> list[str]:
+def quality_table(results: dict, existing_rows: list[str]) -> list[str]:
     q = results.get("quality", {})
     keys = ["overlap_acc", "residue_acc", "type_acc", "topo_tm", "topo_sptm", "topo_sp", "topo_glob", "topo_beta"]
     lines = ["| model | proteins | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
@@ -278,17 +278,18 @@ def quality_table(results: dict, existing_row: str | None) -> list[str]:
         m = q["ours"]
         lines.append(f"| reference project (its test predictions, rescored with protopo_ray.metrics) | "
                      f"{int(m.get('n_proteins', 0))} | " + " | ".join(_f(m[k], 3) for k in keys) + " |")
-    lines.append(existing_row or QUALITY_ROW)
+    # Rows of other quality runs (tagged <!-- QUALITY... -->, written by hand or by tools/quality_*.py) are carried.
+    lines += existing_rows or [QUALITY_ROW]
     return lines
 
 
 def write_markdown(results: dict, meta: dict, path: Path) -> None:
-    intro, quality_row = INTRO, None
+    intro, quality_rows = INTRO, []
     if path.exists():
         text = path.read_text()
         if MARKER in text:
             intro = text.split(MARKER)[0].rstrip() + "\n"
-        quality_row = next((line for line in text.splitlines() if "<!-- QUALITY -->" in line and "TBD" not in line), None)
+        quality_rows = [line for line in text.splitlines() if "<!-- QUALITY" in line and "TBD" not in line]
     command = ".venv/bin/python -m tools.bench"
     invocations: dict[str, list[str]] = {}
     for part, value in results.items():
@@ -323,9 +324,10 @@ def write_markdown(results: dict, meta: dict, path: Path) -> None:
               "The reference project's own test predictions (fold cv2) rescored with this project's metrics, next to "
               "this project's quality run (`python -m protopo_ray.train --config experiments/deeptmhmm_quality.toml "
               "--local`), its best checkpoint (`runs/deeptmhmm_quality/best`) evaluated on cv2 with "
-              "`protopo_ray.runner.evaluate_checkpoint`. That row is carried over from the previous file (the line "
-              "marked QUALITY); a TBD row marks a quality run not yet evaluated.", ""]
-    lines += quality_table(results, quality_row)
+              "`protopo_ray.runner.evaluate_checkpoint`, and the other quality runs' rows (tools/quality_decode.py, "
+              "tools/quality_ensemble.py). Those rows are carried over from the previous file (every line tagged "
+              "QUALITY); a TBD row marks a quality run not yet evaluated.", ""]
+    lines += quality_table(results, quality_rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

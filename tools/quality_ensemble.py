@@ -1,0 +1,109 @@
+"""Quality rows of a fold-rotation ensemble search (experiments/deeptmhmm_ensemble.toml) on its test fold.
+
+    .venv/bin/python -m tools.quality_ensemble [--exp runs/deeptmhmm_ensemble] [--out benchmarks/quality_ensemble.json]
+    .venv/bin/python -m tools.quality_ensemble --checkpoints runs/a/best runs/b/best --out FILE   # single models only
+
+Rows, each member from its `best/` checkpoint (chosen by the member's own validation metric), nothing tuned on
+the test fold:
+- each member alone, argmax;
+- each member alone, grammar Viterbi with the entry penalty that maximises topo_mean on its own validation fold
+  (the single-model predictor; member cv1 is the reference split: train cv0+cv3+cv4, validate cv1);
+- the ensemble (`winner/checkpoint`: mean posteriors, grammar Viterbi, out-of-fold entry penalty), decoded here
+  again so its decoding time is measured on the same footing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from protopo_ray.checkpoint import checkpoint_epoch
+from protopo_ray.ensemble import choose_entry_penalty, load_model, load_predictor, read_ensemble, score
+from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
+
+
+def member_rows(member: Path, test: list) -> dict[str, dict]:
+    model, config = load_model(member)
+    val = split_batches(config, "val")
+    with torch.no_grad():
+        val_lp = [model.label_posteriors(b, o).clamp_min(1e-6).log() for b, o in zip(val, outputs(model, val))]
+        test_out = outputs(model, test)
+        test_lp = [model.label_posteriors(b, o).clamp_min(1e-6).log() for b, o in zip(test, test_out)]
+    penalty, by_penalty, _ = choose_entry_penalty(val, val_lp)
+    decoded, seconds = grammar_decode(test, test_lp, penalty)
+    fold = ",".join(config.data.val_folds)
+    return {
+        f"member_{fold}_argmax": {**score(test, [o.argmax(-1) for o in test_out]), "val_fold": fold},
+        f"member_{fold}_viterbi": {**score(test, decoded), "val_fold": fold, "entry_penalty": penalty,
+                                   "val_topo_mean_by_penalty": by_penalty, "decode_cpu_s": seconds,
+                                   "best_epoch": checkpoint_epoch(member)},
+    }
+
+
+def ensemble_row(path: Path, test: list) -> dict:
+    predictor, _ = load_predictor(path)
+    with torch.no_grad():
+        start = time.process_time()
+        log_probs = outputs(predictor, test)
+        forward_s = time.process_time() - start
+    decoded, seconds = grammar_decode(test, log_probs, predictor.entry_penalty)
+    return {**score(test, decoded), "entry_penalty": predictor.entry_penalty, "members": len(predictor.members),
+            "forward_cpu_s": forward_s, "decode_cpu_s": seconds}
+
+
+def markdown_rows(rows: dict, what: str) -> list[str]:
+    out = []
+    for key, m in rows.items():
+        if not isinstance(m, dict) or "overlap_acc" not in m:
+            continue
+        if key == "ensemble":
+            name = f"ensemble of {m['members']} fold rotations (mean posteriors, grammar Viterbi, entry penalty " \
+                   f"{m['entry_penalty']:g} chosen out of fold)"
+        else:
+            run, _, key = key.rpartition(":")
+            who = run or f"member validated on {m['val_fold']} alone"
+            name = (f"{who}, argmax" if key.endswith("_argmax") else
+                    f"{who} (best epoch {m['best_epoch']}), grammar Viterbi (entry penalty {m['entry_penalty']:g}, "
+                    f"tuned on {m['val_fold']})")
+        out.append(f"| {what}: {name} | {int(m['n_proteins'])} | " + " | ".join(f"{m[k]:.3f}" for k in TABLE_KEYS)
+                   + " <!-- QUALITY:ensemble --> |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.quality_ensemble", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default="runs/deeptmhmm_ensemble")
+    parser.add_argument("--out", default="benchmarks/quality_ensemble.json")
+    parser.add_argument("--checkpoints", nargs="+", metavar="DIR",
+                        help="instead of --exp: the single-model rows of these checkpoints (e.g. a with/without-features pair)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--label", default="deeptmhmm_ensemble (GC 64, LSTM 64 x 2 bi, 15 CPU epochs, features, "
+                        "seq-window graphs, test cv2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    path = Path(args.exp) / "winner" / "checkpoint"
+    members = [Path(c) for c in args.checkpoints] if args.checkpoints else read_ensemble(path)[0]
+    test = split_batches(load_model(members[0])[1], "test")
+    rows: dict = {}
+    for member in members:
+        rows.update({f"{member.parent.name}:{key}": row for key, row in member_rows(member, test).items()}
+                    if args.checkpoints else member_rows(member, test))
+    if not args.checkpoints:
+        rows["ensemble"] = ensemble_row(path, test)
+        rows["winner_test"] = json.loads((Path(args.exp) / "winner" / "winner.json").read_text()).get("test")
+    rows["test_proteins"] = sum(int(b.num_graphs) for b in test)
+    result = {"rows": rows, "wall_s": time.time() - started}
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(json.dumps(result, indent=1, default=float))
+    print("\n".join(markdown_rows(rows, args.label)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
