@@ -19,11 +19,53 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from protopo_ray.alphabet import IGNORE_LABEL, LABELS, protein_type
 from protopo_ray.checkpoint import checkpoint_epoch
 from protopo_ray.ensemble import choose_entry_penalty, load_model, load_predictor, read_ensemble, score
+from protopo_ray.metrics import segments, topology_match
 from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
+
+LETTERS = np.array(list(LABELS))
+
+
+def membrane_error(true: str, pred: str) -> str:
+    """Why an alpha-membrane protein's topology is wrong (the first reason in this order), or "right"."""
+    if topology_match(true, pred) and protein_type(pred) == protein_type(true):
+        return "right"
+    helices = [s for s in segments(true) if s[0] == "M"]
+    found = [s for s in segments(pred) if s[0] == "M"]
+    if not found:
+        return "no helix predicted"
+    if len(found) != len(helices):
+        return "too many helices" if len(found) > len(helices) else "too few helices"
+    if any(min(te, pe) - max(ts, ps) < 5 for (_, ts, te), (_, ps, pe) in zip(helices, found)):
+        return "same count, a helix misplaced"
+    if ("S" in true) != ("S" in pred):
+        return "signal peptide missed" if "S" in true else "signal peptide extra"
+    return "helices right, orientation wrong"
+
+
+def membrane_errors(batches: list, decoded: list[torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Counts of `membrane_error` over the TM and SP+TM proteins of the batches, by true type."""
+    counts: dict[str, dict[str, int]] = {}
+    for true, pred in labelled_strings(batches, decoded):
+        kind = protein_type(true)
+        if kind in ("TM", "SP+TM"):
+            reason = membrane_error(true, pred)
+            counts.setdefault(kind, {})[reason] = counts.get(kind, {}).get(reason, 0) + 1
+    return counts
+
+
+def labelled_strings(batches: list, decoded: list[torch.Tensor]):
+    for batch, pred in zip(batches, decoded):
+        y, pred, ptr = batch.y.numpy(), pred.numpy(), batch.ptr.numpy()
+        for i in range(int(batch.num_graphs)):
+            lo, hi = ptr[i], ptr[i + 1]
+            if (y[lo:hi] != IGNORE_LABEL).all():
+                yield "".join(LETTERS[y[lo:hi]]), "".join(LETTERS[pred[lo:hi]])
 
 
 def member_rows(member: Path, test: list) -> dict[str, dict]:
@@ -39,6 +81,7 @@ def member_rows(member: Path, test: list) -> dict[str, dict]:
     return {
         f"member_{fold}_argmax": {**score(test, [o.argmax(-1) for o in test_out]), "val_fold": fold},
         f"member_{fold}_viterbi": {**score(test, decoded), "val_fold": fold, "entry_penalty": penalty,
+                                   "membrane_errors": membrane_errors(test, decoded),
                                    "val_topo_mean_by_penalty": by_penalty, "decode_cpu_s": seconds,
                                    "best_epoch": checkpoint_epoch(member)},
     }
@@ -52,7 +95,7 @@ def ensemble_row(path: Path, test: list) -> dict:
         forward_s = time.process_time() - start
     decoded, seconds = grammar_decode(test, log_probs, predictor.entry_penalty)
     return {**score(test, decoded), "entry_penalty": predictor.entry_penalty, "members": len(predictor.members),
-            "forward_cpu_s": forward_s, "decode_cpu_s": seconds}
+            "forward_cpu_s": forward_s, "decode_cpu_s": seconds, "membrane_errors": membrane_errors(test, decoded)}
 
 
 def markdown_rows(rows: dict, what: str) -> list[str]:
