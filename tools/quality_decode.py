@@ -83,10 +83,11 @@ def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
     return rows
 
 
-def rank_rows(run_dir: Path) -> list[dict]:
-    """Every kept epoch: its validation metrics (metrics.jsonl) and its test figures with the run's decoder."""
+def rank_rows(run_dir: Path, checkpoints_dir: Path | None = None) -> list[dict]:
+    """Every kept epoch: its validation metrics (metrics.jsonl) and its test figures with the run's decoder.
+    `checkpoints_dir`: where the epoch checkpoints are when not in the run (a Tune trial's own directory)."""
     history = {int(m["epoch"]): m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    epochs = sorted((checkpoint_epoch(p), p) for p in find_checkpoints(run_dir) if p.name != "best")
+    epochs = sorted((checkpoint_epoch(p), p) for p in find_checkpoints(checkpoints_dir or run_dir) if p.name != "best")
     test, out = None, []
     for epoch, path in epochs:
         model, config = load_model(path)
@@ -127,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crf", default="runs/deeptmhmm_crf")
     parser.add_argument("--ce", default="runs/deeptmhmm_crf_twin_ce")
     parser.add_argument("--out", default="benchmarks/quality_crf.json")
-    parser.add_argument("--rank", nargs="+", metavar="RUN_DIR",
-                        help="instead: score every kept epoch of these runs on the test fold (the ranking check)")
+    parser.add_argument("--rank", nargs="+", metavar="RUN_DIR[=CHECKPOINTS_DIR]",
+                        help="instead: score every kept epoch of these runs on the test fold (the ranking check); "
+                        "=DIR where the epoch checkpoints are elsewhere (a Tune trial's directory)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--label", default="deeptmhmm_crf (GC 64, LSTM 64 x 2 bi, 4 CPU epochs, seq-window graphs)",
                         help="what the markdown rows name the runs")
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = {}
     if args.rank:
-        result["rank"] = {d: rank_rows(Path(d)) for d in args.rank}
+        runs = [d.split("=", 1) if "=" in d else (d, None) for d in args.rank]
+        result["rank"] = {d: rank_rows(Path(d), Path(c) if c else None) for d, c in runs}
     else:
         result["rows"] = run_rows(Path(args.crf), Path(args.ce))
     result["wall_s"] = time.time() - started
