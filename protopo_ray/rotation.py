@@ -90,7 +90,7 @@ def build_ensemble(record: StageRecord, exp_dir: Path) -> EnsembleRecord:
     import torch
 
     from protopo_ray import runner, stream
-    from protopo_ray.ensemble import choose_entry_penalty, load_model, write_ensemble
+    from protopo_ray.ensemble import choose_entry_penalty, load_model, mean_log_posteriors, write_ensemble
 
     target = exp_dir / ENSEMBLE_DIR
     shutil.rmtree(target, ignore_errors=True)
@@ -111,7 +111,7 @@ def build_ensemble(record: StageRecord, exp_dir: Path) -> EnsembleRecord:
         # The member's own validation fold: out of its fold by construction.
         own = list(runner.collated(stream.local_split(config, "val", mode="memory").eval_batches(0, 1), depth=0))
         with torch.no_grad():
-            log_probs += [model.label_posteriors(b, model(b).float()).clamp_min(1e-6).log() for b in own]
+            log_probs += [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in own]
         batches += own
     penalty, by_penalty, figures = choose_entry_penalty(batches, log_probs)
     write_ensemble(target, [target / "members" / fold for fold in members], penalty)

@@ -24,7 +24,14 @@ import torch
 
 from protopo_ray.alphabet import IGNORE_LABEL, LABELS, protein_type
 from protopo_ray.checkpoint import checkpoint_epoch
-from protopo_ray.ensemble import choose_entry_penalty, load_model, load_predictor, read_ensemble, score
+from protopo_ray.ensemble import (
+    choose_entry_penalty,
+    load_model,
+    load_predictor,
+    mean_log_posteriors,
+    read_ensemble,
+    score,
+)
 from protopo_ray.metrics import segments, topology_match
 from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
 
@@ -72,9 +79,9 @@ def member_rows(member: Path, test: list) -> dict[str, dict]:
     model, config = load_model(member)
     val = split_batches(config, "val")
     with torch.no_grad():
-        val_lp = [model.label_posteriors(b, o).clamp_min(1e-6).log() for b, o in zip(val, outputs(model, val))]
+        val_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(val, outputs(model, val))]
         test_out = outputs(model, test)
-        test_lp = [model.label_posteriors(b, o).clamp_min(1e-6).log() for b, o in zip(test, test_out)]
+        test_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(test, test_out)]
     penalty, by_penalty, _ = choose_entry_penalty(val, val_lp)
     decoded, seconds = grammar_decode(test, test_lp, penalty)
     fold = ",".join(config.data.val_folds)
