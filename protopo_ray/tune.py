@@ -103,8 +103,9 @@ def plan_stage(stage: StageSpec, base: Config, inventory, longest: int,
         # than trials. Sized for one worker's share of the global batch on the most workers a trial could get.
         footprint = max(hardware.trial_footprints(configs, longest))
         trials = len(stage.folds) if stage.kind == "ensemble" else len(promoted) if promoted else stage.top_k
-        return hardware.plan_promotion(inventory, footprint, num_trials=trials,
+        plan = hardware.plan_promotion(inventory, footprint, num_trials=trials,
                                        max_workers=min(c.data.batch_size for c in configs), prices=prices)
+        return dataclasses.replace(plan, kind=stage.kind)
     return hardware.plan_search(inventory, hardware.trial_footprints(configs, longest), prices=prices,
                                 num_trials=stages.num_trials(stage), cpus_per_trial=base.resources.cpus_per_worker)
 

@@ -108,7 +108,7 @@ def ensemble_row(path: Path, test: list) -> dict:
 def markdown_rows(rows: dict, what: str) -> list[str]:
     out = []
     for key, m in rows.items():
-        if not isinstance(m, dict) or "overlap_acc" not in m:
+        if not isinstance(m, dict) or "overlap_acc" not in m or key == "winner_test":
             continue
         if key == "ensemble":
             name = f"ensemble of {m['members']} fold rotations (mean posteriors, grammar Viterbi, entry penalty " \
