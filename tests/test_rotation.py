@@ -95,3 +95,26 @@ def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(
     subprocess.run([sys.executable, "-m", "protopo_ray.predict", "--checkpoint", str(exp_dir / "winner" / "checkpoint"),
                     "--input", str(fasta), "--out-dir", str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
     assert (out / "predicted.3line").read_text().startswith(">p1")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.long  # ~2 min on 2 cores (a Ray Train start-up): run by hand; the stage path above runs in CI
+def test_a_member_with_the_cluster_to_itself_is_a_ray_train_ddp_run(ray_cluster, smoke_shards, tmp_path):
+    toml = tmp_path / "ens.toml"
+    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0] + (
+        '[[stages]]\nname = "ensemble"\nkind = "ensemble"\nfolds = ["val"]\nmetric = "val_loss"\nmode = "min"\n'
+        'max_epochs = 1\n'))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run([sys.executable, "-m", "protopo_ray.tune", str(toml), "--data", str(smoke_shards),
+                           "--storage", str(tmp_path), "--no-wandb"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = stages.StageRecord.load(tmp_path / "smoke" / "stages" / "ensemble.json")
+    (member,) = record.trials
+    config = Config.from_dict(member.config)
+    # one member on the 2-CPU cluster gets both cores as two DDP workers (promotion's plan), training on train only
+    assert (config.resources.num_workers, config.data.train_folds, config.data.val_folds) == (2, ("train",), ("val",))
+    workers = json.loads((Path(member.run_uri) / "workers.json").read_text())
+    assert len(workers) == 2
+    assert json.loads((tmp_path / "smoke" / "ensemble" / ENSEMBLE_FILE).read_text())["members"] == ["members/val"]
