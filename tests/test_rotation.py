@@ -62,17 +62,22 @@ def test_each_member_validates_on_its_fold_and_trains_on_the_others(tmp_path):
     assert stages.trial_config(ctx, {ROTATION_KEY: "cv1"}, "m1").data.train_folds == ("cv0", "cv3", "cv4")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(ray_cluster, smoke_shards, tmp_path):
+def run_smoke_search(stage_keys: str, ray_cluster: str, smoke_shards: Path, tmp_path: Path) -> None:
+    """`python -m protopo_ray.tune` on smoke.toml's base config with one ensemble stage (`stage_keys` its TOML)."""
     toml = tmp_path / "ens.toml"
-    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0] + (
-        '[[stages]]\nname = "ensemble"\nkind = "ensemble"\nmetric = "val_topo_mean"\nmax_epochs = 2\n'))
+    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0]
+                    + '[[stages]]\nname = "ensemble"\nkind = "ensemble"\n' + stage_keys)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     done = subprocess.run([sys.executable, "-m", "protopo_ray.tune", str(toml), "--data", str(smoke_shards),
                            "--storage", str(tmp_path), "--no-wandb"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(ray_cluster, smoke_shards, tmp_path):
+    run_smoke_search('metric = "val_topo_mean"\nmax_epochs = 2\n', ray_cluster, smoke_shards, tmp_path)
     exp_dir = tmp_path / "smoke"
     record = stages.StageRecord.load(exp_dir / "stages" / "ensemble.json")
     # smoke's folds are train / val / test: one member validates on val, the other on train.
@@ -101,15 +106,8 @@ def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(
 @pytest.mark.slow
 @pytest.mark.long  # ~2 min on 2 cores (a Ray Train start-up): run by hand; the stage path above runs in CI
 def test_a_member_with_the_cluster_to_itself_is_a_ray_train_ddp_run(ray_cluster, smoke_shards, tmp_path):
-    toml = tmp_path / "ens.toml"
-    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0] + (
-        '[[stages]]\nname = "ensemble"\nkind = "ensemble"\nfolds = ["val"]\nmetric = "val_loss"\nmode = "min"\n'
-        'max_epochs = 1\n'))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    done = subprocess.run([sys.executable, "-m", "protopo_ray.tune", str(toml), "--data", str(smoke_shards),
-                           "--storage", str(tmp_path), "--no-wandb"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_smoke_search('folds = ["val"]\nmetric = "val_loss"\nmode = "min"\nmax_epochs = 1\n', ray_cluster, smoke_shards,
+                     tmp_path)
     record = stages.StageRecord.load(tmp_path / "smoke" / "stages" / "ensemble.json")
     (member,) = record.trials
     config = Config.from_dict(member.config)
