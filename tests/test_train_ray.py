@@ -106,8 +106,10 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, smoke_shards, t
     assert [r["epoch"] for r in rows] == list(range(1, 31))  # every epoch once, the run finished
     resumed = {r["resumed_from_epoch"] for r in rows} - {0}
     assert len(resumed) == 1
-    # Restarted from the last checkpoint before the kill: at most the interrupted epoch was lost.
-    assert resumed.pop() >= killed["after_epoch"]
+    # Restarted from the last checkpoint before the kill. Rank 0 appends an epoch to metrics.jsonl just before
+    # Ray Train persists that epoch's checkpoint, so a kill seen after N lines may land between the two (seen once
+    # in CI, 2026-12-02: resumed from 2 after 3 lines): at most the epoch being reported and the one in flight lost.
+    assert resumed.pop() >= killed["after_epoch"] - 1
 
 
 def test_continuation_from_one_worker_to_two_keeps_lr_and_best(ray_cluster, smoke_shards, tmp_path):
