@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -71,8 +72,13 @@ def free_port() -> int:
 
 
 def cluster_env(temp_dir: Path) -> dict[str, str]:
-    """The environment of a test-owned cluster: venv first on PATH, loopback only, token auth, no RAY_ADDRESS."""
+    """The environment of a test-owned cluster: venv first on PATH, loopback only, token auth with a token of
+    its own (a fresh machine has no ~/.ray/auth_token, and the user's must not be touched), no RAY_ADDRESS."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    token = temp_dir / "auth_token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+    env["RAY_AUTH_TOKEN_PATH"] = str(token)
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(temp_dir),
                 # Ray's default nice 15 starves the workers on a shared machine (as protopo_ray.cluster.ray_init).
