@@ -5,7 +5,7 @@
     python -m protopo_ray.predict --checkpoint runs/default/winner/checkpoint --input proteins.fasta --out predicted.3line
 
 --out-dir writes predicted.3line, predicted.gff3 (topology regions), summary.tsv (id, length, type, membrane
-segments, mean confidence) and, with --plots, plots/<id>.png (see protopo_ray.outputs); --out writes the
+segments, mean confidence) and, with --plots, plots/<id>.png (see protopo_ray.inference.outputs); --out writes the
 3-line file alone. Input is FASTA (unlabelled) or 3-line (labelled: the metrics are printed too). Proteins
 with a structure file in --structures get a structure graph, the rest the sequence-window graph, exactly as
 `prepare` does. Exit codes: 0 ok, 2 bad input (no checkpoint, an input without valid records, ...).
@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protopo_ray import batching, graphs, loop
-from protopo_ray.checkpoint import CheckpointError
 from protopo_ray.config import Config
-from protopo_ray.metrics import format_metrics, protein_metrics
-from protopo_ray.model import TopologyModel
-from protopo_ray.outputs import Prediction, write_3line, write_outputs
+from protopo_ray.data import batching, graphs
+from protopo_ray.data.records import ProteinRecord, RecordError, read_records
+from protopo_ray.inference.outputs import Prediction, write_3line, write_outputs
+from protopo_ray.model.metrics import format_metrics, protein_metrics
+from protopo_ray.model.network import TopologyModel
 from protopo_ray.prepare import ensure_data, experiment_synthetic
-from protopo_ray.records import ProteinRecord, RecordError, read_records
+from protopo_ray.training import loop
+from protopo_ray.training.checkpoint import CheckpointError
 
 #: How far above a checkpoint its search's experiment.json may sit (EXP/<stage>/<trial>/<checkpoint_n>).
 _EXPERIMENT_DEPTH = 5
@@ -36,8 +37,8 @@ _EXPERIMENT_DEPTH = 5
 
 def load_model(checkpoint: str | Path, device: torch.device) -> tuple[TopologyModel, Config, int]:
     """(predictor in eval mode, its config, the graph k its shards were built with). `checkpoint` is a checkpoint
-    directory or an ensemble directory (`ensemble.json`, protopo_ray.ensemble)."""
-    from protopo_ray.ensemble import load_predictor
+    directory or an ensemble directory (`ensemble.json`, protopo_ray.model.ensemble)."""
+    from protopo_ray.model.ensemble import load_predictor
 
     model, config = load_predictor(checkpoint, device)
     return model, config, graph_k(config, experiment_synthetic(search_experiment_file(checkpoint)))
@@ -74,7 +75,7 @@ def build_graphs(records: list[ProteinRecord], structures: str | Path | None, k:
     for record in records:
         ca = None
         if structures:
-            from protopo_ray.structures import load_aligned_ca
+            from protopo_ray.data.structures import load_aligned_ca
 
             ca, _ = load_aligned_ca(structures, record)
         built.append(graphs.build_graph(record.sequence, ca, k=k))
@@ -101,7 +102,7 @@ def label_probabilities(model: TopologyModel, batch, device: torch.device) -> li
 def predict_records(model: TopologyModel, records: list[ProteinRecord], graph_list: list[graphs.ResidueGraph],
                     device: torch.device, batch_size: int = 32) -> list[Prediction]:
     """Decoded labels and label probabilities per protein, batched by length, in the order of `records`."""
-    from protopo_ray.collate import records_to_batch
+    from protopo_ray.data.collate import records_to_batch
 
     lengths = [len(r.sequence) for r in records]
     found: dict[str, Prediction] = {}

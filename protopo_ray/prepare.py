@@ -5,7 +5,7 @@
     python -m protopo_ray.prepare --synthetic 20000 --out s3://bucket/synthetic20k --ray   # on a Ray cluster
 
 Graphs are built in `--workers` local processes, or with `--ray` in Ray Data tasks on a cluster (one task per
-batch of up to 512 inputs, each writing its own shard files; protopo_ray.prepare_ray). `--out` is a local
+batch of up to 512 inputs, each writing its own shard files; protopo_ray.cluster.prepare_tasks). `--out` is a local
 directory or an object-store URI (s3://, gs://). Local output is atomic: shards are written into
 `<out>.tmp-<pid>` beside `out` and renamed into place only when the manifest is written, so a crash never
 leaves a directory that looks complete, and `--overwrite` replaces an existing set only once the new one is
@@ -30,13 +30,13 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
-from protopo_ray import shards, storage, synthetic
 from protopo_ray.config import Config, describe_keys, read_toml
-from protopo_ray.graphs import DEFAULT_K, build_graph
-from protopo_ray.records import ProteinRecord, RecordError, read_records
-from protopo_ray.structures import load_aligned_ca
+from protopo_ray.data import shards, storage, synthetic
+from protopo_ray.data.graphs import DEFAULT_K, build_graph
+from protopo_ray.data.records import ProteinRecord, RecordError, read_records
+from protopo_ray.data.structures import load_aligned_ca
 
-GRAPH_BUILDER = "protopo_ray.graphs.build_graph"
+GRAPH_BUILDER = "protopo_ray.data.graphs.build_graph"
 _SHOWN_IDS = 5  # ids listed per fallback reason in the summary
 
 
@@ -231,10 +231,10 @@ def _build_and_write(fn: Callable, jobs: list, args: tuple, out: str | os.PathLi
                      what: str, overwrite: bool, workers: int | None, use_ray: bool, **write_args: Any) -> dict:
     """Rows of `fn(chunk, *args)` over `jobs` -> shards at `out`: in local processes, or in Ray Data tasks."""
     if use_ray:
-        from protopo_ray import prepare_ray
+        from protopo_ray.cluster import prepare_tasks
 
         def write(target: str) -> dict:
-            return prepare_ray.write_shards_ray(fn, jobs, args, target, summary, what=what, workers=workers,
+            return prepare_tasks.write_shards_ray(fn, jobs, args, target, summary, what=what, workers=workers,
                                                 **write_args)
     else:
         def write(target: str) -> dict:
@@ -277,7 +277,7 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
 
 def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int = DEFAULT_K, overwrite: bool = False,
                       workers: int | None = None, use_ray: bool = False) -> PrepareSummary:
-    """Generate `n` synthetic proteins (protopo_ray.synthetic) with structure graphs and write shards to `out`
+    """Generate `n` synthetic proteins (protopo_ray.data.synthetic) with structure graphs and write shards to `out`
     (`workers`, `use_ray`: as prepare_records)."""
     start = time.perf_counter()
     out = out if storage.is_uri(out) else Path(out)
@@ -289,10 +289,10 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     types = synthetic.allocate_types(n, seed)
     jobs = list(zip(range(n), types, synthetic.assign_folds(types, seed)))
     summary = PrepareSummary(out=str(out), num_read=n)
-    generator = {"module": "protopo_ray.synthetic", "n": n, "seed": seed}
+    generator = {"module": "protopo_ray.data.synthetic", "n": n, "seed": seed}
     summary.manifest = _build_and_write(_synthetic_rows, jobs, (seed, k), out, summary, what="synthetic",
                                         overwrite=overwrite, workers=workers, use_ray=use_ray, k=k,
-                                        sources={"synthetic": f"protopo_ray.synthetic n={n} seed={seed}"},
+                                        sources={"synthetic": f"protopo_ray.data.synthetic n={n} seed={seed}"},
                                         extra={"graph_builder": GRAPH_BUILDER, "generator": generator})
     summary.elapsed_s = time.perf_counter() - start
     return summary
@@ -304,7 +304,7 @@ def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEF
     for _ in range(2):
         if (out / shards.MANIFEST).exists():
             generator = shards.read_manifest(out).get("extra", {}).get("generator")
-            if generator != {"module": "protopo_ray.synthetic", "n": n, "seed": seed}:
+            if generator != {"module": "protopo_ray.data.synthetic", "n": n, "seed": seed}:
                 raise OutputExists(f"{out} holds a different shard set ({generator or 'not synthetic'}), not "
                                    f"synthetic n={n} seed={seed}; prepare it with --overwrite or use another path")
             return out
@@ -383,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if use_ray:
-            from protopo_ray import prepare_ray
+            from protopo_ray.cluster import prepare_tasks
 
-            prepare_ray.connect(args.ray_address, args.workers)
+            prepare_tasks.connect(args.ray_address, args.workers)
         if args.synthetic is not None:
             if args.structures or args.skip_invalid:
                 raise ValueError("--structures and --skip-invalid apply to --labels, not --synthetic")
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if use_ray:
-            prepare_ray.disconnect()
+            prepare_tasks.disconnect()
     print(summary.format())
     return 0
 

@@ -18,9 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from protopo_ray.cost import stage_cost, trial_cost, usd_text
-from protopo_ray.metrics import TYPE_KEYS
-from protopo_ray.plots import (
+from protopo_ray.model.metrics import TYPE_KEYS
+from protopo_ray.reporting.plots import (
     TOPO_COLUMNS,
     as_number,
     metric_key,
@@ -28,6 +27,7 @@ from protopo_ray.plots import (
     plot_per_type_top,
     plot_val_curves,
 )
+from protopo_ray.search.cost import stage_cost, trial_cost, usd_text
 
 #: Types of the seed's batch-size table (the ones whose topology is hard to get right).
 BATCH_TYPES = (("TM", "tm"), ("SP+TM", "sptm"), ("BETA", "beta"))
@@ -208,7 +208,7 @@ def cost_section(stages: Sequence[dict]) -> list[str]:
                  _fmt(sum(as_number(s.get("wall_time_s")) for s in stages) / 60, 1)])
     return ["## Cost", "", *_table(header, rows), "",
             "Accelerator-hours: the GPU share (a vCPU on CPU plans) each trial held x its workers x its epochs' time; "
-            "dollars at the stage plan's price (the experiment's `[prices]`, protopo_ray/cost.py). Saved: epochs a "
+            "dollars at the stage plan's price (the experiment's `[prices]`, protopo_ray/search/cost.py). Saved: epochs a "
             "stopped trial did not run x that trial's own cost per epoch. n/a: no price for the pool.", ""]
 
 

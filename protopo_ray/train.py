@@ -12,12 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
-from protopo_ray import storage
-from protopo_ray.cluster import ray_init
+from protopo_ray.cluster.connect import ray_init
+from protopo_ray.cluster.train_run import build_trainer
 from protopo_ray.config import Config, describe_keys, load_config, parse_overrides, save_config
+from protopo_ray.data import storage
 from protopo_ray.prepare import ensure_run_data
-from protopo_ray.runner import LocalSession, fit, validate_data
-from protopo_ray.trainer import build_trainer
+from protopo_ray.training.fit import LocalSession, fit, validate_data
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@
 Layout of an experiment directory (STORAGE/NAME): experiment.json, stages/<stage>.json (one per finished
 stage), tune/<stage>/ (Ray Tune's own state, what --resume restores), train/ (the trials' Ray Train runs and
 checkpoints), winner/ (winner.json + the winning checkpoint), report.md and plots/, wandb/, logs/ray.log (what
-Ray, W&B and the libraries print; `--verbose` prints it on the console instead, see protopo_ray/console.py).
+Ray, W&B and the libraries print; `--verbose` prints it on the console instead, see protopo_ray/search/console.py).
 """
 
 from __future__ import annotations
@@ -25,15 +25,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from protopo_ray import hardware, stages, storage
 from protopo_ray.config import Config, parse_overrides
-from protopo_ray.cost import PriceConfig
-from protopo_ray.experiment import Experiment, StageSpec, load_experiment
-from protopo_ray.inventory import format_inventory, inventory_from_cluster_yaml, inventory_json, read_inventory
-from protopo_ray.rotation import build_ensemble, evaluate_ensemble, member_overrides
+from protopo_ray.data import storage
+from protopo_ray.search import plan as hardware
+from protopo_ray.search import trials as stages
+from protopo_ray.search.cost import PriceConfig
+from protopo_ray.search.experiment import Experiment, StageSpec, load_experiment
+from protopo_ray.search.inventory import format_inventory, inventory_from_cluster_yaml, inventory_json, read_inventory
+from protopo_ray.search.rotation import build_ensemble, evaluate_ensemble, member_overrides
 
 if TYPE_CHECKING:
-    from protopo_ray.console import SearchConsole
+    from protopo_ray.search.console import SearchConsole
 
 log = logging.getLogger(__name__)
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -77,7 +79,7 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
 
 def max_length(config: Config) -> int:
     """Longest protein of the training split: with each config's batch plan it sets the trial footprints."""
-    from protopo_ray.shards import read_table
+    from protopo_ray.data.shards import read_table
 
     lengths = read_table(config.data.path, folds=config.data.train_folds, columns=["length"]).column("length")
     return int(max(lengths.to_pylist(), default=1))
@@ -116,7 +118,7 @@ def plan_table(experiment: Experiment, inventory, longest: int) -> list[dict[str
     Stages that inherit the previous stage's best config are planned on the base config, and promotions on
     the base config with the stage's top_k: a dry run knows no results yet.
     """
-    from protopo_ray.footprint import trial_footprint
+    from protopo_ray.model.footprint import trial_footprint
 
     rows = []
     for stage in experiment.stages:
@@ -145,8 +147,8 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp_dir`."""
     from ray import tune
 
-    from protopo_ray.cluster import release_leaked_placement_groups
-    from protopo_ray.tracking import wandb_callbacks
+    from protopo_ray.cluster.connect import release_leaked_placement_groups
+    from protopo_ray.search.tracking import wandb_callbacks
 
     promoted = None
     if stage.kind == "promotion":
@@ -170,7 +172,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
     if plan.num_workers > 1 and stage.kind != "ensemble":
         # Ray Train DDP trials: their splits go through Ray Data, loaded once per stage (ensemble members' folds
         # differ: each Train run loads its own)
-        from protopo_ray.loader import load_datasets
+        from protopo_ray.cluster.datasets import load_datasets
 
         datasets = load_datasets(base)
     tuner = stages.build_tuner(stage, ctx, tune_dir=tune_dir, driver_resources=hardware.driver_resources(inventory),
@@ -193,7 +195,7 @@ def run_stage(stage: StageSpec, base: Config, *, experiment: Experiment, exp_uri
 def pick_winner(record: stages.StageRecord, exp_dir: Path) -> dict[str, Any] | None:
     """Copy the best trial's checkpoint to winner/ and evaluate it once on the held-out test folds (an ensemble
     stage: its ensemble is the winner)."""
-    from protopo_ray.runner import evaluate_checkpoint
+    from protopo_ray.training.fit import evaluate_checkpoint
 
     if record.ensemble is not None:
         return ensemble_winner(record, exp_dir)
@@ -253,14 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         from protopo_ray.prepare import ensure_data
 
         ensure_data(experiment.base.data.path, experiment.synthetic, experiment.seed)
-        from protopo_ray.runner import validate_data
+        from protopo_ray.training.fit import validate_data
 
         validate_data(experiment.base)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    from protopo_ray.console import SearchConsole, quiet_output
+    from protopo_ray.search.console import SearchConsole, quiet_output
 
     # A search keeps Ray's, the workers' and W&B's output in its log file; a dry run has nothing to keep.
     log_path = None if args.verbose or args.dry_run else quiet_output(exp_dir / "logs" / "ray.log")
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and args.cluster:  # plan before the cluster exists: its YAML fully scaled out
         inventory = inventory_from_cluster_yaml(args.cluster)
     else:
-        from protopo_ray.cluster import ray_init
+        from protopo_ray.cluster.connect import ray_init
 
         ray_init(log_to_driver=log_path is None)
         inventory = read_inventory(args.cluster)

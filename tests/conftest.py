@@ -47,7 +47,7 @@ def ray_cluster():
     """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        from protopo_ray.cluster import ray_init
+        from protopo_ray.cluster.connect import ray_init
 
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         # The project's own start-up path, told to start a cluster of its own (never to join another one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from protopo_ray.alphabet import (
+from protopo_ray.data.alphabet import (
     AA_INDEX,
     AMINO_ACIDS,
     IGNORE_LABEL,

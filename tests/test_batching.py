@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protopo_ray.batching import eval_batches, padding_efficiency, plan_batches, shard_batches
+from protopo_ray.data.batching import eval_batches, padding_efficiency, plan_batches, shard_batches
 
 
 def lengths(n=500, seed=0):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from protopo_ray.halving import rungs as _rungs
-from protopo_ray.halving import survivors
+from protopo_ray.search.halving import rungs as _rungs
+from protopo_ray.search.halving import survivors
 from tools.bench_search import replay_asha, replay_curves, replay_sha
 
 # Four trials, 9 epochs, lower is better; trial 3 is the best throughout, trial 0 the worst.

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from protopo_ray.checkpoint import (
+from protopo_ray.config import Config
+from protopo_ray.model.network import TopologyModel
+from protopo_ray.training.checkpoint import (
     BestTracker,
     CheckpointError,
     TrainState,
@@ -17,8 +19,6 @@ from protopo_ray.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from protopo_ray.config import Config
-from protopo_ray.model import TopologyModel
 
 
 def tiny_state(epoch: int, best: float | None = 0.5) -> TrainState:

@@ -224,7 +224,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from protopo_ray.config import load_config
-from protopo_ray.trainer import build_trainer
+from protopo_ray.cluster.train_run import build_trainer
 
 shards, storage, out, dashboard_port, gcs_port = sys.argv[1:6]
 epochs = 20

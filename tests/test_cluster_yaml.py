@@ -11,8 +11,8 @@ import pytest
 import ray
 import yaml
 
-from protopo_ray.hardware import plan_promotion, plan_search
-from protopo_ray.inventory import DRIVER_RESOURCE, GIB, GPU_MEMORY_RESOURCE, inventory_from_cluster_yaml
+from protopo_ray.search.inventory import DRIVER_RESOURCE, GIB, GPU_MEMORY_RESOURCE, inventory_from_cluster_yaml
+from protopo_ray.search.plan import plan_promotion, plan_search
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 YAMLS = [REPO / "cluster.yaml", REPO / "cluster-gcp.yaml"]

@@ -9,16 +9,23 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from protopo_ray.alphabet import IGNORE_LABEL
-from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, ResidueGraph, build_graph, edge_features, node_features
-from protopo_ray.records import ProteinRecord
-from protopo_ray.shards import read_table, record_to_row, rows_to_table, write_shards
+from protopo_ray.data.alphabet import IGNORE_LABEL
+from protopo_ray.data.graphs import (
+    EDGE_FEATURES,
+    NODE_FEATURES,
+    ResidueGraph,
+    build_graph,
+    edge_features,
+    node_features,
+)
+from protopo_ray.data.records import ProteinRecord
+from protopo_ray.data.shards import read_table, record_to_row, rows_to_table, write_shards
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_geometric")
 from torch_geometric.data import Batch  # noqa: E402
 
-from protopo_ray.collate import records_to_batch, table_to_batch, table_to_data_list  # noqa: E402
+from protopo_ray.data.collate import records_to_batch, table_to_batch, table_to_data_list  # noqa: E402
 
 SEP1 = math.log1p(1) / math.log1p(1000)  # seq_separation of neighbours one residue apart
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray.console import SearchConsole, StageView, describe_params, format_duration
+from protopo_ray.search.console import SearchConsole, StageView, describe_params, format_duration
 
 pytest.importorskip("ray")
 
@@ -169,7 +169,7 @@ def test_route_logs_keeps_python_stderr_and_files_the_rest(tmp_path):
     log = tmp_path / "logs" / "ray.log"
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
-        from protopo_ray.console import route_logs
+        from protopo_ray.search.console import route_logs
         logging.basicConfig(level=logging.WARNING)
         route_logs({str(log)!r})
         logging.getLogger("ray.tune").warning("from ray.tune")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from protopo_ray.cost import PriceConfig, is_spot, market_of, stage_cost, trial_cost
-from protopo_ray.inventory import GIB, node_from_resources
+from protopo_ray.search.cost import PriceConfig, is_spot, market_of, stage_cost, trial_cost
+from protopo_ray.search.inventory import GIB, node_from_resources
 
 
 def gpu_node(accelerator: str, gpus: int = 1, node_type: str = "", spot: bool = False):

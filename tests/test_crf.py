@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protopo_ray.alphabet import LABELS, encode_labels
-from protopo_ray.crf import CRF
-from protopo_ray.grammar import build_grammar, default_grammar, segment_stats
+from protopo_ray.data.alphabet import LABELS, encode_labels
+from protopo_ray.model.crf import CRF
+from protopo_ray.model.grammar import build_grammar, default_grammar, segment_stats
 
 TINY = build_grammar(segment_stats([("TM", "IMMOOMMMI"), ("SP", "SOO"), ("GLOBULAR", "II"), ("BETA", "SPBBOBBP")]))
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from protopo_ray.alphabet import LABELS
-from protopo_ray.checkpoint import TrainState, save_checkpoint
 from protopo_ray.config import Config, ModelConfig
-from protopo_ray.ensemble import Ensemble, load_predictor, write_ensemble
-from protopo_ray.grammar import default_grammar
-from protopo_ray.model import TopologyModel
+from protopo_ray.data.alphabet import LABELS
+from protopo_ray.model.ensemble import Ensemble, load_predictor, write_ensemble
+from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.network import TopologyModel
+from protopo_ray.training.checkpoint import TrainState, save_checkpoint
 
 SMALL = ModelConfig(gc_size=8, gc_layers=1, lstm_size=8, lstm_layers=1, aa_embed_dim=4)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray.experiment import load_experiment, parse_experiment
-from protopo_ray.stages import grid_points, num_trials
+from protopo_ray.search.experiment import load_experiment, parse_experiment
+from protopo_ray.search.trials import grid_points, num_trials
 
 # Search experiments hold [[stages]]; the others (train_default, deeptmhmm_quality) are single-run configs.
 EXPERIMENTS = sorted(p for p in (Path(__file__).parents[1] / "experiments").glob("*.toml") if "[[stages]]" in p.read_text())
@@ -61,7 +61,7 @@ def test_overrides_apply_to_the_base():
 
 def test_shuffled_grid_runs_every_point_once_seeded_and_at_most_max_concurrent_at_once():
     pytest.importorskip("ray.tune")
-    from protopo_ray.stages import shuffled_grid
+    from protopo_ray.search.trials import shuffled_grid
 
     (architecture,) = [s for s in load_experiment(Path(__file__).parents[1] / "experiments" / "architecture.toml").stages if s.name == "architecture"]
     generator, samples = shuffled_grid(architecture, seed=0, max_concurrent=8)
@@ -73,7 +73,7 @@ def test_shuffled_grid_runs_every_point_once_seeded_and_at_most_max_concurrent_a
 
 
 def test_prices_table_is_read_and_checked(tmp_path):
-    from protopo_ray.experiment import load_experiment
+    from protopo_ray.search.experiment import load_experiment
 
     text = (Path(__file__).parents[1] / "experiments" / "smoke.toml").read_text()
     path = tmp_path / "priced.toml"  # a top-level table after the [[stages]] array

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protopo_ray.alphabet import AMINO_ACIDS, encode_sequence
-from protopo_ray.features import BLOSUM62, SequenceFeatures, feature_groups, num_features, window_mean
+from protopo_ray.data.alphabet import AMINO_ACIDS, encode_sequence
+from protopo_ray.model.features import BLOSUM62, SequenceFeatures, feature_groups, num_features, window_mean
 
 
 def test_window_mean_stops_at_protein_ends():

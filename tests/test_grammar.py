@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from protopo_ray.grammar import DEFAULT_STATS, build_grammar, default_grammar, segment_stats
-from protopo_ray.records import read_records
+from protopo_ray.data.records import read_records
+from protopo_ray.model.grammar import DEFAULT_STATS, build_grammar, default_grammar, segment_stats
 
 TINY = [("TM", "IIMMMOOMMMI"), ("SP", "SSOOO"), ("GLOBULAR", "IIII"), ("BETA", "SPPBBBOBBBPP")]
 

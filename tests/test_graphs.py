@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph, edge_features, node_features
+from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph, edge_features, node_features
 
 # Five residues on the x axis at 0, 1, 3, 6, 10 Angstrom: gaps 1, 2, 3, 4, so every k=2 neighbourhood is unique.
 LINE = np.array([[0, 0, 0], [1, 0, 0], [3, 0, 0], [6, 0, 0], [10, 0, 0]], dtype=np.float32)

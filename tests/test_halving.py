@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray.halving import rungs
+from protopo_ray.search.halving import rungs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ SCRIPT = r"""
 import json, os, sys, tempfile, time
 import ray
 from ray import tune
-from protopo_ray.halving import SynchronousHalving
+from protopo_ray.search.halving import SynchronousHalving
 
 storage, state, mode, slow = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from protopo_ray.config import Config
-from protopo_ray.hardware import (
+from protopo_ray.search.inventory import GIB, Inventory, format_inventory, node_from_resources
+from protopo_ray.search.plan import (
     CUDA_CONTEXT_BYTES,
     DRIVER_MEMORY_BYTES,
     PlanError,
@@ -17,7 +18,6 @@ from protopo_ray.hardware import (
     plan_promotion,
     plan_search,
 )
-from protopo_ray.inventory import GIB, Inventory, format_inventory, node_from_resources
 
 SMALL = [int(0.3 * GIB)] * 36  # 36 seed-grid configs, each well under a GiB
 
@@ -186,7 +186,7 @@ def logical_a10g_cluster():
 
 @pytest.mark.ray
 def test_read_inventory_from_local_ray(logical_a10g_cluster):
-    from protopo_ray.inventory import read_inventory
+    from protopo_ray.search.inventory import read_inventory
 
     inventory = read_inventory()
     (node,) = inventory.gpu_groups()["A10G"]
@@ -202,7 +202,7 @@ def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
     """`ray up` starts only a CPU-0 head: the plan must come from the node types the autoscaler can start."""
     from pathlib import Path
 
-    from protopo_ray.inventory import _node_types, with_autoscaler_headroom
+    from protopo_ray.search.inventory import _node_types, with_autoscaler_headroom
 
     yaml_path = Path(__file__).resolve().parents[1] / "cluster.yaml"
     head = node_from_resources("head-live", {"CPU": 0, "driver": 32, "memory": 30 * GIB, "node:__internal_head__": 1})
@@ -217,7 +217,7 @@ def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
 
 
 def test_search_takes_the_cheapest_pool_per_trial_hour_over_the_smallest_gpus():
-    from protopo_ray.cost import PriceConfig
+    from protopo_ray.search.cost import PriceConfig
 
     spot_l40s = tuple(node_from_resources(f"l40s-{i}", {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}, "pool_l40s",
                                           spot=True) for i in range(2))
@@ -231,7 +231,7 @@ def test_search_takes_the_cheapest_pool_per_trial_hour_over_the_smallest_gpus():
 
 
 def test_promotion_keeps_the_biggest_gpus_and_takes_the_cheaper_of_equal_ones():
-    from protopo_ray.cost import PriceConfig
+    from protopo_ray.search.cost import PriceConfig
 
     inventory = Inventory((gpu_node("a-0", "A100", gpus=8, cpus=96), gpu_node("b-0", "A100-40G", gpus=8, cpus=96),
                            gpu_node("s-0", "A10G", gpus=1, cpus=8)))

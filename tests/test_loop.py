@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from protopo_ray import batching, collate, loop, shards
 from protopo_ray.config import Config, TrainConfig
-from protopo_ray.model import TopologyModel
-from protopo_ray.schedule import EpochSchedule
+from protopo_ray.data import batching, collate, shards
+from protopo_ray.model.network import TopologyModel
+from protopo_ray.training import loop
+from protopo_ray.training.schedule import EpochSchedule
 
 
 def test_label_weights_and_smoothing_reach_the_loss():

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from protopo_ray.metrics import (
+from protopo_ray.model.metrics import (
     METRIC_KEYS,
     TYPE_KEYS,
     ProteinResult,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from protopo_ray.alphabet import NUM_LABELS
 from protopo_ray.config import GC_OPERATORS, ModelConfig
-from protopo_ray.model import TopologyModel, count_parameters, footprint, reverse_within_length
+from protopo_ray.data.alphabet import NUM_LABELS
+from protopo_ray.model.network import TopologyModel, count_parameters, footprint, reverse_within_length
 
 SMALL = ModelConfig(gc_size=16, gc_layers=2, lstm_size=12, lstm_layers=2, aa_embed_dim=8, dropout=0.2)
 
@@ -186,8 +186,8 @@ def test_features_widen_only_the_input_projection():
 
 
 def test_crf_model_loss_and_decode_follow_the_grammar():
-    from protopo_ray.alphabet import LABELS, encode_labels
-    from protopo_ray.grammar import default_grammar
+    from protopo_ray.data.alphabet import LABELS, encode_labels
+    from protopo_ray.model.grammar import default_grammar
 
     cfg = dataclasses.replace(FEATURED, decoder="crf")
     model = build(cfg)

@@ -10,8 +10,9 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from protopo_ray.alphabet import LABELS
-from protopo_ray.outputs import (
+from protopo_ray.data.alphabet import LABELS
+from protopo_ray.data.records import read_3line
+from protopo_ray.inference.outputs import (
     LABEL_OF_REGION,
     SUMMARY_COLUMNS,
     Prediction,
@@ -23,7 +24,6 @@ from protopo_ray.outputs import (
     write_outputs,
     write_summary,
 )
-from protopo_ray.records import read_3line
 
 
 def prediction(protein_id: str, labels: str, confidence: float | list[float] = 0.9) -> Prediction:

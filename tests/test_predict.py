@@ -11,14 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch_geometric")
 
-from protopo_ray import loop, predict  # noqa: E402
-from protopo_ray.checkpoint import TrainState, save_checkpoint  # noqa: E402
-from protopo_ray.collate import records_to_batch  # noqa: E402
+from protopo_ray import predict  # noqa: E402
 from protopo_ray.config import Config  # noqa: E402
-from protopo_ray.graphs import DEFAULT_K, build_graph  # noqa: E402
-from protopo_ray.model import TopologyModel  # noqa: E402
-from protopo_ray.records import ProteinRecord  # noqa: E402
-from protopo_ray.shards import read_manifest, record_to_row, write_shards  # noqa: E402
+from protopo_ray.data.collate import records_to_batch  # noqa: E402
+from protopo_ray.data.graphs import DEFAULT_K, build_graph  # noqa: E402
+from protopo_ray.data.records import ProteinRecord  # noqa: E402
+from protopo_ray.data.shards import read_manifest, record_to_row, write_shards  # noqa: E402
+from protopo_ray.model.network import TopologyModel  # noqa: E402
+from protopo_ray.training import loop  # noqa: E402
+from protopo_ray.training.checkpoint import TrainState, save_checkpoint  # noqa: E402
 
 TINY = {"gc_size": 8, "gc_layers": 1, "lstm_size": 8, "lstm_layers": 1, "aa_embed_dim": 4}
 #: Labelled inputs of four lengths (batched by length, so the output order must be restored).
@@ -140,7 +141,7 @@ def test_a_searchs_synthetic_data_is_made_when_absent(tmp_path, capsys):
 
 
 def test_an_ensemble_directory_predicts_like_its_members(checkpoint, tmp_path):
-    from protopo_ray.ensemble import write_ensemble
+    from protopo_ray.model.ensemble import write_ensemble
 
     fasta = write(tmp_path, "in.fasta", ">P1\nMKTLLILAVVAAALAVPSFA\n>P2\nMSDNQKSLLEKAKELLG\n")
     write_ensemble(tmp_path / "ensemble", [checkpoint, checkpoint])

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import prepare, shards
+from protopo_ray import prepare
+from protopo_ray.data import shards
 from protopo_ray.prepare import OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_synthetic_prepare_writes_a_readable_set(tmp_path):
     assert done.returncode == 0, done.stderr
     manifest = shards.read_manifest(tmp_path / "syn")
     assert manifest["num_proteins"] == 40 and manifest["counts"]["graph_source"] == {"structure": 40}
-    assert manifest["extra"]["generator"] == {"module": "protopo_ray.synthetic", "n": 40, "seed": 5}
+    assert manifest["extra"]["generator"] == {"module": "protopo_ray.data.synthetic", "n": 40, "seed": 5}
     assert set(manifest["counts"]["fold"]) == {"train", "val", "test"}
     table = shards.read_table(tmp_path / "syn", folds=["train"])
     assert 0 < table.num_rows < 40 and table["id"][0].as_py().startswith("SYN")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import prepare, prepare_ray, shards
+from protopo_ray import prepare
+from protopo_ray.cluster import prepare_tasks
+from protopo_ray.data import shards
 from protopo_ray.prepare import OutputExists, prepare_records, prepare_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +27,9 @@ def same_manifest(a: dict, b: dict) -> bool:
 
 
 def test_task_size_is_one_file_at_most_and_spreads_small_inputs():
-    assert prepare_ray.task_size(20000, 2) == shards.MAX_ROWS_PER_FILE
-    assert prepare_ray.task_size(30, 2) == 4  # ceil(30 / (4 tasks per CPU x 2 CPUs))
-    assert prepare_ray.task_size(1, 8) == 1
+    assert prepare_tasks.task_size(20000, 2) == shards.MAX_ROWS_PER_FILE
+    assert prepare_tasks.task_size(30, 2) == 4  # ceil(30 / (4 tasks per CPU x 2 CPUs))
+    assert prepare_tasks.task_size(1, 8) == 1
 
 
 def test_ray_synthetic_shards_equal_the_process_pool_shards(tmp_path, ray_cluster):

@@ -8,8 +8,7 @@ from collections import Counter
 
 import pytest
 
-from protopo_ray.metrics import protein_type
-from protopo_ray.records import (
+from protopo_ray.data.records import (
     ProteinRecord,
     RecordError,
     label_type,
@@ -18,6 +17,7 @@ from protopo_ray.records import (
     read_partitions_json,
     read_records,
 )
+from protopo_ray.model.metrics import protein_type
 
 GOOD = ">P1|TM\nMKLVA\nIMMMO\n>P2|GLOBULAR\nACDE\nIIII\n"
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import stages, tune
+from protopo_ray import tune
 from protopo_ray.config import Config
-from protopo_ray.ensemble import ENSEMBLE_FILE, PENALTIES
-from protopo_ray.experiment import parse_experiment
-from protopo_ray.inventory import Inventory, node_from_resources
-from protopo_ray.rotation import ROTATION_KEY
+from protopo_ray.model.ensemble import ENSEMBLE_FILE, PENALTIES
+from protopo_ray.search import trials
+from protopo_ray.search.experiment import parse_experiment
+from protopo_ray.search.inventory import Inventory, node_from_resources
+from protopo_ray.search.rotation import ROTATION_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = {"train_folds": ["cv0", "cv3", "cv4"], "val_folds": ["cv1"], "test_folds": ["cv2"]}
@@ -54,12 +55,12 @@ def test_each_member_validates_on_its_fold_and_trains_on_the_others(tmp_path):
     exp = experiment({"folds": ["cv1", "cv3"], "max_epochs": 3})
     stage = exp.stages[0]
     plan = tune.plan_stage(stage, exp.base, Inventory((node_from_resources("n", {"CPU": 4}),)), longest=600)
-    ctx = stages.StageContext.of(stage, exp.base, plan, str(tmp_path), longest=600)
-    assert stages.num_trials(stage) == 2
-    member = stages.trial_config(ctx, {ROTATION_KEY: "cv3"}, "m3")
+    ctx = trials.StageContext.of(stage, exp.base, plan, str(tmp_path), longest=600)
+    assert trials.num_trials(stage) == 2
+    member = trials.trial_config(ctx, {ROTATION_KEY: "cv3"}, "m3")
     assert member.data.val_folds == ("cv3",) and member.data.train_folds == ("cv0", "cv4", "cv1")
     assert member.data.test_folds == ("cv2",) and (member.name, member.train.epochs) == ("ensemble_m3", 3)
-    assert stages.trial_config(ctx, {ROTATION_KEY: "cv1"}, "m1").data.train_folds == ("cv0", "cv3", "cv4")
+    assert trials.trial_config(ctx, {ROTATION_KEY: "cv1"}, "m1").data.train_folds == ("cv0", "cv3", "cv4")
 
 
 def run_smoke_search(stage_keys: str, ray_cluster: str, smoke_shards: Path, tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def run_smoke_search(stage_keys: str, ray_cluster: str, smoke_shards: Path, tmp_
 def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(ray_cluster, smoke_shards, tmp_path):
     run_smoke_search('metric = "val_topo_mean"\nmax_epochs = 2\n', ray_cluster, smoke_shards, tmp_path)
     exp_dir = tmp_path / "smoke"
-    record = stages.StageRecord.load(exp_dir / "stages" / "ensemble.json")
+    record = trials.StageRecord.load(exp_dir / "stages" / "ensemble.json")
     # smoke's folds are train / val / test: one member validates on val, the other on train.
     by_fold = {t.params[ROTATION_KEY]: t for t in record.trials}
     assert set(by_fold) == {"train", "val"} and all(t.status == "completed" for t in record.trials)
@@ -108,7 +109,7 @@ def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(
 def test_a_member_with_the_cluster_to_itself_is_a_ray_train_ddp_run(ray_cluster, smoke_shards, tmp_path):
     run_smoke_search('folds = ["val"]\nmetric = "val_loss"\nmode = "min"\nmax_epochs = 1\n', ray_cluster, smoke_shards,
                      tmp_path)
-    record = stages.StageRecord.load(tmp_path / "smoke" / "stages" / "ensemble.json")
+    record = trials.StageRecord.load(tmp_path / "smoke" / "stages" / "ensemble.json")
     (member,) = record.trials
     config = Config.from_dict(member.config)
     # one member on the 2-CPU cluster gets both cores as two DDP workers (promotion's plan), training on train only

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protopo_ray.config import TrainConfig
-from protopo_ray.schedule import EpochSchedule, lr_factor
+from protopo_ray.training.schedule import EpochSchedule, lr_factor
 
 
 @pytest.mark.parametrize("schedule,progress,expected", [

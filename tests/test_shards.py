@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from protopo_ray.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph
-from protopo_ray.records import ProteinRecord
-from protopo_ray.shards import (
+from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES, build_graph
+from protopo_ray.data.records import ProteinRecord
+from protopo_ray.data.shards import (
     LENGTH_BIN_EDGES,
     ROW_GROUP_ROWS,
     SCHEMA_VERSION,

@@ -10,11 +10,12 @@ import pytest
 from pyarrow import fs as pafs
 from ray.tune import Checkpoint, Result
 
-from protopo_ray import stages, tune
+from protopo_ray import tune
 from protopo_ray.config import Config
-from protopo_ray.experiment import StageSpec
-from protopo_ray.hardware import plan_promotion, plan_search
-from protopo_ray.inventory import GIB, Inventory, node_from_resources
+from protopo_ray.search import trials
+from protopo_ray.search.experiment import StageSpec
+from protopo_ray.search.inventory import GIB, Inventory, node_from_resources
+from protopo_ray.search.plan import plan_promotion, plan_search
 
 SEARCH = StageSpec(name="architecture", metric="val_loss", mode="min", max_epochs=4,
                    grid={"model.lstm_size": [8, 512], "train.lr": [1e-3]})
@@ -30,10 +31,10 @@ def a10g(gpus: int = 1) -> Inventory:
     return Inventory((node_from_resources("g", {"CPU": 8, "GPU": gpus, "accelerator_type:A10G": 1}),))
 
 
-def context(stage: StageSpec, storage: str, plan=None) -> stages.StageContext:
+def context(stage: StageSpec, storage: str, plan=None) -> trials.StageContext:
     base = Config().replace({"data.batch_size": 8, "model.gc_size": 8})
     plan = plan or plan_search(a10g(), [GIB // 10, 6 * GIB], num_trials=8)
-    return stages.StageContext.of(stage, base, plan, storage, longest=600)
+    return trials.StageContext.of(stage, base, plan, storage, longest=600)
 
 
 def result(ctx, params, losses, *, trial_id, checkpoint=None, error=None) -> Result:
@@ -46,8 +47,8 @@ def result(ctx, params, losses, *, trial_id, checkpoint=None, error=None) -> Res
 
 def test_trial_config_gives_each_config_its_own_gpu_share(tmp_path):
     ctx = context(SEARCH, str(tmp_path))
-    small = stages.trial_config(ctx, {"model.lstm_size": 8}, "a")
-    large = stages.trial_config(ctx, {"model.lstm_size": 512, "model.lstm_layers": 4, "data.batch_size": 64}, "b")
+    small = trials.trial_config(ctx, {"model.lstm_size": 8}, "a")
+    large = trials.trial_config(ctx, {"model.lstm_size": 512, "model.lstm_layers": 4, "data.batch_size": 64}, "b")
     assert small.resources.gpus_per_worker < large.resources.gpus_per_worker <= 1
     assert small.resources.accelerator_type == "A10G" and small.resources.num_workers == 1
     assert (small.name, small.train.epochs, small.train.metric, small.train.mode) == ("architecture_a", 4, "val_loss", "min")
@@ -62,7 +63,7 @@ def test_collect_stage_ranks_and_records_why_each_trial_ended(tmp_path):
         result(ctx, {"model.lstm_size": 512}, [1.0], trial_id="t2"),
         result(ctx, {"model.lstm_size": 8}, [], trial_id="t3", error=RuntimeError("worker died")),
     ]
-    record = stages.collect_stage(results, SEARCH, ctx, wall_time_s=12.0)
+    record = trials.collect_stage(results, SEARCH, ctx, wall_time_s=12.0)
     by_id = {t.trial_id: t for t in record.trials}
     assert record.best_trial == "t1" and record.best().best["val_loss"] == 0.5
     assert [by_id[t].status for t in ("t1", "t2", "t3")] == ["completed", "stopped", "error"]
@@ -73,28 +74,28 @@ def test_collect_stage_ranks_and_records_why_each_trial_ended(tmp_path):
     assert by_id["t1"].accelerator_hours == pytest.approx(4 * 36 / 3600 * by_id["t1"].config["resources"]["gpus_per_worker"])
     # The record round-trips through its JSON file.
     record.save(tmp_path / "architecture.json")
-    loaded = stages.StageRecord.load(tmp_path / "architecture.json")
+    loaded = trials.StageRecord.load(tmp_path / "architecture.json")
     assert (loaded.trials, loaded.best_trial, loaded.epochs_run) == (record.trials, "t1", 5)
 
 
 def test_promotion_continues_the_best_trial_and_records_where_it_came_from(tmp_path):
     ctx = context(SEARCH, "s3://bucket/exp/train")
-    record = stages.collect_stage([
+    record = trials.collect_stage([
         result(ctx, {"model.lstm_size": 8}, [0.9, 0.4], trial_id="good",
                checkpoint=s3_checkpoint("bucket/exp/tune/architecture/good/checkpoint_000001")),
         result(ctx, {"model.lstm_size": 512}, [0.8, 0.7], trial_id="worse",
                checkpoint=s3_checkpoint("bucket/exp/tune/architecture/worse/checkpoint_000001")),
         result(ctx, {"model.lstm_size": 8}, [0.1], trial_id="no_checkpoint"),
     ], SEARCH, ctx, wall_time_s=1.0)
-    (chosen,) = stages.promotion_candidates([record], PROMOTION)
+    (chosen,) = trials.promotion_candidates([record], PROMOTION)
     assert (chosen.from_trial, chosen.start_epoch, chosen.params) == ("good", 2, {"model.lstm_size": 8})
     assert chosen.checkpoint.startswith("s3://bucket/")
     plan = plan_promotion(a10g(gpus=4), 2 * GIB, num_trials=1, max_workers=8)
     pctx = context(PROMOTION, "s3://bucket/exp/train", plan)
-    config = stages.trial_config(pctx, {stages.CONTINUE_KEY: chosen.to_params()}, "p1")
+    config = trials.trial_config(pctx, {trials.CONTINUE_KEY: chosen.to_params()}, "p1")
     assert config.train.init_checkpoint == chosen.checkpoint and config.model.lstm_size == 8
     assert (config.resources.num_workers, config.resources.gpus_per_worker, config.train.epochs) == (4, 1.0, 10)
-    promoted = stages.collect_stage([result(pctx, {stages.CONTINUE_KEY: chosen.to_params()}, [0.3] * 10,
+    promoted = trials.collect_stage([result(pctx, {trials.CONTINUE_KEY: chosen.to_params()}, [0.3] * 10,
                                             trial_id="p1")], PROMOTION, pctx, wall_time_s=1.0)
     trial = promoted.trials[0]
     assert (trial.start_epoch, trial.params["promoted_from"], trial.resumed_from) == (2, "good", chosen.checkpoint)
@@ -102,20 +103,20 @@ def test_promotion_continues_the_best_trial_and_records_where_it_came_from(tmp_p
 
 
 def test_pick_winner_takes_the_runs_best_checkpoint(smoke_shards, tmp_path):
-    from protopo_ray.runner import LocalSession, fit
+    from protopo_ray.training.fit import LocalSession, fit
 
     ctx = context(SEARCH, str(tmp_path / "train"))
-    config = stages.trial_config(ctx, {"model.lstm_size": 8}, "w").replace(
+    config = trials.trial_config(ctx, {"model.lstm_size": 8}, "w").replace(
         {"data.path": str(smoke_shards), "train.epochs": 2, "train.device": "cpu", "resources.gpus_per_worker": 0.0,
          "resources.accelerator_type": "", "data.train_folds": ["train"], "data.val_folds": ["val"],
          "data.test_folds": ["test"]})
     fit(config, LocalSession(config))
     run_dir = tmp_path / "train" / "architecture_w"
     best_epoch = json.loads((run_dir / "best" / "meta.json").read_text())["epoch"]
-    record = stages.StageRecord(stage="architecture", kind="search", search="grid", scheduler="asha",
+    record = trials.StageRecord(stage="architecture", kind="search", search="grid", scheduler="asha",
                                 metric="val_loss", mode="min", max_epochs=2, grace_epochs=1, reduction_factor=2,
                                 plan={}, wall_time_s=1.0, epochs_run=2, epochs_full=2, best_trial="w")
-    record.trials.append(stages.TrialRecord(
+    record.trials.append(trials.TrialRecord(
         trial_id="w", params={}, config=config.to_dict(), status="completed", error=None, epochs=2, start_epoch=0,
         resumed_from=None, best={"val_loss": 0.5}, last={}, history=[], checkpoint=str(run_dir / "checkpoint_epoch_0002"),
         accelerator_hours=0.0, running_unix=None))

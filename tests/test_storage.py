@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import storage
+from protopo_ray.data import storage
 
 
 def test_local_paths_are_their_own_working_dir(tmp_path):

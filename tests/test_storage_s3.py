@@ -97,10 +97,10 @@ def tune_run(env, shards, experiment, cwd, *extra):
 def test_checkpoints_round_trip_through_s3(s3_server, tmp_path, monkeypatch):
     """The pieces a search uses on object storage, against the server: best/ copied up, a run continued from an
     s3:// checkpoint, a stage working copy mirrored and fetched back (the fast half of the search test below)."""
-    from protopo_ray import storage
-    from protopo_ray.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
     from protopo_ray.config import Config
-    from protopo_ray.runner import continuation_state
+    from protopo_ray.data import storage
+    from protopo_ray.training.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
+    from protopo_ray.training.fit import continuation_state
 
     env, s3 = s3_server
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
@@ -126,13 +126,14 @@ def test_checkpoints_round_trip_through_s3(s3_server, tmp_path, monkeypatch):
 def test_shards_stream_from_s3(s3_server, smoke_shards, monkeypatch):
     """A split streamed row group by row group from shards on object storage: every train protein once, and
     validation equal to the same split read whole (the one-process stream path; Ray's read tasks use the same
-    reader, `stream.parquet_file_rows`)."""
+    reader, `splits.parquet_file_rows`)."""
     import torch
 
-    from protopo_ray import shards, storage, stream
     from protopo_ray.config import load_config
-    from protopo_ray.model import TopologyModel
-    from protopo_ray.runner import evaluate_split
+    from protopo_ray.data import shards, storage
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.training import splits
+    from protopo_ray.training.fit import evaluate_split
 
     env, s3 = s3_server
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
@@ -140,13 +141,13 @@ def test_shards_stream_from_s3(s3_server, smoke_shards, monkeypatch):
         monkeypatch.setenv(key, env[key])
     storage.upload(smoke_shards, "s3://protopo/shards")
     config = load_config("experiments/smoke.toml", {"data.path": "s3://protopo/shards", "data.loading": "stream"})
-    steps, tables = stream.local_split(config, "train").train_epoch(0, 0, 1)
+    steps, tables = splits.local_split(config, "train").train_epoch(0, 0, 1)
     ids = sorted(i for t in tables for i in t.column("id").to_pylist())
     assert ids == sorted(shards.read_table(smoke_shards, folds=["train"]).column("id").to_pylist())
     torch.manual_seed(0)
     model = TopologyModel(config.model)
-    streamed = evaluate_split(model, stream.local_split(config, "val"), config, torch.device("cpu"))
-    whole = evaluate_split(model, stream.local_split(config, "val", mode="memory"), config, torch.device("cpu"))
+    streamed = evaluate_split(model, splits.local_split(config, "val"), config, torch.device("cpu"))
+    whole = evaluate_split(model, splits.local_split(config, "val", mode="memory"), config, torch.device("cpu"))
     assert streamed["n_proteins"] == whole["n_proteins"] > 0
     assert streamed["loss"] == pytest.approx(whole["loss"], rel=1e-5)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from protopo_ray import shards, stream
 from protopo_ray.config import Config, load_config
-from protopo_ray.runner import LocalSession, evaluate_split, fit
+from protopo_ray.data import shards
+from protopo_ray.training import splits
+from protopo_ray.training.fit import LocalSession, evaluate_split, fit
 
 
 def rows(n: int, seed: int = 0) -> pa.Table:
@@ -30,7 +31,7 @@ def pieces(table: pa.Table, sizes: list[int]):
 
 def test_windows_recut_a_stream_exactly():
     table = rows(100)
-    out = list(stream.windows(pieces(table, [7, 30, 1, 50, 12]), 32))
+    out = list(splits.windows(pieces(table, [7, 30, 1, 50, 12]), 32))
     assert [t.num_rows for t in out] == [32, 32, 32, 4]
     assert pa.concat_tables(out).column("id").to_pylist() == table.column("id").to_pylist()
 
@@ -38,7 +39,7 @@ def test_windows_recut_a_stream_exactly():
 def test_bucketed_covers_every_row_once_within_count_and_budget():
     table = rows(1000)
     rng = np.random.default_rng(0)
-    batches = list(stream.bucketed(pieces(table, [64] * 15 + [40]), rng, batch_size=16, max_residues=3000,
+    batches = list(splits.bucketed(pieces(table, [64] * 15 + [40]), rng, batch_size=16, max_residues=3000,
                                    window=128, pool_rows=256))
     ids = [i for b in batches for i in b.column("id").to_pylist()]
     assert sorted(ids) == sorted(table.column("id").to_pylist())  # every protein exactly once
@@ -57,7 +58,7 @@ def test_bucketed_is_seeded_and_shuffles_across_the_pool():
     table = rows(600)
 
     def order(seed):
-        batches = stream.bucketed(pieces(table, [50] * 12), np.random.default_rng(seed), batch_size=8,
+        batches = splits.bucketed(pieces(table, [50] * 12), np.random.default_rng(seed), batch_size=8,
                                   max_residues=0, window=64, pool_rows=256)
         return [i for b in batches for i in b.column("id").to_pylist()]
 
@@ -87,7 +88,7 @@ def test_lockstep_stops_every_rank_at_the_shortest_and_each_calls_the_collective
     taken: dict[int, list[int]] = {}
 
     def run(rank, count):
-        taken[rank] = list(stream.lockstep(range(count), all_min_for(rank)))
+        taken[rank] = list(splits.lockstep(range(count), all_min_for(rank)))
 
     threads = [threading.Thread(target=run, args=(0, 5)), threading.Thread(target=run, args=(1, 7))]
     for t in threads:
@@ -96,14 +97,14 @@ def test_lockstep_stops_every_rank_at_the_shortest_and_each_calls_the_collective
         t.join(timeout=10)
     assert taken == {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4]}
     assert calls == [6, 6]
-    assert list(stream.lockstep(range(3), lambda v: v)) == [0, 1, 2]  # one rank: a pass-through
+    assert list(splits.lockstep(range(3), lambda v: v)) == [0, 1, 2]  # one rank: a pass-through
 
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
     """120 synthetic proteins in shards of 16 rows, so a stream crosses many files."""
-    from protopo_ray import synthetic
-    from protopo_ray.graphs import build_graph
+    from protopo_ray.data import synthetic
+    from protopo_ray.data.graphs import build_graph
 
     out = tmp_path_factory.mktemp("stream") / "shards"
     folds = synthetic.assign_folds(synthetic.allocate_types(120), seed=0)
@@ -123,7 +124,7 @@ def test_parquet_rows_filter_folds_and_shuffle_files_per_epoch(many_shards):
     all_train = shards.read_table(many_shards, folds=["train"]).column("id").to_pylist()
 
     def ids(epoch):
-        return [i for t in stream.parquet_rows(str(many_shards), ["train"], seed=0, epoch=epoch)
+        return [i for t in splits.parquet_rows(str(many_shards), ["train"], seed=0, epoch=epoch)
                 for i in t.column("id").to_pylist()]
 
     assert sorted(ids(0)) == sorted(all_train)
@@ -132,8 +133,8 @@ def test_parquet_rows_filter_folds_and_shuffle_files_per_epoch(many_shards):
 
 def test_stream_split_trains_each_protein_once_and_evaluates_exactly(many_shards):
     config = config_for(many_shards, loading="stream", batch_size=8, bucket_batches=2)
-    train = stream.local_split(config, "train")
-    assert isinstance(train, stream.StreamSplit)
+    train = splits.local_split(config, "train")
+    assert isinstance(train, splits.StreamSplit)
     steps, tables = train.train_epoch(0, 0, 1)
     seen = [i for t in tables for i in t.column("id").to_pylist()]
     assert sorted(seen) == sorted(shards.read_table(many_shards, folds=["train"]).column("id").to_pylist())
@@ -142,12 +143,12 @@ def test_stream_split_trains_each_protein_once_and_evaluates_exactly(many_shards
     # Validation streamed equals validation held in memory, metric for metric.
     import torch
 
-    from protopo_ray.model import TopologyModel
+    from protopo_ray.model.network import TopologyModel
 
     torch.manual_seed(0)
     model = TopologyModel(config.model)
-    streamed = evaluate_split(model, stream.local_split(config, "val"), config, torch.device("cpu"))
-    memory = evaluate_split(model, stream.local_split(config, "val", mode="memory"), config, torch.device("cpu"))
+    streamed = evaluate_split(model, splits.local_split(config, "val"), config, torch.device("cpu"))
+    memory = evaluate_split(model, splits.local_split(config, "val", mode="memory"), config, torch.device("cpu"))
     assert streamed["n_proteins"] == memory["n_proteins"] == shards.read_table(many_shards, folds=["val"]).num_rows
     for key in ("loss", "residue_acc", "overlap_acc", "type_acc"):
         assert streamed[key] == pytest.approx(memory[key], rel=1e-5), key
@@ -155,7 +156,7 @@ def test_stream_split_trains_each_protein_once_and_evaluates_exactly(many_shards
 
 def test_stream_type_weights_resample_in_expectation(many_shards):
     config = config_for(many_shards, loading="stream", batch_size=8, type_weights={"TM": 4.0})
-    split = stream.local_split(config, "train")
+    split = splits.local_split(config, "train")
     counts: Counter = Counter()
     for epoch in range(20):
         for table in split.train_epoch(epoch, 0, 1)[1]:
@@ -170,14 +171,14 @@ def test_loading_mode_auto_streams_above_the_threshold():
     manifest = {"k": 16, "node_features": ["a"] * 8, "num_proteins": 100, "num_residues": 10_000_000,
                 "counts": {"fold": {"train": 80, "val": 20}}}
     config = Config().replace({"data.train_folds": ("train",)})
-    assert stream.split_bytes(manifest, ["train"]) == pytest.approx(0.8 * 10_000_000 * stream.bytes_per_residue(manifest))
-    assert stream.loading_mode(config, manifest) == "memory"  # 1.4 GB < 2 GiB
-    assert stream.loading_mode(config.replace({"data.stream_above_gib": 1.0}), manifest) == "stream"
-    assert stream.loading_mode(config.replace({"data.loading": "stream"}), manifest) == "stream"
+    assert splits.split_bytes(manifest, ["train"]) == pytest.approx(0.8 * 10_000_000 * splits.bytes_per_residue(manifest))
+    assert splits.loading_mode(config, manifest) == "memory"  # 1.4 GB < 2 GiB
+    assert splits.loading_mode(config.replace({"data.stream_above_gib": 1.0}), manifest) == "stream"
+    assert splits.loading_mode(config.replace({"data.loading": "stream"}), manifest) == "stream"
     exact = {**manifest, "residues": {"fold": {"train": 9_000_000, "val": 1_000_000}}}
-    assert stream.split_bytes(exact, ["train"]) == 9_000_000 * stream.bytes_per_residue(manifest)
+    assert splits.split_bytes(exact, ["train"]) == 9_000_000 * splits.bytes_per_residue(manifest)
     capped = config.replace({"data.stream_above_gib": 1.0, "data.max_proteins": 10})
-    assert stream.loading_mode(capped, manifest) == "memory"
+    assert splits.loading_mode(capped, manifest) == "memory"
     with pytest.raises(ValueError, match="max_proteins"):
         config.replace({"data.loading": "stream", "data.max_proteins": 10})
 
@@ -195,15 +196,15 @@ def test_in_process_run_on_a_stream(many_shards, tmp_path):
 
 
 def test_memory_watch_reports_private_and_shared_peaks():
-    from protopo_ray import memwatch
+    from protopo_ray.training import memory
 
-    watch = memwatch.MemoryWatch(interval_s=0.01)
+    watch = memory.MemoryWatch(interval_s=0.01)
     before = watch.peaks()
     block = np.ones(64 << 17)  # 64 MiB of private memory, touched
     after = watch.peaks()
     del block
-    memwatch.trim()
+    memory.trim()
     assert after.anon_bytes >= before.anon_bytes + (48 << 20)
     assert after.rss_bytes >= after.anon_bytes
     watch.stop()
-    assert memwatch.tame_allocator() in (True, False)  # glibc: applied once; elsewhere a no-op
+    assert memory.tame_allocator() in (True, False)  # glibc: applied once; elsewhere a no-op

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protopo_ray.records import ProteinRecord
-from protopo_ray.structures import (
+from protopo_ray.data.records import ProteinRecord
+from protopo_ray.data.structures import (
     READERS,
     StructureMismatch,
     align_to_sequence,

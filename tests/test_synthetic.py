@@ -7,9 +7,9 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from protopo_ray.alphabet import AMINO_ACIDS, LABELS, PROTEIN_TYPES
-from protopo_ray.records import label_type
-from protopo_ray.synthetic import TYPE_FRACTIONS, allocate_types, generate_proteins
+from protopo_ray.data.alphabet import AMINO_ACIDS, LABELS, PROTEIN_TYPES
+from protopo_ray.data.records import label_type
+from protopo_ray.data.synthetic import TYPE_FRACTIONS, allocate_types, generate_proteins
 
 
 @pytest.fixture(scope="module")

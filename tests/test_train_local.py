@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from protopo_ray import predict, train
-from protopo_ray.checkpoint import find_checkpoints, load_checkpoint, load_latest_valid
-from protopo_ray.metrics import protein_type
-from protopo_ray.runner import evaluate_checkpoint
+from protopo_ray.model.metrics import protein_type
+from protopo_ray.training.checkpoint import find_checkpoints, load_checkpoint, load_latest_valid
+from protopo_ray.training.fit import evaluate_checkpoint
 
 
 def run_local(smoke_shards, tmp_path, *extra):
@@ -47,7 +47,7 @@ def test_checkpoint_load_gives_identical_predictions(smoke_shards, tmp_path):
     checkpoint = find_checkpoints(tmp_path / "runs" / "local")[0]
     model_a, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
     model_b, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
-    from protopo_ray import collate, shards
+    from protopo_ray.data import collate, shards
 
     batch = collate.table_to_batch(shards.read_table(smoke_shards, folds=["val"]))
     assert torch.equal(model_a(batch), model_b(batch))
@@ -67,7 +67,7 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_pa
 def test_predict_cli_writes_3line_and_metrics(smoke_shards, tmp_path, capsys):
     assert run_local(smoke_shards, tmp_path, "--set", "train.epochs=1") == 0
     checkpoint = find_checkpoints(tmp_path / "runs" / "local")[0]
-    from protopo_ray import shards
+    from protopo_ray.data import shards
 
     table = shards.read_table(smoke_shards, folds=["test"])
     source = tmp_path / "in.3line"

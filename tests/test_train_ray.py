@@ -9,9 +9,10 @@ import time
 import psutil
 import pytest
 
-from protopo_ray import shards, train
-from protopo_ray.checkpoint import find_checkpoints, load_latest_valid
-from protopo_ray.runner import evaluate_checkpoint
+from protopo_ray import train
+from protopo_ray.data import shards
+from protopo_ray.training.checkpoint import find_checkpoints, load_latest_valid
+from protopo_ray.training.fit import evaluate_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -115,7 +116,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, smoke_shards, t
 def test_continuation_from_one_worker_to_two_keeps_lr_and_best(ray_cluster, smoke_shards, tmp_path):
     """A run searched on one worker continues on two: its linear schedule spans its own new budget (LR > 0 on
     every epoch), it keeps the searched global batch (same steps per epoch), and best/ never regresses."""
-    from protopo_ray.runner import LocalSession, fit
+    from protopo_ray.training.fit import LocalSession, fit
 
     config = train.resolve(train.build_parser().parse_args([
         "--config", "experiments/smoke.toml", "--set", f"data.path='{smoke_shards}'", "--storage", str(tmp_path),

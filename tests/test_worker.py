@@ -13,25 +13,26 @@ from protopo_ray.config import Config
 @pytest.mark.ray
 def test_tune_session_reads_a_split_once_per_process_until_the_shards_change(ray_cluster, smoke_shards, tmp_path,
                                                                             monkeypatch):
-    from protopo_ray import shards, worker
+    from protopo_ray.cluster import sessions
+    from protopo_ray.data import shards
 
     reads = []
     read_table = shards.read_table
-    monkeypatch.setattr(worker.shards, "read_table", lambda *a, **k: reads.append(k["folds"]) or read_table(*a, **k))
+    monkeypatch.setattr(sessions.shards, "read_table", lambda *a, **k: reads.append(k["folds"]) or read_table(*a, **k))
     data = tmp_path / "shards"
     shutil.copytree(smoke_shards, data)
     config = Config().replace({"data.path": str(data), "data.train_folds": ["train"], "data.val_folds": ["val"],
                                "data.max_proteins": 20, "resources.storage": str(tmp_path / "runs")})
-    worker._TABLES.clear()
-    first = worker.TuneSession(config).split("train")
-    again = worker.TuneSession(config.replace({"name": "next_trial"})).split("train")
+    sessions._TABLES.clear()
+    first = sessions.TuneSession(config).split("train")
+    again = sessions.TuneSession(config.replace({"name": "next_trial"})).split("train")
     # The next trial in the process reads nothing: the same 20 proteins.
     assert reads == [["train"]] and again.table.equals(first.table) and first.num_proteins == 20
-    worker.TuneSession(config).split("val")
+    sessions.TuneSession(config).split("val")
     assert reads == [["train"], ["val"]]
     manifest = data / "manifest.json"  # shards rewritten (prepare writes a new manifest): read again
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "rewritten": True}))
-    worker.TuneSession(config).split("train")
+    sessions.TuneSession(config).split("train")
     assert reads == [["train"], ["val"], ["train"]]
 
 
@@ -42,8 +43,8 @@ def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_
     own and never counts."""
     import ray.tune
 
-    from protopo_ray import worker
-    from protopo_ray.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
+    from protopo_ray.cluster import sessions
+    from protopo_ray.training.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
 
     monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: None)
     config = Config().replace({"resources.storage": str(tmp_path / "runs"), "name": "trial_a"})
@@ -53,8 +54,8 @@ def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_
                            metrics={"val_loss": 0.5}, best_value=0.5, rng=rng_state())
         copy_checkpoint(save_checkpoint(tmp_path / f"src_{epoch}", state), str(tmp_path / "runs"), "trial_a/best")
 
-    assert worker.TuneSession(config).resume_state() is None
+    assert sessions.TuneSession(config).resume_state() is None
     best_of(config.replace({"name": "source_trial"}), 6)  # seeded by a continuation from another run
-    assert worker.TuneSession(config).resume_state() is None
+    assert sessions.TuneSession(config).resume_state() is None
     best_of(config, 2)  # the run's own
-    assert worker.TuneSession(config).resume_state().epoch == 2
+    assert sessions.TuneSession(config).resume_state().epoch == 2

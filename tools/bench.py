@@ -54,8 +54,8 @@ def structures_part(copies: int) -> dict:
     bench = _load("bench_structures")
     if not bench.BAMA.exists():
         return {"skipped": f"{bench.BAMA} not found (the BamA AlphaFold model lives in ../shared/data)"}
-    from protopo_ray.graphs import build_graph
-    from protopo_ray.structures import align_to_sequence, read_structure
+    from protopo_ray.data.graphs import build_graph
+    from protopo_ray.data.structures import align_to_sequence, read_structure
 
     sequence = read_structure(bench.BAMA).sequence
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +276,7 @@ def quality_table(results: dict, existing_rows: list[str]) -> list[str]:
     lines = ["| model | proteins | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
     if "ours" in q:
         m = q["ours"]
-        lines.append(f"| reference project (its test predictions, rescored with protopo_ray.metrics) | "
+        lines.append(f"| reference project (its test predictions, rescored with protopo_ray.model.metrics) | "
                      f"{int(m.get('n_proteins', 0))} | " + " | ".join(_f(m[k], 3) for k in keys) + " |")
     # Rows of other quality runs (tagged <!-- QUALITY... -->, written by hand or by tools/quality_*.py) are carried.
     lines += existing_rows or [QUALITY_ROW]
@@ -324,7 +324,7 @@ def write_markdown(results: dict, meta: dict, path: Path) -> None:
               "The reference project's own test predictions (fold cv2) rescored with this project's metrics, next to "
               "this project's quality run (`python -m protopo_ray.train --config experiments/deeptmhmm_quality.toml "
               "--local`), its best checkpoint (`runs/deeptmhmm_quality/best`) evaluated on cv2 with "
-              "`protopo_ray.runner.evaluate_checkpoint`, and the other quality runs' rows (tools/quality_decode.py, "
+              "`protopo_ray.training.fit.evaluate_checkpoint`, and the other quality runs' rows (tools/quality_decode.py, "
               "tools/quality_ensemble.py). Those rows are carried over from the previous file (every line tagged "
               "QUALITY); a TBD row marks a quality run not yet evaluated.", ""]
     lines += quality_table(results, quality_rows)

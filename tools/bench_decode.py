@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from protopo_ray.alphabet import NUM_LABELS
-from protopo_ray.batching import eval_batches
-from protopo_ray.crf import CRF
-from protopo_ray.grammar import default_grammar
-from protopo_ray.records import read_records
+from protopo_ray.data.alphabet import NUM_LABELS
+from protopo_ray.data.batching import eval_batches
+from protopo_ray.data.records import read_records
+from protopo_ray.model.crf import CRF
+from protopo_ray.model.grammar import default_grammar
 
 
 def run(lengths: np.ndarray, batch_size: int, crf: CRF, train: bool) -> float:

@@ -88,7 +88,7 @@ def naive_batches(table, plan):
     import pyarrow as pa
     from torch_geometric.data import Batch
 
-    from protopo_ray import collate
+    from protopo_ray.data import collate
 
     for indices in plan:
         yield Batch.from_data_list(collate.table_to_data_list(table.take(pa.array(indices))))
@@ -98,12 +98,13 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
     """This project's loop vs the naive loop, epochs alternating (A B B A ...) in one process, same model init."""
     import torch
 
-    from protopo_ray import batching, loop, shards
     from protopo_ray.config import load_config
-    from protopo_ray.model import TopologyModel
-    from protopo_ray.runner import iter_batches
-    from protopo_ray.schedule import EpochSchedule
-    from protopo_ray.stream import MemorySplit
+    from protopo_ray.data import batching, shards
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.training import loop
+    from protopo_ray.training.fit import iter_batches
+    from protopo_ray.training.schedule import EpochSchedule
+    from protopo_ray.training.splits import MemorySplit
 
     config = load_config(ROOT / CONFIG, {**values, "data.path": data})
     torch.set_num_threads(1)
@@ -141,7 +142,7 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
 
 def run(data: str, storage: str, quick: bool = False, parts: tuple[str, ...] = ("throughput", "scaling"),
         timeout_s: float = 900) -> dict:
-    from protopo_ray.shards import read_manifest
+    from protopo_ray.data.shards import read_manifest
 
     try:
         read_manifest(data)

@@ -17,12 +17,12 @@ import time
 import numpy as np
 import torch
 
-from protopo_ray.alphabet import LABELS, encode_labels, encode_sequence
-from protopo_ray.crf import CRF
-from protopo_ray.features import SequenceFeatures, feature_groups
-from protopo_ray.grammar import default_grammar
-from protopo_ray.metrics import protein_metrics
-from protopo_ray.records import read_records
+from protopo_ray.data.alphabet import LABELS, encode_labels, encode_sequence
+from protopo_ray.data.records import read_records
+from protopo_ray.model.crf import CRF
+from protopo_ray.model.features import SequenceFeatures, feature_groups
+from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.metrics import protein_metrics
 
 PENALTIES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
 GROUPS = {"none (class prior)": (), "hydropathy": ("hydropathy",), "charge": ("charge",), "blosum": ("blosum",),

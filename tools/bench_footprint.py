@@ -32,9 +32,9 @@ CONFIGS = [
 CHILD = r"""
 import json, sys, torch
 from protopo_ray.config import Config
-from protopo_ray.footprint import trial_footprint
-from protopo_ray.loop import build_loss, build_optimizer
-from protopo_ray.model import TopologyModel
+from protopo_ray.model.footprint import trial_footprint
+from protopo_ray.training.loop import build_loss, build_optimizer
+from protopo_ray.model.network import TopologyModel
 from tools.bench_model import synthetic_batch
 
 operator, gc, lstm, layers, proteins, length, device = sys.argv[1:8]

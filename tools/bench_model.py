@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.data import Batch, Data
 
-from protopo_ray.alphabet import NUM_AA_TOKENS, NUM_LABELS
 from protopo_ray.config import ModelConfig
-from protopo_ray.graphs import DEFAULT_K
-from protopo_ray.model import (
+from protopo_ray.data.alphabet import NUM_AA_TOKENS, NUM_LABELS
+from protopo_ray.data.graphs import DEFAULT_K
+from protopo_ray.model.network import (
     NUM_EDGE_FEATURES,
     NUM_NODE_FEATURES,
     TopologyModel,

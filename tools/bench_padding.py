@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from protopo_ray import batching
+from protopo_ray.data import batching
 
 TRAIN_FOLDS = ("cv0", "cv3", "cv4")
 
 
 def load_lengths(data: str | Path, folds=TRAIN_FOLDS) -> np.ndarray | None:
-    from protopo_ray import shards
+    from protopo_ray.data import shards
 
     try:
         table = shards.read_table(data, folds=list(folds), columns=["length"])

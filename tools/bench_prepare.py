@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from protopo_ray import shards
+from protopo_ray.data import shards
 from protopo_ray.prepare import prepare_synthetic
 
 
@@ -41,16 +41,16 @@ def per_core(n: int, seed: int) -> dict[str, float]:
 
 
 def with_ray(n: int, workers: int, out: Path, seed: int, overwrite: bool) -> dict[str, float]:
-    from protopo_ray import prepare_ray
+    from protopo_ray.cluster import prepare_tasks
 
     os.environ["RAY_ADDRESS"] = "local"  # a private cluster: never another session's
     start = time.perf_counter()
-    prepare_ray.connect(None, workers)
+    prepare_tasks.connect(None, workers)
     ray_start_s = time.perf_counter() - start
     try:
         summary = prepare_synthetic(n, out, seed=seed, use_ray=True, workers=workers, overwrite=overwrite)
     finally:
-        prepare_ray.disconnect()
+        prepare_tasks.disconnect()
     residues = summary.manifest["num_residues"]
     return {"n": n, "workers": workers, "ray_start_s": ray_start_s, "wall_s": summary.elapsed_s,
             "proteins_per_s": n / summary.elapsed_s, "residues_per_s": residues / summary.elapsed_s,

@@ -3,13 +3,13 @@
     .venv/bin/python -m tools.bench_search [--storage runs/bench] [--from runs/bench/bench_asha_1458]
 
 The experiment searches the same 12-config grid three times on the same data: stage "asha" (Ray's ASHA,
-grace 1, reduction factor 3), stage "sha" (protopo_ray.halving's synchronous halving, same rungs) and stage
+grace 1, reduction factor 3), stage "sha" (protopo_ray.search.halving's synchronous halving, same rungs) and stage
 "full" (no scheduler, every trial to max_epochs). From the stage records (`EXP/stages/<stage>.json`): epochs
 each scheduler trained / epochs of the full grid, whether its winner is the full grid's (same config; same
 seeds give the same curves) and each stage's wall time. Trial overhead: for every trial, its start (first Tune
 result's `timestamp - time_total_s`, from Tune's result.json) to the end of its first optimiser step
 (`train_first_step_unix` of epoch 1), split where the trial recorded its start-up (`startup_*_unix`,
-protopo_ray.stages): imports, then splits + model + first step; and how long its process had lived before.
+protopo_ray.search.trials): imports, then splits + model + first step; and how long its process had lived before.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 # The rung rule the search's schedulers use (ASHA's milestones for one bracket; SynchronousHalving's rungs).
-from protopo_ray.halving import rungs, survivors
+from protopo_ray.search.halving import rungs, survivors
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
@@ -95,7 +95,7 @@ def summarize(exp_dir: Path) -> dict:
     stage_names = [s for s in (*HALVING_STAGES, "full") if (exp_dir / "stages" / f"{s}.json").exists()]
     records = {s: json.loads((exp_dir / "stages" / f"{s}.json").read_text()) for s in stage_names}
     asha, full = records["asha"], records["full"]
-    from protopo_ray.experiment import load_experiment
+    from protopo_ray.search.experiment import load_experiment
 
     source = json.loads((exp_dir / "experiment.json").read_text())["source"]
     spec = next(s for s in load_experiment(ROOT / source).stages if s.name == "asha")
@@ -144,7 +144,7 @@ def summarize(exp_dir: Path) -> dict:
 def tune_listed_order(spec) -> list[dict]:
     """The grid points in the order Tune starts a listed grid (order = "listed"): keys sorted by name, the
     first varying fastest (checked against the listed benchmark run's trial ids)."""
-    from protopo_ray.stages import grid_points
+    from protopo_ray.search.trials import grid_points
 
     return sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])
 
@@ -172,7 +172,7 @@ def replay_asha(curves: list[list[float]], order: list[int], grace: int, rf: int
 
 
 def replay_sha(curves: list[list[float]], grace: int, rf: int, max_t: int) -> tuple[int, int]:
-    """Synchronous successive halving as protopo_ray.halving runs it: all trials to the first rung, the best
+    """Synchronous successive halving as protopo_ray.search.halving runs it: all trials to the first rung, the best
     1/rf of them (rounded up, `survivors`) to the next, ..."""
     alive, epochs, done = list(range(len(curves))), 0, 0
     for m in [*rungs(grace, rf, max_t), max_t]:
@@ -241,7 +241,7 @@ def partial(exp_dir: Path) -> dict:
 
 def run(storage: str, existing: str | None = None, timeout_s: float = 3600) -> dict:
     from protopo_ray.config import load_config
-    from protopo_ray.shards import read_manifest
+    from protopo_ray.data.shards import read_manifest
 
     data = load_config(ROOT / EXPERIMENT).data.path
     if existing:

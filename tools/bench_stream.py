@@ -9,7 +9,7 @@ memory: one 2-worker Ray Train epoch (DDP, gloo) of the smoke model over each sh
 peak RSS of the driver (this tool's child, joined to a Ray instance this tool started, so Ray's daemons are
 not its children: `wait4` gives the driver's own peak) and of every rank (`workers.json`: `getrusage` peak
 RSS, which counts the object-store pages a rank maps, and the sampled peak of its private memory, RssAnon;
-see protopo_ray/memwatch.py). Growth = large / small.
+see protopo_ray/training/memory.py). Growth = large / small.
 throughput: in-process runs (the path one-worker search trials take) of bench_asha.toml's model on the real split with
 `data.loading` memory and stream, epochs interleaved; residues/s, data-wait share, padding efficiency, and
 the validation metrics of both (the stream's batches differ, so they agree within noise, not exactly). On a
@@ -93,7 +93,7 @@ def throughput(data: str, pairs: int, storage: str, budget: int) -> dict:
     import torch
 
     from protopo_ray.config import load_config
-    from protopo_ray.runner import LocalSession, fit
+    from protopo_ray.training.fit import LocalSession, fit
 
     torch.set_num_threads(1)
     # bench_asha.toml's small model (GC 32 x 2, biLSTM 32 x 2) on the whole real split: a small model makes the
@@ -132,8 +132,9 @@ def padding(data: str, budget: int) -> dict:
     (bucket_batches), under the residue budget: pure batching, no training."""
     import numpy as np
 
-    from protopo_ray import batching, shards, stream
     from protopo_ray.config import load_config
+    from protopo_ray.data import batching, shards
+    from protopo_ray.training import splits
 
     config = load_config("experiments/bench_asha.toml", {"data.path": data, "data.max_proteins": 0})
     table = shards.read_table(data, folds=config.data.train_folds, columns=["id", "length"])
@@ -144,7 +145,7 @@ def padding(data: str, budget: int) -> dict:
     for bucket in (16, 32, 64, 128):
         plan = batching.plan_batches(lengths, 32, max_residues=budget, bucket_batches=bucket, seed=0)
         row_groups = [table.slice(i, 64) for i in range(0, table.num_rows, 64)]  # what a stream delivers
-        batches = list(stream.bucketed(row_groups, np.random.default_rng(0), batch_size=32, max_residues=budget,
+        batches = list(splits.bucketed(row_groups, np.random.default_rng(0), batch_size=32, max_residues=budget,
                                        window=32 * bucket, pool_rows=64 * bucket))
         real = sum(int(b.column("length").to_numpy().sum()) for b in batches)
         padded = sum(b.num_rows * int(b.column("length").to_numpy().max()) for b in batches)
@@ -159,7 +160,7 @@ def quality(data: str, epochs: int, storage: str, budget: int) -> dict:
     import torch
 
     from protopo_ray.config import load_config
-    from protopo_ray.runner import LocalSession, evaluate_checkpoint, fit
+    from protopo_ray.training.fit import LocalSession, evaluate_checkpoint, fit
 
     torch.set_num_threads(1)
     base = load_config("experiments/bench_asha.toml", {"data.path": data, "data.max_proteins": 0,

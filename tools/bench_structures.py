@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from protopo_ray.structures import READERS, align_to_sequence, load_aligned_ca, read_structure
+from protopo_ray.data.structures import READERS, align_to_sequence, load_aligned_ca, read_structure
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deeptmhmm"
 BAMA = DATA / "structures" / "AF-B7MBF8-F1-model_v2.pdb"

@@ -7,7 +7,7 @@
 Rows (each from a run's `best/` checkpoint, chosen by its own validation metric; nothing is tuned on the test fold):
 - CE twin, argmax;  CE twin, decode-only grammar Viterbi with the entry penalty that maximises val topo_mean (cv1);
 - CRF run, CRF Viterbi;  CRF run, argmax over its emissions (what the CRF head adds to the encoder);
-- ensemble of the two (mean label posteriors, grammar Viterbi, entry penalty tuned on cv1; `protopo_ray.ensemble`).
+- ensemble of the two (mean label posteriors, grammar Viterbi, entry penalty tuned on cv1; `protopo_ray.model.ensemble`).
 Decoding is timed on the test fold. With --rank every kept epoch checkpoint of the given runs is scored on the test
 fold instead (with each run's own decoder), to measure whether val_topo_mean or val_loss picks the better checkpoint.
 """
@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from protopo_ray import ensemble, runner, stream
-from protopo_ray.checkpoint import checkpoint_epoch, find_checkpoints
-from protopo_ray.ensemble import load_model, mean_log_posteriors, score
+from protopo_ray.model.ensemble import load_model, mean_log_posteriors, score
+from protopo_ray.model import ensemble
+from protopo_ray.training import fit, splits
+from protopo_ray.training.checkpoint import checkpoint_epoch, find_checkpoints
 
 
 def split_batches(config, split: str) -> list:
-    memory = stream.local_split(config, split, mode="memory")
-    return list(runner.collated(memory.eval_batches(0, 1), depth=0))
+    memory = splits.local_split(config, split, mode="memory")
+    return list(fit.collated(memory.eval_batches(0, 1), depth=0))
 
 
 @torch.no_grad()
@@ -68,7 +69,7 @@ def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
     rows["crf_viterbi"] = {**score(test, decoded), "decode_cpu_s": time.process_time() - start}
     rows["crf_argmax"] = score(test, [o.argmax(-1) for o in crf_test])
 
-    # the ensemble rule (protopo_ray.ensemble.Ensemble) on the members' outputs computed above
+    # the ensemble rule (protopo_ray.model.ensemble.Ensemble) on the members' outputs computed above
     def ensemble_outputs(batches, ce_out, crf_out):
         return [mean_log_posteriors([ce_model.label_posteriors(b, a), crf_model.label_posteriors(b, c)])
                 for b, a, c in zip(batches, ce_out, crf_out)]

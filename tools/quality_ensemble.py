@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protopo_ray.alphabet import IGNORE_LABEL, LABELS, protein_type
-from protopo_ray.checkpoint import checkpoint_epoch
-from protopo_ray.ensemble import (
+from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS, protein_type
+from protopo_ray.model.ensemble import (
     choose_entry_penalty,
     load_model,
     load_predictor,
@@ -32,7 +31,8 @@ from protopo_ray.ensemble import (
     read_ensemble,
     score,
 )
-from protopo_ray.metrics import segments, topology_match
+from protopo_ray.model.metrics import segments, topology_match
+from protopo_ray.training.checkpoint import checkpoint_epoch
 from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
 
 LETTERS = np.array(list(LABELS))

@@ -15,8 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-from protopo_ray.alphabet import decode_labels
-from protopo_ray.metrics import aggregate, format_metrics, protein_result, protein_type
+from protopo_ray.data.alphabet import decode_labels
+from protopo_ray.model.metrics import aggregate, format_metrics, protein_result, protein_type
 
 DEFAULT_PREDICTIONS = (
     Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     predictions = json.loads(args.predictions.read_text())
     metrics, disagree = rescore(predictions)
 
-    print(f"Rescored {args.predictions} with protopo_ray.metrics:\n")
+    print(f"Rescored {args.predictions} with protopo_ray.model.metrics:\n")
     print(format_metrics(metrics))
     print(f"\nPer-protein verdicts that differ from the reference's own fields (of {len(predictions)}): {disagree}")
     reference = load_reference_figures(args.predictions.parent)

@@ -1,0 +1,124 @@
+"""`prepare --ray`: build graphs and write shards in Ray Data tasks, so preparation scales with the cluster.
+
+The driver holds only the inputs (records, or synthetic indices) and the tasks' small reports. Inputs are cut
+into batches of at most `shards.MAX_ROWS_PER_FILE`; each batch is one Ray Data task that builds its graphs
+with the same functions as the process-pool path (`prepare._record_rows` / `prepare._synthetic_rows`:
+structures.load_aligned_ca, synthetic.generate_protein, graphs.build_graph) and writes its own shard files
+`part-<task>-<n>.parquet` with a `shards.ShardWriter` (same schema, same streaming layout) straight into the
+output: a directory (the driver's temp dir; on a multi-node cluster it must be shared by the nodes) or
+object storage. The driver then writes the manifest of every task's files, in input order. A task that fails
+and is retried rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from protopo_ray.data import shards
+from protopo_ray.prepare import PrepareSummary, _count, _progress
+
+TASKS_PER_CPU = 4
+"""Batches per CPU at least (smaller batches for small inputs), so long and short proteins even out."""
+
+
+def connect(address: str | None = None, workers: int | None = None) -> None:
+    """Join the cluster at `address` (else the project's rule: RAY_ADDRESS, a running `ray start`, else a new
+    local cluster of `workers` CPUs)."""
+    import os
+    import socket
+
+    from protopo_ray.cluster.connect import ray_init
+
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address
+    # A new local cluster's dashboard on a free port, not Ray's default 8265 (another cluster's on a shared host).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        local = {"dashboard_port": probe.getsockname()[1], **({"num_cpus": workers} if workers else {})}
+    ray_init(log_to_driver=False, logging_level="WARNING", **local)
+
+
+def disconnect() -> None:
+    """Shut down the local cluster this process started (a joined cluster keeps running)."""
+    import ray
+
+    from protopo_ray.cluster.connect import started_local_cluster
+
+    if ray.is_initialized() and started_local_cluster():
+        ray.shutdown()
+
+
+def task_size(num_inputs: int, parallelism: int) -> int:
+    """Inputs per task: one shard file's worth, fewer when that leaves under TASKS_PER_CPU tasks per CPU."""
+    return max(1, min(shards.MAX_ROWS_PER_FILE, math.ceil(num_inputs / (TASKS_PER_CPU * max(1, parallelism)))))
+
+
+def _build_batch(batch: dict[str, np.ndarray], *, fn: Callable, args: tuple, root: str,
+                 write_args: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The Ray Data task: rows of `fn(jobs, *args)` for each input batch, written as that batch's shard files;
+    returns one JSON report per batch (shard entries, length histogram, (id, graph source or fallback reason)
+    per protein, CPU seconds)."""
+    reports = []
+    for task, payload in zip(batch["task"], batch["payload"]):
+        start = time.process_time()
+        writer = shards.ShardWriter(root, file_prefix=f"part-{int(task):05d}", clear=False, **write_args)
+        sources = []
+        for row, source in fn(pickle.loads(payload), *args):
+            writer.add(row)
+            sources.append((row["id"], source))
+        entries, histogram = writer.finish()
+        reports.append(json.dumps({"task": int(task), "sources": sources, "shards": entries,
+                                   "histogram": histogram, "cpu_s": time.process_time() - start}))
+    return {"report": np.array(reports, dtype=object)}
+
+
+def write_shards_ray(fn: Callable, jobs: list, args: tuple, out_dir: str, summary: PrepareSummary, *, what: str,
+                     workers: int | None = None, k: int, sources: dict[str, str] | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Shards + manifest of `fn`'s rows over `jobs` under `out_dir`, built by Ray Data tasks (at most `workers` at
+    once; default every CPU). Accounts each protein in `summary`; `summary.task_cpu_s` gets the tasks' CPU time."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        connect(None, workers)
+    fs, root = shards._filesystem(out_dir)
+    fs.create_dir(root, recursive=True)
+    parallelism = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = task_size(len(jobs), parallelism)
+    items = [{"task": i, "payload": pickle.dumps(jobs[start:start + size])}
+             for i, start in enumerate(range(0, len(jobs), size))]
+    # Our own bar counts proteins; Ray Data's operator bars would draw over it.
+    context = ray.data.DataContext.get_current()
+    shown, context.enable_progress_bars = context.enable_progress_bars, False
+    compute = ray.data.TaskPoolStrategy(size=workers) if workers else None
+    done: list[dict[str, Any]] = []
+    try:
+        reports = (ray.data.from_items(items, override_num_blocks=len(items))
+                   .map_batches(_build_batch, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                fn_kwargs={"fn": fn, "args": args, "root": root, "write_args": {"k": k}}))
+        progress, bar = _progress(len(jobs), f"{what} (Ray, {len(items)} tasks)")
+        with progress:
+            for row in reports.iter_rows():
+                report = json.loads(row["report"])
+                done.append(report)
+                progress.advance(bar, len(report["sources"]))
+    finally:
+        context.enable_progress_bars = shown
+    done.sort(key=lambda report: report["task"])  # input order, whatever order the tasks finished in
+    for report in done:
+        for protein_id, source in report["sources"]:
+            _count(summary, protein_id, source)
+    summary.task_cpu_s = sum(report["cpu_s"] for report in done)
+    entries = [entry for report in done for entry in report["shards"]]
+    manifest = shards.build_manifest(entries, [report["histogram"] for report in done], k=k, sources=sources,
+                                     extra=extra)
+    shards.write_manifest(fs, root, manifest)
+    return manifest

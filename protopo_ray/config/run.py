@@ -1,0 +1,394 @@
+"""Typed run configuration: data / model / train / resources, loaded from TOML with `--set` overrides.
+
+Every section is a frozen dataclass whose `__post_init__` rejects nonsense, so a bad experiment fails before
+any worker starts. Ray Tune hands plain dicts around; `Config.from_dict` / `Config.to_dict` are the one
+place where they are converted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from protopo_ray.data.alphabet import LABELS, PROTEIN_TYPES
+
+GC_OPERATORS = ("gcn", "graphconv", "cfconv")
+DECODERS = ("argmax", "viterbi", "crf")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class DataConfig:
+    path: str = "data/synthetic"
+    """Shard directory written by `protopo_ray.prepare` (local path, or s3:// / gs://)."""
+    train_folds: tuple[str, ...] = ("train",)
+    """Folds (the `fold` column of the shards) used for training."""
+    val_folds: tuple[str, ...] = ("val",)
+    """Folds used for validation every epoch."""
+    test_folds: tuple[str, ...] = ("test",)
+    """Held-out folds, evaluated once at the end of a search."""
+    batch_size: int = 32
+    """Proteins per batch: the global batch, split across DDP workers (each takes its 1/N of every batch)."""
+    max_residues_per_batch: int = 0
+    """Optional residue budget (proteins x padded length) per worker's slice of a batch: a batch closes early
+    when a slice would exceed it (0 = no budget). Bounds the trial's GPU memory (`footprint`)."""
+    bucket_batches: int = 16
+    """Length bucketing: proteins are sorted by length inside windows of this many batches (1 = random)."""
+    type_weights: dict[str, float] = field(default_factory=dict)
+    """Per-type resampling weights for training, e.g. {"TM" = 2.0}; missing types weigh 1."""
+    max_proteins: int = 0
+    """Use only the first N proteins of each split (0 = all); for quick runs and tests."""
+    loading: str = "auto"
+    """memory (hold each split as one table: the exact global batch plan), stream (Ray Data / row-group streams,
+    bounded memory at any data size), or auto: stream when the train split is estimated above stream_above_gib."""
+    stream_above_gib: float = 2.0
+    """With loading = auto: the in-memory size of the train split above which runs stream it."""
+    shuffle_rows: int = 0
+    """Streaming: rows held in the shuffle pool each window is drawn from (0 = two windows' worth)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "data.path must name a shard directory")
+        _check(bool(self.train_folds), "data.train_folds must list at least one fold")
+        _check(bool(self.val_folds), "data.val_folds must list at least one fold")
+        _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_residues_per_batch >= 0, "data.max_residues_per_batch must be >= 0 (0 = no budget)")
+        _check(self.bucket_batches >= 1, f"data.bucket_batches must be >= 1, got {self.bucket_batches}")
+        _check(self.max_proteins >= 0, "data.max_proteins must be >= 0 (0 = all)")
+        _check(self.loading in ("auto", "memory", "stream"),
+               f"data.loading must be auto, memory or stream, got {self.loading!r}")
+        _check(not (self.loading == "stream" and self.max_proteins),
+               "data.max_proteins (the first N proteins by id) needs the in-memory path; set data.loading = "
+               "'memory' or 'auto', or leave max_proteins at 0")
+        _check(self.stream_above_gib >= 0, "data.stream_above_gib must be >= 0")
+        _check(self.shuffle_rows >= 0, "data.shuffle_rows must be >= 0 (0 = two windows)")
+        for name, weight in self.type_weights.items():
+            _check(name in PROTEIN_TYPES, f"data.type_weights: unknown type {name!r}; known: {PROTEIN_TYPES}")
+            _check(weight > 0, f"data.type_weights[{name!r}] must be > 0, got {weight}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ModelConfig:
+    gc_size: int = 64
+    """Width of the graph-convolution encoder (the seed's GCSize)."""
+    gc_layers: int = 2
+    """Number of graph-convolution layers."""
+    gc_operator: str = "gcn"
+    """gcn (GCNConv), graphconv (GraphConv) or cfconv (distance-aware continuous filter on edge attributes)."""
+    lstm_size: int = 128
+    """Hidden size of each LSTM direction."""
+    lstm_layers: int = 2
+    """Stacked LSTM layers."""
+    bidirectional: bool = True
+    """Run the LSTM in both directions along the chain."""
+    dropout: float = 0.1
+    """Dropout between layers and before the head."""
+    aa_embed_dim: int = 32
+    """Size of the learned amino-acid embedding."""
+    decoder: str = "argmax"
+    """argmax (per residue), viterbi (topology grammar over the softmax, fixed moves) or crf (learned grammar CRF)."""
+    entry_penalty: float = 0.0
+    """decoder = viterbi: log-score cost of entering an M or B segment (tune it on the validation fold)."""
+    feature_hydropathy: bool = False
+    """Add Kyte-Doolittle hydropathy and its 7- and 19-residue window means to the residue inputs."""
+    feature_charge: bool = False
+    """Add residue charge (K, R +1; D, E -1) and its 15-residue window mean to the residue inputs."""
+    feature_blosum: bool = False
+    """Add the residue's BLOSUM62 row (20 values) to the residue inputs."""
+
+    def __post_init__(self) -> None:
+        _check(self.gc_size >= 1, f"model.gc_size must be >= 1, got {self.gc_size}")
+        _check(self.gc_layers >= 1, f"model.gc_layers must be >= 1, got {self.gc_layers}")
+        _check(self.gc_operator in GC_OPERATORS, f"model.gc_operator must be one of {GC_OPERATORS}, got {self.gc_operator!r}")
+        _check(self.lstm_size >= 1, f"model.lstm_size must be >= 1, got {self.lstm_size}")
+        _check(self.lstm_layers >= 1, f"model.lstm_layers must be >= 1, got {self.lstm_layers}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.aa_embed_dim >= 1, f"model.aa_embed_dim must be >= 1, got {self.aa_embed_dim}")
+        _check(self.decoder in DECODERS, f"model.decoder must be one of {DECODERS}, got {self.decoder!r}")
+        _check(self.entry_penalty >= 0 and math.isfinite(self.entry_penalty),
+               f"model.entry_penalty must be a finite number >= 0, got {self.entry_penalty}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class TrainConfig:
+    epochs: int = 10
+    """Epochs to train (the total, also when resuming)."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    clip_grad_norm: float = 4.0
+    """Clip the global gradient norm to this value (0 = no clipping; statistics are still recorded)."""
+    schedule: str = "linear"
+    """Learning-rate schedule after warm-up: constant, linear (decay to 0) or cosine."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs (fractions allowed)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    label_weights: dict[str, float] = field(default_factory=dict)
+    """Per-residue-class loss weights, e.g. {"M" = 1.5}; missing labels weigh 1."""
+    seed: int = 0
+    """Seed for model init, shuffling and sampling."""
+    metric: str = "val_overlap_acc"
+    """Metric that picks the best epoch, whose checkpoint is copied to `<run>/best`."""
+    mode: str = "max"
+    """max or min, for `metric`."""
+    checkpoint_every: int = 1
+    """Save a checkpoint every N epochs (the last epoch is always saved)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept (a restart resumes from the latest); `<run>/best` is kept besides."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    bf16: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    num_threads: int = 0
+    """torch threads per worker (0 = leave torch's default)."""
+    init_checkpoint: str = ""
+    """Continue from this checkpoint directory (weights, optimiser, epoch); how promotion extends a trial."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a positive number, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip_grad_norm >= 0, f"train.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        _check(self.schedule in SCHEDULES, f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name, weight in self.label_weights.items():
+            _check(name in LABELS, f"train.label_weights: unknown label {name!r}; labels are {LABELS}")
+            _check(weight > 0, f"train.label_weights[{name!r}] must be > 0, got {weight}")
+        _check(self.mode in ("max", "min"), f"train.mode must be 'max' or 'min', got {self.mode!r}")
+        _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        _check(self.num_threads >= 0, f"train.num_threads must be >= 0, got {self.num_threads}")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class ResourcesConfig:
+    num_workers: int = 1
+    """Ray Train workers (DDP ranks); 0 runs the loop in the trial's own process."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; fractions only with a single worker (NCCL refuses two ranks on one GPU)."""
+    accelerator_type: str = ""
+    """Ray accelerator type to pin workers to (e.g. A100), empty = any."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train may do before the run fails."""
+    storage: str = "runs"
+    """Where runs, checkpoints and metrics go (local path, or s3:// / gs://)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")
+        _check(self.cpus_per_worker >= 0, f"resources.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        fractional = 0 < self.gpus_per_worker < 1 or self.gpus_per_worker != int(self.gpus_per_worker)
+        _check(not (fractional and self.num_workers > 1),
+               f"resources.gpus_per_worker={self.gpus_per_worker} is a GPU fraction; it is only allowed with one worker "
+               f"(got num_workers={self.num_workers}): DDP ranks sharing a GPU fail in NCCL")
+        _check(self.max_failures >= -1, "resources.max_failures must be >= -1 (-1 = retry forever)")
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Config:
+    name: str = "run"
+    """Run name: the directory under `resources.storage`."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> Config:
+        return _build(cls, values, where)
+
+    def replace(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted-key overrides applied, e.g. {"model.lstm_size": 512}."""
+        values = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(values, key, value, where="override")
+        return Config.from_dict(values, where="override")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "resources": ResourcesConfig}
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a (nested) dict, naming the offending key on any error."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a table, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return {str(k): float(v) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: TOML syntax (numbers, booleans, lists, quoted strings), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """['model.lstm_size=512', ...] -> {'model.lstm_size': 512, ...}."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. --set model.lstm_size=512")
+        overrides[key.strip()] = parse_value(text.strip())
+    return overrides
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set `a.b.c` in a nested dict, creating tables on the way."""
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{where}: {key!r} goes through a value that is not a table")
+    node[parts[-1]] = value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: experiment/config file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- TOML file (sections data/model/train/resources, plus `name`) <- dotted overrides."""
+    values: dict[str, Any] = read_toml(path) if path else {}
+    values = {k: v for k, v in values.items() if k in SECTIONS or k == "name" or k not in _EXPERIMENT_KEYS}
+    for key, value in (overrides or {}).items():
+        set_dotted(values, key, value, where="--set")
+    return Config.from_dict(values, where=str(path) if path else "config")
+
+
+#: Keys an experiment file may carry beside the run config (read by `protopo_ray.search.experiment`).
+_EXPERIMENT_KEYS = {"stages", "experiment"}
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as JSON (what the run actually used)."""
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def describe_keys(sections: tuple[str, ...] | None = None, width: int = 118) -> str:
+    """Every config key with its default and field docstring, for `--help` epilogs:
+    `  data.batch_size = 32    Proteins per batch (per worker).` (all sections, or only `sections`).
+
+    Field docstrings are not kept at run time (a string under a field is just an expression), so they are read
+    from this module's source with `ast`; slots dataclasses are fine, their fields come from `dataclasses.fields`.
+    """
+    import ast
+    import inspect
+    import sys
+    import textwrap
+
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    except (OSError, TypeError):  # no source shipped (a zipped or compiled install): keys and defaults only
+        tree = ast.Module(body=[], type_ignores=[])
+    docs: dict[str, dict[str, str]] = {name: {} for name in ("Config", *(c.__name__ for c in SECTIONS.values()))}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            fields_doc = docs.setdefault(node.name, {})
+            for first, second in zip(node.body, node.body[1:]):
+                if (isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name)
+                        and isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant)
+                        and isinstance(second.value.value, str)):
+                    fields_doc[first.target.id] = " ".join(second.value.value.split())
+
+    def default(f: dataclasses.Field) -> str:
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return json.dumps(_to_plain(value)).replace(": ", " = ") if not isinstance(value, bool) else str(value).lower()
+
+    rows = [] if sections else [(f.name, default(f), docs["Config"].get(f.name, ""))
+                                 for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        if not sections or section in sections:
+            rows += [(f"{section}.{f.name}", default(f), docs[cls.__name__].get(f.name, ""))
+                     for f in dataclasses.fields(cls)]
+    left = max(len(f"{key} = {value}") for key, value, _ in rows) + 2
+    lines = ["config keys (TOML: [section] key = value; command line: --set section.key=value):"]
+    for key, value, doc in rows:
+        head = f"  {key} = {value}".ljust(left + 2)
+        wrapped = textwrap.wrap(doc, max(40, width - len(head))) or [""]
+        lines.append(head + wrapped[0])
+        lines += [" " * len(head) + more for more in wrapped[1:]]
+    return "\n".join(lines)

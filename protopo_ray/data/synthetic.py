@@ -1,0 +1,416 @@
+"""The embedded default data set: synthetic labelled proteins with C-alpha traces, generated in pure numpy.
+
+It exists so that every part of the pipeline (prepare -> shards -> training -> tuning) runs with no download.
+The proteins follow DeepTMHMM's conventions and type mix (GLOBULAR all I; SP = S then O; TM = alternating I/O
+loops around M helices; SP+TM = S, O, then M segments; BETA = S, P, then B strands alternating O and P), and the
+traces put TM helices and beta strands into bundles/barrels crossing a membrane slab at z in [-15, 15] Angstrom,
+so the kNN graph carries real structure. Sequences are noisy on purpose: hydrophobic residues also occur in
+soluble amphipathic helices and strands, K/R appear outside too, and 8 % of residues are drawn from the
+background, so a per-amino-acid lookup cannot solve the task while a windowed model can.
+
+Each protein is generated from its own generator `default_rng([seed, index])`: same seed -> identical data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from protopo_ray.data.alphabet import AMINO_ACIDS, PROTEIN_TYPES
+from protopo_ray.data.records import ProteinRecord, label_type
+
+#: DeepTMHMM-like protein type proportions.
+TYPE_FRACTIONS = {"GLOBULAR": 0.56, "SP": 0.28, "TM": 0.11, "SP+TM": 0.03, "BETA": 0.02}
+FOLD_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
+MEDIAN_LENGTH, LENGTH_SIGMA, MIN_LENGTH, MAX_LENGTH = 350, 0.5, 50, 1200
+NOISE = 0.08  # fraction of residues replaced by a background draw, whatever their region
+
+STEP = 3.8  # CA-CA distance, Angstrom
+HELIX_RISE, HELIX_TURN, HELIX_RADIUS = 1.5, np.deg2rad(100.0), 2.3
+STRAND_RISE = 3.3
+STRAND_ZIGZAG = np.sqrt(STEP**2 - STRAND_RISE**2)  # makes consecutive strand residues 3.8 A apart too
+BARREL_TILT = 0.6  # radians; strands lean the same way, as in real barrels
+MEMBRANE_HALF = 15.0
+
+# Relative amino-acid weights per region, in AMINO_ACIDS order "ACDEFGHIKLMNPQRSTVWY".
+_BACKGROUND = [8.3, 1.4, 5.5, 6.7, 3.9, 7.1, 2.3, 5.9, 5.8, 9.7, 2.4, 4.1, 4.7, 3.9, 5.5, 6.6, 5.3, 6.9, 1.1, 2.9]
+
+
+def _weights(base=None, **scale: float) -> np.ndarray:
+    w = np.array(base if base is not None else _BACKGROUND, dtype=float)
+    for aa, factor in scale.items():
+        w[AMINO_ACIDS.index(aa)] *= factor
+    return w / w.sum()
+
+
+_HYDROPHOBIC = _weights([10, 2, 0.3, 0.3, 8, 7, 0.5, 10, 0.5, 16, 4, 0.5, 1, 0.5, 0.5, 5, 5, 10, 3, 3])
+COMPOSITIONS = {
+    "background": _weights(),
+    "tm_helix": _HYDROPHOBIC,
+    "inside": _weights(K=2.5, R=2.5, D=0.8, E=0.8),  # positive-inside rule
+    "outside": _weights(K=0.6, R=0.6, D=1.2, E=1.2, N=1.3, S=1.2, T=1.2, G=1.2),
+    "sp_n": _weights(K=6, R=6, D=0.1, E=0.1),
+    "sp_h": _weights([12, 2, 0.1, 0.1, 5, 3, 0.2, 6, 0.1, 20, 3, 0.1, 1, 0.3, 0.1, 2, 2, 8, 1.5, 0.5]),
+    "sp_c": _weights(A=3, S=2.5, G=2, T=2, Q=1.5, P=1.5, L=0.3, I=0.3, V=0.5, K=0.3, R=0.3),
+    "amph_polar": _weights(E=2.5, K=2.5, Q=2, R=1.5, A=1.5, D=1.2, L=0.6, I=0.5, V=0.5, F=0.4, G=0.5, P=0.1),
+    "strand_polar": _weights(S=2, T=2.5, N=1.5, Q=1.5, Y=1.5, G=1.2, K=1.2, R=1.2, D=0.8, E=0.8, L=0.4),
+    "strand_apolar": _weights([6, 2, 0.2, 0.2, 8, 6, 0.5, 8, 0.3, 12, 2, 0.3, 0.3, 0.3, 0.3, 2, 4, 12, 3, 8]),
+    "peri_turn": _weights(G=3, N=2.5, D=2.5, P=2, S=1.5, K=1.5),
+    "girdle": _weights(Y=12, W=10, F=4),
+}
+_CUM = {name: np.cumsum(w) for name, w in COMPOSITIONS.items()}
+_AA = np.array(list(AMINO_ACIDS))
+
+
+# ----------------------------------------------------------------------------------------------- layout
+# A protein is a list of segments (label, length, shape, composition). Shapes: "coil" (flexible), "helix",
+# "strand" (rigid, free placement) and "tm_helix", "tm_strand" (rigid, placed in the membrane bundle/barrel).
+
+
+def _soluble(rng, label: str, length: int, coil: str) -> list[tuple]:
+    """A soluble region: a plain loop, or (when long) a small domain of amphipathic helices and strands."""
+    if length < 30:
+        return [(label, length, "coil", coil)]
+    segments, left = [], length
+    head = int(rng.integers(3, 8))
+    segments.append((label, head, "coil", coil))
+    left -= head
+    while left > 30:
+        if rng.random() < 0.65:
+            size = int(rng.integers(10, 19))
+            segments.append((label, size, "helix", "amphipathic"))
+        else:
+            size = int(rng.integers(5, 9))
+            segments.append((label, size, "strand", "soluble_strand"))
+        gap = int(rng.integers(3, 9))
+        segments.append((label, gap, "coil", coil))
+        left -= size + gap
+    segments.append((label, left, "coil", coil))
+    return segments
+
+
+def _split(rng, total: int, minimums: list[int]) -> list[int]:
+    """Split `total` residues over loops with the given minimum lengths (Dirichlet for uneven loops)."""
+    spare = total - sum(minimums)
+    shares = rng.dirichlet(np.full(len(minimums), 0.7)) * spare
+    sizes = np.floor(shares).astype(int)
+    sizes[: spare - sizes.sum()] += 1
+    return [m + int(s) for m, s in zip(minimums, sizes)]
+
+
+def _signal_peptide(rng) -> list[tuple]:
+    return [("S", int(rng.integers(2, 7)), "coil", "sp_n"), ("S", int(rng.integers(7, 16)), "helix", "sp_h"),
+            ("S", int(rng.integers(3, 8)), "coil", "sp_c")]
+
+
+def _membrane_protein(rng, length: int, signal: bool) -> list[tuple]:
+    segments = _signal_peptide(rng) if signal else []
+    budget = length - sum(s[1] for s in segments)
+    counts = np.array([30, 14, 8, 10, 7, 8, 10, 4, 3, 3, 3, 4, 2, 2], dtype=float)
+    num_helices = int(rng.choice(np.arange(1, 15), p=counts / counts.sum()))
+    num_helices = max(1, min(num_helices, (budget - 8) // 28))
+    helix_sizes = [int(rng.integers(17, 26)) for _ in range(num_helices)]
+    minimums = [4 if signal else 2] + [4] * (num_helices - 1) + [2]
+    loops = _split(rng, budget - sum(helix_sizes), minimums)
+    side = "O" if signal or rng.random() < 0.3 else "I"
+    for i, loop in enumerate(loops):
+        segments += _soluble(rng, side, loop, "inside" if side == "I" else "outside")
+        if i < num_helices:
+            segments.append(("M", helix_sizes[i], "tm_helix", "tm_helix"))
+            side = "O" if side == "I" else "I"
+    return segments
+
+
+def _beta_protein(rng, length: int) -> list[tuple]:
+    segments = _signal_peptide(rng)
+    budget = length - sum(s[1] for s in segments)
+    num_strands = 8
+    for candidate in (24, 22, 18, 16, 14, 12, 10):
+        if candidate * 17 + 10 <= budget and rng.random() < 0.5:
+            num_strands = candidate
+            break
+    strand_sizes = [int(rng.integers(8, 13)) for _ in range(num_strands)]
+    # Loops: N-terminal P, then after each strand O (long) or P (short turn), ending in P.
+    minimums = [5] + [6 if i % 2 == 0 else 2 for i in range(num_strands)]
+    spare = budget - sum(strand_sizes) - sum(minimums)
+    loops = list(minimums)
+    turns = [i for i in range(1, num_strands + 1) if i % 2 == 0]
+    for _ in range(max(spare, 0)):  # periplasmic turns stay short (<= 6); the rest goes to O loops and N term
+        i = int(rng.integers(0, len(loops)))
+        loops[i if not (i in turns and loops[i] >= 6) else 0] += 1
+    segments += _soluble(rng, "P", loops[0], "peri_turn" if loops[0] < 30 else "background")
+    for i in range(num_strands):
+        segments.append(("B", strand_sizes[i], "tm_strand", "tm_strand"))
+        label = "O" if i % 2 == 0 else "P"
+        segments += _soluble(rng, label, loops[i + 1], "outside" if label == "O" else "peri_turn")
+    return segments
+
+
+def _layout(rng, protein_type: str, length: int) -> list[tuple]:
+    if protein_type == "GLOBULAR":
+        return _soluble(rng, "I", length, "background")
+    if protein_type == "SP":
+        signal = _signal_peptide(rng)
+        return signal + _soluble(rng, "O", length - sum(s[1] for s in signal), "background")
+    if protein_type in ("TM", "SP+TM"):
+        return _membrane_protein(rng, max(length, 80), signal=protein_type == "SP+TM")
+    return _beta_protein(rng, max(length, 220))
+
+
+# --------------------------------------------------------------------------------------------- sequence
+
+
+def _draw(rng, composition: str, size: int) -> np.ndarray:
+    return _AA[np.searchsorted(_CUM[composition], rng.random(size) * _CUM[composition][-1])]
+
+
+def _segment_sequence(rng, length: int, composition: str) -> np.ndarray:
+    if composition == "amphipathic":  # heptad a/d (and some e) hydrophobic, the rest polar helix formers
+        face = np.isin(np.arange(length) % 7, (0, 3)) | ((np.arange(length) % 7 == 4) & (rng.random(length) < 0.5))
+        return np.where(face, _draw(rng, "tm_helix", length), _draw(rng, "amph_polar", length))
+    if composition in ("soluble_strand", "tm_strand"):
+        # Even positions face the membrane (or the core) and match the outward zig-zag in `_strand`.
+        apolar = np.arange(length) % 2 == 0
+        seq = np.where(apolar, _draw(rng, "strand_apolar", length), _draw(rng, "strand_polar", length))
+        if composition == "tm_strand":  # aromatic girdles at the membrane interfaces
+            seq[[0, -1]] = _draw(rng, "girdle", 2)
+        return seq
+    return _draw(rng, composition, length)
+
+
+def _sequence(rng, segments: list[tuple]) -> str:
+    parts = [_segment_sequence(rng, size, comp) for _, size, _, comp in segments]
+    seq = np.concatenate(parts)
+    # The S c-region ends in an A-x-A cleavage motif.
+    ends = np.cumsum([s[1] for s in segments])
+    for (_, _, _, comp), end in zip(segments, ends):
+        if comp == "sp_c" and end >= 3:
+            seq[end - 3], seq[end - 1] = "A", rng.choice(["A", "A", "G", "S"])
+    noisy = rng.random(len(seq)) < NOISE
+    seq[noisy] = _draw(rng, "background", int(noisy.sum()))
+    seq[0] = "M"
+    return "".join(seq)
+
+
+# ------------------------------------------------------------------------------------------ coordinates
+
+
+# Plain-float norm and cross: these run per residue, where numpy's small-array overhead dominated the profile.
+def _norm(v: np.ndarray) -> float:
+    return math.sqrt(float(v @ v))
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(_norm(v), 1e-9)
+
+
+def _frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = _unit(_cross(axis, helper))
+    return u, _cross(axis, u)
+
+
+def _helix(n: int, axis: np.ndarray, phase: float) -> np.ndarray:
+    """Ideal alpha-helix CA trace (rise 1.5 A, 100 deg/residue, radius 2.3 A), first residue at the origin."""
+    u, v = _frame(axis)
+    t = np.arange(n)[:, None]
+    angle = phase + t * HELIX_TURN
+    xyz = axis * t * HELIX_RISE + HELIX_RADIUS * (np.cos(angle) * u + np.sin(angle) * v)
+    return xyz - xyz[0]
+
+
+def _strand(n: int, axis: np.ndarray, outward: np.ndarray) -> np.ndarray:
+    """Beta-strand CA trace: 3.3 A per residue along the axis, zig-zag with even residues pointing `outward`."""
+    outward = _unit(outward - axis * float(axis @ outward))
+    t = np.arange(n)[:, None]
+    sign = np.where(t % 2 == 0, 0.5, -0.5)
+    xyz = axis * t * STRAND_RISE + sign * STRAND_ZIGZAG * outward
+    return xyz - xyz[0]
+
+
+def _membrane_elements(segments: list[tuple]) -> dict[int, np.ndarray]:
+    """Nominal coordinates of TM helices (bundle) and strands (barrel), keyed by segment index."""
+    members = [i for i, s in enumerate(segments) if s[2] in ("tm_helix", "tm_strand")]
+    placed: dict[int, np.ndarray] = {}
+    if not members:
+        return placed
+    barrel = segments[members[0]][2] == "tm_strand"
+    spacing = 4.8 / np.cos(BARREL_TILT) if barrel else 10.0
+    radius = len(members) * spacing / (2 * np.pi) if len(members) > 1 else 0.0
+    for slot, i in enumerate(members):
+        label_before = next((s[0] for s in reversed(segments[:i]) if s[0] in "IOP"), "I")
+        up = 1.0 if label_before in "IP" else -1.0  # I and P lie below the slab (z < 0), O above
+        theta = 2 * np.pi * slot / len(members)
+        radial = np.array([np.cos(theta), np.sin(theta), 0.0])
+        tangent = np.array([-np.sin(theta), np.cos(theta), 0.0])
+        center = radius * radial
+        n = segments[i][1]
+        if barrel:
+            axis = _unit(np.array([0.0, 0.0, up]) * np.cos(BARREL_TILT) + tangent * np.sin(BARREL_TILT))
+            xyz = _strand(n, axis, radial)
+            rise = STRAND_RISE
+        else:
+            axis = np.array([0.0, 0.0, up])
+            xyz = _helix(n, axis, phase=slot * 1.3)
+            rise = HELIX_RISE
+        placed[i] = xyz + center - axis * rise * (n - 1) / 2
+    return placed
+
+
+class _Tracer:
+    """Builds the CA trace residue by residue with exact 3.8 A steps, closing loops onto fixed membrane anchors."""
+
+    def __init__(self, rng, membrane: bool):
+        self.rng = rng
+        self.membrane = membrane
+        self.points: list[np.ndarray] = []
+        self.total = np.zeros(3)  # running sum of the points, for the centroid without O(L^2) means
+
+    def add(self, xyz) -> None:
+        xyz = np.atleast_2d(xyz)
+        self.points.extend(xyz)
+        self.total += xyz.sum(axis=0)
+
+    def _direction(self, p: np.ndarray, label: str, target: np.ndarray | None, steps_left: int) -> np.ndarray:
+        d = self.rng.normal(size=3)
+        if target is not None:
+            d += 1.5 * _unit(target - p) * min(1.0, 6.0 / max(steps_left, 1))
+        if self.membrane and label in "IOP":
+            side = 1.0 if label == "O" else -1.0  # soluble loops stay away from the slab
+            d[2] += 0.8 * side * (abs(p[2]) < MEMBRANE_HALF + 8 or np.sign(p[2]) != side)
+            # ... but fold up near the bundle instead of wandering off (long loops are soluble domains).
+            home = np.array([0.0, 0.0, side * (MEMBRANE_HALF + 20.0)])
+            d += 0.6 * _unit(home - p) * min(1.0, _norm(home - p) / 30.0)
+        elif len(self.points) > 3:  # globular: drift back to the centre for a compact fold
+            centre = self.total / len(self.points)
+            d += 0.5 * _unit(centre - p) * min(1.0, _norm(centre - p) / 12.0)
+        return _unit(d)
+
+    def coil(self, label: str, n: int, target: np.ndarray | None, after: int) -> None:
+        """`n` flexible residues; `target` (if any) is reached `after` further residues past this coil."""
+        for k in range(n):
+            p = self.points[-1] if self.points else np.zeros(3)
+            steps_left = n - k + after + 1  # 3.8 A steps from p to the target
+            if not self.points:
+                # The chain starts near its first anchor (on the loop's own side), not a whole loop length away.
+                offset = self.rng.normal(size=3)
+                offset[2] = abs(offset[2]) * (1.0 if label == "O" else -1.0)
+                q = np.zeros(3) if target is None else target + STEP * min(0.5 * steps_left, 3.0) * _unit(offset)
+            elif target is not None and steps_left == 2:
+                # Last residue before the target: close exactly with two 3.8 A steps.
+                gap = target - p
+                half = _norm(gap) / 2
+                perp = _unit(_cross(gap, self.rng.normal(size=3)))
+                q = p + gap / 2 + np.sqrt(max(STEP**2 - half**2, 0.0)) * perp
+            else:
+                q = None
+                for _ in range(16):
+                    q = p + STEP * self._direction(p, label, target, steps_left)
+                    if target is None or _norm(target - q) <= 0.92 * STEP * (steps_left - 1):
+                        break
+                else:
+                    q = p + STEP * _unit(target - p)  # always keeps the target reachable
+            self.add(q)
+
+    def rigid(self, label: str, xyz: np.ndarray, target: np.ndarray | None, after: int) -> bool:
+        """Place a free rigid element one step on; False (caller falls back to a coil) when it would strand
+        the chain too far from its next anchor."""
+        p = self.points[-1] if self.points else np.zeros(3)
+        for _ in range(8):
+            start = p + STEP * self._direction(p, label, target, after + len(xyz) + 1) if self.points else p
+            placed = xyz + start
+            if target is None or _norm(target - placed[-1]) <= 0.92 * STEP * (after + 1):
+                self.add(placed)
+                return True
+        return False
+
+
+def _coordinates(rng, segments: list[tuple]) -> np.ndarray:
+    anchors = _membrane_elements(segments)
+    tracer = _Tracer(rng, membrane=bool(anchors))
+    sizes = [s[1] for s in segments]
+    for i, (label, n, shape, _) in enumerate(segments):
+        # The next membrane anchor and how many residues lie between the end of this segment and it.
+        nxt = next((j for j in anchors if j > i), None)
+        target = anchors[nxt][0] if nxt is not None else None
+        after = sum(sizes[i + 1 : nxt]) if nxt is not None else 0
+        if i in anchors:
+            tracer.add(anchors[i])
+            if nxt is not None:
+                # Pull the next anchor towards this one when the residues between cannot span the gap.
+                gap = anchors[nxt][0] - anchors[i][-1]
+                reach = 0.85 * STEP * (after + 1)
+                if _norm(gap) > reach:
+                    anchors[nxt] = anchors[nxt] - gap * (1 - reach / _norm(gap))
+            continue
+        axis = _unit(rng.normal(size=3))
+        if shape == "helix" and n > 1:
+            if tracer.rigid(label, _helix(n, axis, rng.uniform(0, 2 * np.pi)), target, after):
+                continue
+        elif shape == "strand" and n > 1:
+            if tracer.rigid(label, _strand(n, axis, _unit(rng.normal(size=3))), target, after):
+                continue
+        tracer.coil(label, n, target, after)
+    return np.asarray(tracer.points, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- proteins
+
+
+def allocate_types(n: int, seed: int = 0) -> list[str]:
+    """Protein types for n proteins in DeepTMHMM proportions (largest remainder, at least one of each type
+    when n >= 5), in a seeded random order."""
+    quotas = {t: n * f for t, f in TYPE_FRACTIONS.items()}
+    counts = {t: int(q) for t, q in quotas.items()}
+    for t in sorted(quotas, key=lambda t: quotas[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
+        counts[t] += 1
+    if n >= len(TYPE_FRACTIONS):
+        for t in TYPE_FRACTIONS:
+            if counts[t] == 0:  # take one from the largest class
+                counts[max(counts, key=counts.get)] -= 1
+                counts[t] = 1
+    types = [t for t in PROTEIN_TYPES if t in counts for _ in range(counts[t])]
+    np.random.default_rng([seed, 1 << 30]).shuffle(types)
+    return types
+
+
+def assign_folds(types: list[str], seed: int = 0) -> list[str]:
+    """train/val/test 70/15/15 within each type, deterministic for a seed."""
+    folds = [""] * len(types)
+    rng = np.random.default_rng([seed, 1 << 31])
+    for t in PROTEIN_TYPES:
+        members = [i for i, x in enumerate(types) if x == t]
+        rng.shuffle(members)
+        num_train = int(round(len(members) * FOLD_FRACTIONS[0][1]))
+        num_val = int(round(len(members) * FOLD_FRACTIONS[1][1]))
+        for rank, i in enumerate(members):
+            folds[i] = "train" if rank < num_train else "val" if rank < num_train + num_val else "test"
+    return folds
+
+
+def generate_protein(index: int, protein_type: str, seed: int = 0, fold: str = "") -> tuple[ProteinRecord, np.ndarray]:
+    """One synthetic protein (record, CA coordinates [L, 3] in Angstrom), a pure function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    length = int(np.clip(round(rng.lognormal(np.log(MEDIAN_LENGTH), LENGTH_SIGMA)), MIN_LENGTH, MAX_LENGTH))
+    segments = _layout(rng, protein_type, length)
+    labels = "".join(label * size for label, size, _, _ in segments)
+    sequence = _sequence(rng, segments)
+    ca = _coordinates(rng, segments)
+    assert len(sequence) == len(labels) == len(ca) and label_type(labels) == protein_type, (index, protein_type)
+    record = ProteinRecord(id=f"SYN{index:06d}", sequence=sequence, labels=labels, type=protein_type, fold=fold,
+                           source=f"synthetic:seed={seed}:{index}")
+    return record, ca
+
+
+def generate_proteins(n: int, seed: int = 0) -> list[tuple[ProteinRecord, np.ndarray]]:
+    """n synthetic proteins with their C-alpha traces; identical for the same (n, seed)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    types = allocate_types(n, seed)
+    folds = assign_folds(types, seed)
+    return [generate_protein(i, t, seed, f) for i, (t, f) in enumerate(zip(types, folds))]

@@ -1,0 +1,359 @@
+"""Topology model: residue-graph convolutions -> LayerNorm -> (bi)LSTM along the chain -> per-residue classifier.
+
+Pure torch + torch_geometric (no Ray, no torch-scatter / torch-sparse / pyg-lib). The contract is
+`TopologyModel(cfg)(batch) -> logits [N, NUM_LABELS]`, flat and aligned with `batch.y`; what is trained and how
+labels are read off those logits follows `cfg.decoder`: `model.loss(batch, logits, loss_fn)` (cross-entropy, or
+the grammar CRF's NLL) and `model.decode(batch, logits) -> label indices [N]` (argmax, Viterbi over the
+softmax with fixed moves, or the CRF's Viterbi). The training loop and every consumer call only these.
+
+The LSTM runs on right-padded tensors, never on PackedSequence: packing was ~11x slower on CPU (DESIGN.md,
+re-measured by tools/bench_model.py). Padding stays exact because the forward direction only ever reads real
+positions before the padding, and the backward direction runs on each sequence reversed *within its own
+length* (padding stays at the end), so a protein's logits do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import GCNConv, GraphConv, MessagePassing
+
+from protopo_ray.config import ModelConfig
+from protopo_ray.data.alphabet import IGNORE_LABEL, NUM_AA_TOKENS, NUM_LABELS
+from protopo_ray.data.graphs import DEFAULT_K, EDGE_FEATURES, NODE_FEATURES
+from protopo_ray.model.crf import CRF
+from protopo_ray.model.features import SequenceFeatures, feature_groups, num_features
+from protopo_ray.model.grammar import default_grammar
+
+NUM_NODE_FEATURES = len(NODE_FEATURES)
+NUM_EDGE_FEATURES = len(EDGE_FEATURES)
+
+
+class CFConv(MessagePassing):
+    """SchNet-style continuous-filter convolution: message = lin(x_src) * MLP(edge features), mean-aggregated.
+
+    The C-alpha distance (edge_attr col 0, in units of 10 Å) is expanded on Gaussian radial basis functions so
+    the filter can be sharp in distance; the expansion is zeroed on sequence-window edges (has_distance = 0),
+    whose distance column is a placeholder 0, not a real contact. Mean rather than sum keeps the scale the same
+    for k-NN (degree k) and sequence-window graphs (different degree).
+    """
+
+    def __init__(self, channels: int, num_rbf: int = 16, cutoff: float = 2.0) -> None:
+        super().__init__(aggr="mean")
+        self.register_buffer("rbf_centers", torch.linspace(0.0, cutoff, num_rbf), persistent=False)
+        self.rbf_gamma = (num_rbf / cutoff) ** 2  # Gaussians about one centre spacing wide
+        self.filter = nn.Sequential(
+            nn.Linear(num_rbf + NUM_EDGE_FEATURES, channels), nn.SiLU(), nn.Linear(channels, channels)
+        )
+        self.lin_src = nn.Linear(channels, channels, bias=False)
+        self.lin_out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        distance, has_distance = edge_attr[:, :1], edge_attr[:, 2:3]
+        rbf = torch.exp(-self.rbf_gamma * (distance - self.rbf_centers) ** 2) * has_distance
+        weight = self.filter(torch.cat([rbf, edge_attr], dim=-1))
+        return self.lin_out(self.propagate(edge_index, x=self.lin_src(x), weight=weight))
+
+    def message(self, x_j: Tensor, weight: Tensor) -> Tensor:
+        return x_j * weight
+
+
+class GraphBlock(nn.Module):
+    """One residual graph-convolution layer: h + dropout(act(conv(h)))."""
+
+    def __init__(self, operator: str, channels: int, dropout: float) -> None:
+        super().__init__()
+        self.operator = operator
+        if operator == "gcn":
+            self.conv = GCNConv(channels, channels)
+        elif operator == "graphconv":
+            self.conv = GraphConv(channels, channels, aggr="mean")  # mean: same scale for any graph degree
+        elif operator == "cfconv":
+            self.conv = CFConv(channels)
+        else:
+            raise ValueError(f"unknown gc_operator {operator!r}; expected gcn, graphconv or cfconv")
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor, edge_index: Tensor, edge_attr: Tensor) -> Tensor:
+        out = self.conv(h, edge_index, edge_attr) if self.operator == "cfconv" else self.conv(h, edge_index)
+        return h + self.dropout(self.act(out))
+
+
+def reverse_within_length(lengths: Tensor, max_len: int) -> Tensor:
+    """Index [B, T] that reverses positions 0..L_b-1 of each row and leaves the padding where it is.
+
+    It is its own inverse, so the same gather turns the backward direction's output back into chain order.
+    """
+    t = torch.arange(max_len, device=lengths.device)
+    rev = lengths[:, None] - 1 - t[None, :]
+    return torch.where(rev >= 0, rev, t[None, :])
+
+
+class ChainLSTM(nn.Module):
+    """Stacked (bi)LSTM on right-padded [B, T, D] input, exact under padding (see the module docstring).
+
+    One single-direction nn.LSTM per layer and direction, because each layer's backward input has to be
+    re-reversed from the previous layer's concatenated output; the parameter count equals nn.LSTM's own.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, dropout: float):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.bidirectional = bidirectional
+        self.output_size = hidden_size * (2 if bidirectional else 1)
+        sizes = [input_size] + [self.output_size] * (num_layers - 1)
+        self.forward_layers = nn.ModuleList(nn.LSTM(size, hidden_size, batch_first=True) for size in sizes)
+        self.backward_layers = (
+            nn.ModuleList(nn.LSTM(size, hidden_size, batch_first=True) for size in sizes) if bidirectional else None
+        )
+        self.dropout = nn.Dropout(dropout)
+        for lstm in self.modules():
+            if isinstance(lstm, nn.LSTM):
+                # forget-gate bias 1 (gate order i, f, g, o): remember by default, which helps ~1000-residue chains
+                with torch.no_grad():
+                    lstm.bias_ih_l0[hidden_size : 2 * hidden_size].fill_(1.0)
+                    lstm.bias_hh_l0[hidden_size : 2 * hidden_size].fill_(0.0)
+
+    def forward(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        # fp32 (TF32 on Ampere+) even under bf16 autocast: autocast's cuDNN RNN path runs in fp16, and without a
+        # GradScaler fp16 gradients of ~1000-step recurrences underflow. The GC layers keep bf16.
+        with torch.autocast(device_type=padded.device.type, enabled=False):
+            return self._forward_fp32(padded.float(), lengths)
+
+    def _forward_fp32(self, padded: Tensor, lengths: Tensor) -> Tensor:
+        rev = reverse_within_length(lengths, padded.size(1)) if self.bidirectional else None
+        h = padded
+        for i, forward_lstm in enumerate(self.forward_layers):
+            if i > 0:
+                h = self.dropout(h)
+            out, _ = forward_lstm(h)
+            if self.backward_layers is not None:
+                back, _ = self.backward_layers[i](h.gather(1, rev[..., None].expand(-1, -1, h.size(-1))))
+                back = back.gather(1, rev[..., None].expand(-1, -1, back.size(-1)))
+                out = torch.cat([out, back], dim=-1)
+            h = out
+        return h
+
+
+class TopologyModel(nn.Module):
+    """Per-residue topology classifier built from a `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.aa_embedding = nn.Embedding(NUM_AA_TOKENS, cfg.aa_embed_dim)
+        groups = feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum)
+        self.features = SequenceFeatures(groups) if groups else None
+        self.input_proj = nn.Linear(cfg.aa_embed_dim + NUM_NODE_FEATURES + num_features(groups), cfg.gc_size)
+        self.gc_blocks = nn.ModuleList(
+            GraphBlock(cfg.gc_operator, cfg.gc_size, cfg.dropout) for _ in range(cfg.gc_layers)
+        )
+        self.norm = nn.LayerNorm(cfg.gc_size)
+        self.lstm = ChainLSTM(cfg.gc_size, cfg.lstm_size, cfg.lstm_layers, cfg.bidirectional, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(self.lstm.output_size, NUM_LABELS)
+        # crf: learned transition scores (in the state dict); viterbi: fixed ones (not saved, so any checkpoint
+        # trained with cross-entropy can be decoded with the grammar by changing model.decoder)
+        self.crf = None
+        if cfg.decoder == "crf":
+            self.crf = CRF(default_grammar())
+        elif cfg.decoder == "viterbi":
+            self.crf = CRF.fixed(default_grammar(), cfg.entry_penalty)
+
+    def forward(
+        self,
+        data=None,
+        *,
+        aa: Tensor | None = None,
+        x: Tensor | None = None,
+        edge_index: Tensor | None = None,
+        edge_attr: Tensor | None = None,
+        batch_vec: Tensor | None = None,
+        ptr: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [N, NUM_LABELS] for a PyG Batch (`data`), or for the same tensors passed by keyword."""
+        if data is not None:
+            aa, x, edge_index, edge_attr = data.aa, data.x, data.edge_index, data.edge_attr
+            batch_vec, ptr = data.batch, getattr(data, "ptr", None)
+        if batch_vec is None:  # a single graph
+            batch_vec = torch.zeros(aa.numel(), dtype=torch.long, device=aa.device)
+        if ptr is None:
+            counts = torch.bincount(batch_vec)
+            ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+        inputs = [self.aa_embedding(aa), x]
+        if self.features is not None:
+            inputs.append(self.features(aa, ptr, batch_vec).to(x.dtype))
+        h = self.input_proj(torch.cat(inputs, dim=-1))
+        for block in self.gc_blocks:
+            h = block(h, edge_index, edge_attr)
+        h = self.norm(h)
+
+        # flat -> right-padded without a Python loop over proteins; the same (row, position) indices bring
+        # the LSTM output back to the flat order of batch.y
+        lengths = ptr[1:] - ptr[:-1]
+        position = torch.arange(h.size(0), device=h.device) - ptr[batch_vec]
+        padded = h.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, h.size(-1))
+        padded[batch_vec, position] = h
+        out = self.lstm(padded, lengths)[batch_vec, position]
+        return self.head(self.dropout(out))
+
+    def loss(self, batch, logits: Tensor, loss_fn: nn.Module | None = None, reduction: str = "mean") -> Tensor:
+        """Training loss of `logits` (this model's output for `batch`) against `batch.y`.
+
+        decoder = crf: the CRF's NLL per protein (proteins whose labels the grammar rejects are left out), summed,
+        or divided by the labelled residues of the proteins kept (the same per-residue scale as cross-entropy).
+        Otherwise `loss_fn` (the run's CrossEntropyLoss, label weights and smoothing included), or plain
+        cross-entropy when none is given.
+        """
+        labelled = batch.y != IGNORE_LABEL
+        if self.cfg.decoder != "crf":
+            if loss_fn is None:
+                loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction=reduction)
+                return loss_fn(logits.float(), batch.y)
+            loss = loss_fn(logits.float(), batch.y)
+            return loss * labelled.sum() if reduction == "sum" else loss
+        emissions, lengths, index = pad_by_protein(logits, batch)
+        labels = batch.y.new_full(emissions.shape[:2], IGNORE_LABEL)
+        labels[index] = batch.y
+        nll, accepted = self.crf.nll(emissions, lengths, labels)
+        if reduction == "sum":
+            return nll.sum()
+        residues = torch.bincount(index[0][labelled], minlength=lengths.numel())
+        return nll.sum() / (residues * accepted).sum().clamp_min(1)
+
+    @torch.no_grad()
+    def decode(self, batch, logits: Tensor) -> Tensor:
+        """Predicted label indices [N] (flat, like `batch.y`) from this model's `logits` for `batch`."""
+        if self.crf is None:
+            return logits.argmax(dim=-1)
+        emissions = logits.float() if self.cfg.decoder == "crf" else logits.float().log_softmax(-1)
+        padded, lengths, index = pad_by_protein(emissions, batch)
+        return self.crf.decode(padded, lengths)[index]
+
+    @torch.no_grad()
+    def label_posteriors(self, batch, logits: Tensor) -> Tensor:
+        """Per-residue label probabilities [N, NUM_LABELS]: the CRF's marginals, else the softmax (for ensembles)."""
+        if self.cfg.decoder != "crf":
+            return logits.float().softmax(-1)
+        padded, lengths, index = pad_by_protein(logits.float(), batch)
+        return self.crf.marginals(padded, lengths)[index]
+
+
+def pad_by_protein(values: Tensor, batch) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Flat per-residue `values` [N, C] -> right-padded [B, T, C], lengths [B], and the (row, position) index
+    that maps padded back to flat (`padded[index]` is `values`)."""
+    ptr = getattr(batch, "ptr", None)
+    batch_vec = getattr(batch, "batch", None)
+    if batch_vec is None:
+        batch_vec = torch.zeros(values.size(0), dtype=torch.long, device=values.device)
+    if ptr is None:
+        counts = torch.bincount(batch_vec)
+        ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    lengths = ptr[1:] - ptr[:-1]
+    position = torch.arange(values.size(0), device=values.device) - ptr[batch_vec]
+    padded = values.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, values.size(-1))
+    padded[batch_vec, position] = values
+    return padded, lengths, (batch_vec, position)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_config(cfg: ModelConfig) -> int:
+    # meta device: shapes only, no memory and no init cost, so the hardware planner can price many configs
+    with torch.device("meta"):
+        model = TopologyModel(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
+    """Number of trainable parameters of a model, or of the model a `ModelConfig` would build."""
+    if isinstance(model_or_config, ModelConfig):
+        return _count_config(model_or_config)
+    return sum(p.numel() for p in model_or_config.parameters() if p.requires_grad)
+
+
+@dataclass(kw_only=True, frozen=True, slots=True)
+class Footprint:
+    num_parameters: int
+    """Trainable parameters."""
+    weights_bytes: int
+    """Parameters, fp32 (autocast keeps master weights in fp32)."""
+    grads_bytes: int
+    """One fp32 gradient per parameter."""
+    optimizer_bytes: int
+    """AdamW's two fp32 moment buffers."""
+    activation_bytes_per_residue: int
+    """Tensors kept for backward per padded residue position, including the safety factor."""
+    batch_activation_bytes: int
+    """activation_bytes_per_residue x batch_size x max_len."""
+    total_bytes: int
+    """Weights + grads + optimizer + batch activations: the training-step peak to plan for."""
+
+
+#: Calibration (tools/bench_model.py, CPU, torch 2.13, train mode, batch 4 x 200, k=16): the bytes of tensors autograd
+#: saves for backward (torch.autograd.graph.saved_tensors_hooks, storages de-duplicated, parameters excluded) over
+#: `_activation_elements_per_residue` x 4 bytes came to 0.80-0.93 on seven configs spanning every operator, uni/bi,
+#: gc 64-512 x 1-4 layers, lstm 128-512 x 1-4 layers. So the analytic count is already a mild upper bound of what is
+#: kept; the factor adds room for what the hooks cannot see: activation gradients live during backward (about one
+#: layer's worth), backward temporaries and allocator rounding. Not yet checked against cuDNN's LSTM reserve space
+#: on a GPU (torch.cuda.max_memory_allocated), which is the next calibration to do.
+ACTIVATION_SAFETY = 1.25
+
+
+def _activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K) -> int:
+    """Elements kept for backward per padded residue, from the layer widths (coefficients fitted to the
+    saved-tensor measurements described at ACTIVATION_SAFETY; an int64 index counts as 2 elements)."""
+    w, e, hdim = cfg.gc_size, cfg.aa_embed_dim, cfg.lstm_size
+    directions = 2 if cfg.bidirectional else 1
+    n = e + (e + NUM_NODE_FEATURES) + 4 * w  # embedding, concatenated input, projection, LayerNorm in/out, padded
+    for _ in range(cfg.gc_layers):
+        if cfg.gc_operator == "cfconv":
+            # per edge: RBF + edge features, filter hidden / SiLU / filter, gathered source features, message
+            # (measured 4.25 w + 19 per edge)
+            n += k * (5 * w + 2 * (16 + NUM_EDGE_FEATURES)) + 4 * w
+        else:
+            # gcn / graphconv keep no per-edge features (the edge weights need no grad), only the gather /
+            # scatter indices; conv output, GELU, dropout mask, residual (measured 3.2-4.3 w)
+            n += 4 * k + 5 * w
+    for layer in range(cfg.lstm_layers):
+        in_size = w if layer == 0 else hdim * directions
+        # per direction: input copies (time-major, reversed) and the CPU LSTM's workspace, which grows with the
+        # input width too (measured ~16.4 H + 0.7-5 x in); between layers the dropout output and mask
+        n += directions * (5 * in_size + 16 * hdim) + (2 * in_size if layer > 0 else 0)
+    n += 3 * hdim * directions + 3 * NUM_LABELS  # gathered flat output, dropout, head input / logits / softmax
+    if cfg.decoder == "crf":
+        # the CRF's scaled forward pass, run twice (all paths, true-label paths): per step and state the gathered
+        # predecessors and their weighted copies (K each), the step sum, emission product and normalised alpha
+        grammar = default_grammar()
+        indegree = max(sum(1 for _, b in grammar.edges if b == s) for s in range(grammar.num_states))
+        n += 2 * grammar.num_states * (2 * indegree + 3)
+    if cfg.feature_hydropathy or cfg.feature_charge or cfg.feature_blosum:
+        n += num_features(feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum))
+    return n
+
+
+def footprint(cfg: ModelConfig, batch_size: int, max_len: int, dtype_bytes: int = 4) -> Footprint:
+    """Memory to train `cfg` with AdamW on `batch_size` proteins padded to `max_len` residues.
+
+    `dtype_bytes` is the activation dtype (2 under bf16 autocast); weights, grads and AdamW states stay fp32.
+    The estimate is monotone in every size knob (gc_size, gc_layers, lstm_size, lstm_layers, batch, length).
+    """
+    if batch_size < 1 or max_len < 1 or dtype_bytes < 1:
+        raise ValueError(f"footprint needs batch_size, max_len, dtype_bytes >= 1, got {batch_size}, {max_len}, {dtype_bytes}")
+    num_parameters = count_parameters(cfg)
+    weights = 4 * num_parameters
+    per_residue = int(_activation_elements_per_residue(cfg) * dtype_bytes * ACTIVATION_SAFETY)
+    activations = per_residue * batch_size * max_len
+    return Footprint(
+        num_parameters=num_parameters,
+        weights_bytes=weights,
+        grads_bytes=weights,
+        optimizer_bytes=2 * weights,
+        activation_bytes_per_residue=per_residue,
+        batch_activation_bytes=activations,
+        total_bytes=4 * weights + activations,
+    )

@@ -1,0 +1,412 @@
+"""What `python -m protopo_ray.tune` prints: a live status per stage, one line per trial event, a summary.
+
+Left to themselves, Ray Tune prints a trial table every 30 s and a config box per trial, Ray forwards every
+worker's and actor's output to the driver (each epoch's result line, a traceback from every trial process it
+stops), and W&B prints a banner and a run summary per trial: what matters is not findable. Here the console shows
+what a user follows (which stage, trials running / done / stopped early / errored, epochs, the best so far, time
+left); `quiet_output` sends the rest to a log file in the experiment directory or keeps it in Ray's session
+logs. `--verbose` keeps Ray's own output instead.
+
+`StageView` is a Ray Tune callback (one per stage). On a terminal it redraws one status panel with rich's
+`Live`; elsewhere (CI, `ray job logs`) it prints plain lines and a status line every `status_every_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from protopo_ray.search.trials import CONTINUE_KEY
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Test metrics shown in the summary, in this order: (key, label).
+SUMMARY_METRICS = (("loss", "loss"), ("residue_acc", "residue acc"), ("type_acc", "type acc"),
+                   ("topo_mean", "topology acc (mean)"), ("overlap_acc", "overlap acc"))
+
+
+def quiet_output(log_path: Path) -> Path:
+    """Keep Ray's, Tune's, W&B's and the libraries' output off the console: in `log_path`, or not printed.
+
+    Call before `ray.init` (with `log_to_driver=False`, which keeps the workers' and actors' output in Ray's
+    session logs): a local cluster's processes inherit the environment set here.
+    """
+    # Tune's default output engine prints a box per experiment at any verbosity; the legacy one is silent at 0.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return route_logs(log_path)
+
+
+def route_logs(log_path: Path) -> Path:
+    """Send the driver's log records, Python warnings and native stderr (Ray's C++ core) to `log_path`.
+
+    Python's own `sys.stderr` keeps the terminal, so an uncaught error still shows its traceback there; only
+    writes to file descriptor 2 that bypass Python (Ray's core worker logs, e.g. per W&B actor "constructor
+    arguments in the object store") land in the file. Call before `ray.init`: its start-up messages go there too.
+    """
+    import ray  # noqa: F401  (importing Ray installs its "ray" logger's stderr handler, replaced here)
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    # "ray" does not propagate to the root logger; every other library's records end at the root.
+    for logger in (logging.getLogger("ray"), logging.getLogger()):
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
+                           or isinstance(h, logging.FileHandler)] + [handler]
+    logging.getLogger("ray").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    os.dup2(handler.stream.fileno(), 2)
+    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    return log_path
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def describe_params(params: dict[str, Any]) -> str:
+    """A trial's searched values, short: `gc_size=16 lstm_size=32`, or where a promoted trial continues from."""
+    continuation = params.get(CONTINUE_KEY)
+    if continuation:
+        return f"from {continuation['from_trial']} ({continuation['from_stage']}, epoch {continuation['start_epoch']})"
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in params.items())
+
+
+@dataclass
+class TrialProgress:
+    trial_id: str
+    label: str
+    start_epoch: int
+    budget: int
+    """Epochs this trial runs in this stage if nobody stops it."""
+    epoch: int = 0
+    best: float = math.nan
+    epoch_s: float = 0.0
+    """Wall time of its latest epoch (Tune's `time_this_iter_s`: training, validation, checkpoint)."""
+    state: str = "running"
+    """running, completed, stopped (early, by the scheduler) or errored."""
+
+    @property
+    def epochs_run(self) -> int:
+        return max(0, self.epoch - self.start_epoch)
+
+
+class StageView(Callback):
+    """A Ray Tune callback that shows one stage: a live status panel (or plain lines) and its trial events."""
+
+    def __init__(self, *, stage: str, metric: str, mode: str, max_epochs: int, num_trials: int,
+                 scheduler: str | None = None, start_epoch: float = 0, console: Console | None = None,
+                 live: bool | None = None, status_every_s: float = 60.0):
+        """`start_epoch`: where the stage's trials start on average (promoted trials continue), for the budget
+        of those not started yet; `live`: redraw a panel (default: when the console is a terminal)."""
+        self.stage, self.metric, self.mode = stage, metric, mode
+        self.max_epochs, self.num_trials, self.scheduler = max_epochs, num_trials, scheduler
+        self.start_epoch = start_epoch
+        self.status_every_s = status_every_s
+        self._attach(console, live)
+
+    def _attach(self, console: Console | None, live: bool | None) -> None:
+        self.console = console or Console()
+        self.live = self.console.is_terminal if live is None else live
+        self.trials: dict[str, TrialProgress] = {}
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._last_status = self.started
+        self._slots = 1  # the most trials seen running at once
+
+    # Tune pickles the run config with its callbacks (tuner.pkl, what --resume restores): leave the terminal out.
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("stage", "metric", "mode", "max_epochs", "num_trials", "scheduler", "start_epoch", "status_every_s")
+        return {key: self.__dict__[key] for key in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._attach(None, None)
+
+    # -- Tune's hooks ----------------------------------------------------------------------------------------
+    def setup(self, total_num_samples: int | None = None, **info) -> None:
+        self.started = self._last_status = time.time()
+        if total_num_samples and total_num_samples > 0:
+            self.num_trials = max(self.num_trials, total_num_samples)
+        if self.live and self._live is None:
+            self._live = Live(self, console=self.console, refresh_per_second=2, transient=True)
+            self._live.start()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        known = trial.trial_id in self.trials  # a paused (halving) or failed trial starting again
+        progress = self._track(trial)
+        progress.state = "running"
+        self._slots = max(self._slots, self.counts()["running"])
+        self._event(trial.trial_id, "resumed" if known else "started", f"at epoch {progress.epoch}" if known else "")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        progress = self._track(trial)
+        with self._lock:
+            progress.epoch = int(result.get("epoch", progress.epoch) or 0)
+            progress.epoch_s = float(result.get("time_this_iter_s") or progress.epoch_s)
+            value = result.get(self.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, progress.best):
+                progress.best = float(value)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        progress = self._track(trial)
+        epoch = int(trial.last_result.get("epoch", progress.epoch) or 0)
+        progress.epoch = max(progress.epoch, epoch)
+        best = f"best {self.metric} {format_value(progress.best)}"
+        if progress.epochs_run < progress.budget:
+            progress.state = "stopped"
+            by = f" by {self.scheduler}" if self.scheduler else ""
+            self._event(trial.trial_id, "stopped", f"early{by} at epoch {progress.epoch}, {best}")
+        else:
+            progress.state = "completed"
+            self._event(trial.trial_id, "completed", f"{progress.epoch} epochs, {best}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self._event(trial.trial_id, "failed", f"at epoch {self._track(trial).epoch}, retrying: {_error_line(trial)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        progress = self._track(trial)
+        progress.state = "errored"
+        where = f" ({_error_file(trial)})" if _error_file(trial) else ""
+        self._event(trial.trial_id, "errored", f"at epoch {progress.epoch}: {_error_line(trial)}{where}")
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.time()
+        if not self.live and now - self._last_status >= self.status_every_s:
+            self._last_status = now
+            self.console.print(self.status_line(now), highlight=False, soft_wrap=True)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Take the live panel down (also when the stage raised; `with view:` does it)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def __enter__(self) -> StageView:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def _better(self, value: float, than: float) -> bool:
+        return math.isnan(than) or (value > than if self.mode == "max" else value < than)
+
+    def _track(self, trial) -> TrialProgress:
+        progress = self.trials.get(trial.trial_id)
+        if progress is None:
+            params = dict(trial.config or {})
+            start = int((params.get(CONTINUE_KEY) or {}).get("start_epoch", 0))
+            progress = TrialProgress(trial_id=trial.trial_id, label=describe_params(params), start_epoch=start,
+                                     budget=max(0, self.max_epochs - start), epoch=start)
+            with self._lock:
+                self.trials[trial.trial_id] = progress
+        return progress
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            states = [t.state for t in self.trials.values()]
+        return {state: states.count(state) for state in ("running", "completed", "stopped", "errored")}
+
+    def best(self) -> TrialProgress | None:
+        with self._lock:
+            scored = [t for t in self.trials.values() if not math.isnan(t.best)]
+        if not scored:
+            return None
+        pick = max if self.mode == "max" else min
+        return pick(scored, key=lambda t: t.best)
+
+    def epochs(self) -> tuple[int, int]:
+        """(epochs run, epochs the stage runs at most): a stopped trial's unrun epochs leave the budget."""
+        with self._lock:
+            trials = list(self.trials.values())
+        done = sum(t.epochs_run for t in trials)
+        budget = sum(t.budget if t.state == "running" else t.epochs_run for t in trials)
+        return done, budget + round(self._unstarted(trials) * (self.max_epochs - self.start_epoch))
+
+    def remaining_s(self) -> float | None:
+        """Time left if every trial runs its budget: an upper bound when a scheduler stops trials early.
+
+        The epochs left, each at its trial's latest epoch time (unstarted trials at the mean), shared among
+        as many trials as have run at once; None before the first epoch.
+        """
+        with self._lock:
+            trials = list(self.trials.values())
+        times = [t.epoch_s for t in trials if t.epoch_s > 0]
+        if not times:
+            return None
+        mean = sum(times) / len(times)
+        work = sum((t.budget - t.epochs_run) * (t.epoch_s or mean) for t in trials if t.state == "running")
+        work += self._unstarted(trials) * (self.max_epochs - self.start_epoch) * mean
+        return work / self._slots
+
+    def _unstarted(self, trials: list[TrialProgress]) -> int:
+        return max(0, self.num_trials - len(trials))
+
+    # -- rendering -------------------------------------------------------------------------------------------
+    def _event(self, trial_id: str, what: str, detail: str) -> None:
+        label = self.trials[trial_id].label if trial_id in self.trials else ""
+        elapsed = format_duration(time.time() - self.started)
+        line = Text.assemble((f"{elapsed:>7} ", "dim"), (f"{self.stage} ", "cyan"),
+                             (f"{what:<9} ", _STYLES.get(what, "")), f"{trial_id} ", (label, "dim"))
+        if detail:
+            line.append(f"  {detail}")
+        self.console.print(line, highlight=False, soft_wrap=True)
+
+    def _summary_parts(self, now: float) -> tuple[str, str, str]:
+        counts = self.counts()
+        done, total = self.epochs()
+        left = self.remaining_s()
+        bound = "≤ " if self.scheduler else "~"
+        timing = format_duration(now - self.started) + (f", {bound}{format_duration(left)} left" if left is not None
+                                                        else "")
+        trials = (f"{counts['running']} running, {counts['completed']} done, {counts['stopped']} stopped early, "
+                  f"{counts['errored']} errored of {self.num_trials}")
+        best = self.best()
+        best_text = (f"best {self.metric} {format_value(best.best)} ({best.trial_id})" if best
+                     else f"best {self.metric} -")
+        return f"epochs {done}/{total}", f"{trials}; {best_text}", timing
+
+    def status_line(self, now: float | None = None) -> str:
+        epochs, trials, timing = self._summary_parts(now or time.time())
+        return f"{self.stage}: {epochs}; {trials}; {timing}"
+
+    def __rich__(self) -> Group:
+        now = time.time()
+        epochs, trials, timing = self._summary_parts(now)
+        done, total = self.epochs()
+        head = Table.grid(padding=(0, 1))
+        head.add_row(Text(self.stage, style="bold cyan"), ProgressBar(total=max(total, 1), completed=done, width=30),
+                     Text(epochs), Text(timing, style="dim"))
+        return Group(head, Text("  " + trials))
+
+
+_STYLES = {"started": "blue", "resumed": "blue", "completed": "green", "stopped": "yellow", "failed": "red",
+           "errored": "bold red"}
+
+
+def _error_line(trial) -> str:
+    """The last line of a trial's error file (the exception and its message), which Tune writes before the hook."""
+    try:
+        path = _error_file(trial)
+        local = Path(path) if path else None
+        text = local.read_text() if local and local.exists() else str(trial.get_error() or "")
+    except Exception:  # storage gone or unreadable: the event still gets its line
+        text = ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "see the trial's error file"
+
+
+def _error_file(trial) -> str | None:
+    try:
+        return trial.error_file
+    except Exception:  # a trial without storage (Tune always gives one)
+        return None
+
+
+class SearchConsole:
+    """The search's console: stage headers, a `StageView` per stage, stage results and the final summary."""
+
+    def __init__(self, *, verbose: bool = False, log_path: Path | None = None, console: Console | None = None):
+        self.verbose = verbose
+        self.log_path = log_path
+        self.console = console or Console(highlight=False)
+        self.started = time.time()
+
+    def stage_view(self, stage, *, num_trials: int, start_epochs: list[int] | None = None) -> StageView:
+        """The callback for one stage (`stage` an experiment.StageSpec); prints the stage's header.
+
+        `start_epochs`: where a promotion's trials continue from (their epoch budgets are shorter)."""
+        scheduler = {"asha": "ASHA", "sha": "halving"}.get(stage.scheduler) if stage.kind == "search" else None
+        how = {"search": f"{stage.search} search", "promotion": "continued from their checkpoints",
+               "ensemble": "one ensemble member per validation fold"}[stage.kind]
+        stopper = f", {scheduler} from epoch {stage.grace_epochs}" if scheduler else ""
+        self.console.print(Text.assemble(("── stage ", "cyan"), (stage.name, "bold cyan"),
+                                         f": {num_trials} trials, {how}{stopper}, up to epoch {stage.max_epochs}, "
+                                         f"{stage.metric} ({stage.mode})"), soft_wrap=True)
+        # With --verbose Tune's reporter draws its own tables: events as plain lines, no live panel among them.
+        return StageView(stage=stage.name, metric=stage.metric, mode=stage.mode, max_epochs=stage.max_epochs,
+                         num_trials=num_trials, scheduler=scheduler, console=self.console,
+                         start_epoch=sum(start_epochs) / len(start_epochs) if start_epochs else 0,
+                         live=False if self.verbose else None)
+
+    def stage_done(self, record) -> None:
+        """One line for a finished stage (`record` a stages.StageRecord)."""
+        states = [t.status for t in record.trials]
+        best = record.best()
+        value = format_value(best.best.get(record.metric, math.nan)) if best else "-"
+        self.console.print(
+            f"stage {record.stage} done in {format_duration(record.wall_time_s)}: {len(states)} trials "
+            f"({states.count('completed')} completed, {states.count('stopped')} stopped early, "
+            f"{states.count('error')} errored), epochs {record.epochs_run}/{record.epochs_full}; "
+            f"best {record.best_trial or '-'} {record.metric} {value}", soft_wrap=True)
+
+    def stage_loaded(self, name: str, path: Path) -> None:
+        self.console.print(f"stage {name}: already finished, loaded {path}", soft_wrap=True)
+
+    def summary(self, *, winner: dict[str, Any] | None, report: Path, metric: str | None = None) -> None:
+        """The search's last lines: the winner, its test metrics, where the report, checkpoint and logs are.
+
+        `winner` is what tune.pick_winner wrote (winner.json); `metric` the one its stage ranked by.
+        """
+        self.console.print(Text.assemble(("── search finished", "bold green"),
+                                         f" in {format_duration(time.time() - self.started)}"))
+        rows: list[tuple[str, str]] = []
+        if winner:
+            val = winner.get("val") or {}
+            shown = (f"{metric} {format_value(val[metric])} at epoch {format_value(val.get('epoch', '?'))}"
+                     if metric in val else "")
+            params = {k: v for k, v in (winner.get("params") or {}).items() if k != "promoted_from"}
+            origin = winner["params"].get("promoted_from") if winner.get("params") else None
+            rows.append(("winner", f"{winner['trial_id']} ({winner['stage']}" + (f", from {origin}" if origin else "")
+                         + f")  {describe_params(params)}"))
+            if shown:
+                rows.append(("validation", shown))
+            test = winner.get("test") or {}
+            if test:
+                parts = [f"{label} {format_value(test[key])}" for key, label in SUMMARY_METRICS if key in test]
+                if "n_proteins" in test:
+                    parts.append(f"on {int(test['n_proteins'])} proteins")
+                rows.append(("test", ", ".join(parts)))
+            rows.append(("checkpoint", str(winner["checkpoint"])))
+        else:
+            rows.append(("winner", "none (no trial finished with a checkpoint)"))
+        rows.append(("report", str(report)))
+        if self.log_path:
+            rows.append(("logs", f"{self.log_path} (Ray's and W&B's driver output; the trials' own output is in "
+                                 "Ray's session logs, /tmp/ray/session_latest/logs on each node)"))
+        for label, text in rows:
+            self.console.print(Text.assemble((f"{label:<11}", "bold"), text), soft_wrap=True)
