@@ -2,6 +2,9 @@
 
     python -m protopo_ray.train --config experiments/smoke.toml --local
     python -m protopo_ray.train --config experiments/train_default.toml --num-workers 2 --storage runs
+
+`--local` needs no Ray at all (a GPU box with torch and PyG only runs it). A config file's `[experiment]`
+table may name the embedded synthetic set, which is then prepared at data.path when that holds no shards.
 """
 
 from __future__ import annotations
@@ -10,14 +13,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from protopo_ray.cluster.connect import ray_init
-from protopo_ray.cluster.train_run import build_trainer
-from protopo_ray.config import Config, describe_keys, load_config, parse_overrides, save_config
-from protopo_ray.data import storage
-from protopo_ray.prepare import ensure_run_data
-from protopo_ray.training.fit import LocalSession, fit, validate_data
+from protopo_ray.config import Config, ExperimentSettings, describe_keys, load_config, parse_overrides, save_config
+from protopo_ray.data.build import ensure_data
+from protopo_ray.training.fit import fit, validate_data
+from protopo_ray.training.session import LocalSession
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,25 +41,7 @@ def resolve(args: argparse.Namespace) -> Config:
         overrides["resources.gpus_per_worker"] = args.gpus_per_worker
     if args.storage:
         overrides["resources.storage"] = args.storage
-    config = load_config(args.config, overrides)
-    # Ray workers run in their own working directory: hand them absolute paths.
-    return config.replace({"data.path": storage.resolve(config.data.path),
-                           "resources.storage": storage.resolve(config.resources.storage)})
-
-
-def run_ray(config: Config, resume: bool = False) -> dict[str, float]:
-    validate_data(config)
-    run_dir = Path(storage.resolve(config.resources.storage)) / config.name
-    if not storage.is_uri(config.resources.storage) and run_dir.exists() and not resume:
-        raise FileExistsError(f"{run_dir} exists; pass --resume to continue that run or choose another name (--set name=...)")
-    ray_init()
-    result = build_trainer(config).fit()
-    metrics = dict(result.metrics or {})
-    if not storage.is_uri(config.resources.storage):
-        save_config(config, run_dir / "config.json")
-    if result.checkpoint is not None:
-        print(f"latest checkpoint: {result.checkpoint.path}")
-    return metrics
+    return load_config(args.config, overrides).with_absolute_paths()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = resolve(args)
-        ensure_run_data(config, args.config)  # the config's [experiment] synthetic set, made when data.path is empty
+        settings = ExperimentSettings.of_file(args.config)
+        ensure_data(config.data.path, settings.synthetic, settings.seed)
         if args.local:
             validate_data(config)
             session = LocalSession(config, resume=args.resume)
             save_config(config, session.run_dir / "config.json")
             metrics = fit(config, session)
         else:
-            metrics = run_ray(config, resume=args.resume)
+            # Deferred on purpose: the in-process path above runs where Ray is not installed (a bare GPU box).
+            from protopo_ray.cluster import train_run
+
+            metrics = train_run.run(config, resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

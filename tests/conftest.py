@@ -67,3 +67,45 @@ def smoke_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smoke") / "shards"
     prepare_synthetic(60, out, seed=0)
     return out
+
+
+@pytest.fixture
+def write_checkpoint():
+    """`write_checkpoint(directory, config, ...)`: a checkpoint of a freshly initialised model of `config`, written
+    through the real classes (meta with inputs and grammar, state), as training writes one."""
+    from protopo_ray.data.graphs import DEFAULT_K, EDGE_FEATURES, NODE_FEATURES
+    from protopo_ray.model.grammar import DEFAULT_STATS, build_grammar
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.training.checkpoint import CheckpointMeta, ModelInputs, TrainState, rng_state, save_checkpoint
+
+    def write(directory: Path, config, *, epoch: int = 1, metrics: dict | None = None, best_value=None,
+              schedule_start_epoch: int = 0, grammar=DEFAULT_STATS, graph_k: int = DEFAULT_K,
+              graph_sources: dict | None = None, model=None) -> Path:
+        model = model or TopologyModel(config.model, build_grammar(grammar))
+        inputs = ModelInputs(graph_k=graph_k, graph_sources=graph_sources or {"structure": 1},
+                             node_features=NODE_FEATURES, edge_features=EDGE_FEATURES)
+        meta = CheckpointMeta(epoch=epoch, metrics=metrics or {}, best_value=best_value,
+                              schedule_start_epoch=schedule_start_epoch, config=config, inputs=inputs, grammar=grammar)
+        return save_checkpoint(directory, meta, TrainState(model=model.state_dict(), rng=rng_state()))
+
+    return write
+
+
+@pytest.fixture
+def untrained_figures():
+    """`untrained_figures(config, split)`: the metrics of `config`'s model as initialised by its seed, untrained, on
+    a split of its data: what a search's winner must beat on the same split."""
+    import torch
+
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.training.evaluation import evaluate_split
+    from protopo_ray.training.loop import set_seed
+    from protopo_ray.training.splits import local_split
+
+    def figures(config, split: str = "test") -> dict:
+        set_seed(config.train.seed)
+        config = config.replace({"data.max_proteins": 0})
+        return evaluate_split(TopologyModel(config.model).eval(), local_split(config, split), config,
+                              torch.device("cpu"))
+
+    return figures

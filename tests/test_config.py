@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from protopo_ray.config import Config, load_config, parse_overrides, parse_value
+from protopo_ray.config import Config, ExperimentSettings, Objective, load_config, parse_overrides, parse_value
 
 
 def write(tmp_path, text: str):
@@ -71,3 +73,39 @@ def test_malformed_set_and_missing_file(tmp_path):
         parse_overrides(["model.lstm_size"])
     with pytest.raises(FileNotFoundError, match="nope.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_experiment_settings_read_the_experiment_table(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("name = 'x'\n[experiment]\nsynthetic = 60\nseed = 4\n[data]\npath = 'data/x'\n")
+    assert ExperimentSettings.of_file(path) == ExperimentSettings(synthetic=60, seed=4)
+    assert ExperimentSettings.of_file(None) == ExperimentSettings()
+    path.write_text("[data]\npath = 'data/x'\n")
+    assert ExperimentSettings.of_file(path) == ExperimentSettings()
+    path.write_text("[experiment]\nsynthetic = 'many'\n")
+    with pytest.raises(ValueError, match="exp.toml: \\[experiment\\] synthetic must be an integer >= 0"):
+        ExperimentSettings.of_file(path)
+
+
+def test_a_run_reads_an_experiment_file_and_ignores_its_search_tables(tmp_path):
+    path = write(tmp_path, 'name = "x"\n[experiment]\nsynthetic = 60\n[prices]\ncpu_hour = 0.1\n'
+                           '[[stages]]\nname = "s"\n[model]\nlstm_size = 8\n')
+    assert load_config(path).model.lstm_size == 8
+
+
+def test_with_absolute_paths_resolves_local_paths_and_keeps_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Config().replace({"data.path": "data/x", "resources.storage": "s3://bucket/runs"}).with_absolute_paths()
+    assert config.data.path == str(tmp_path / "data" / "x") and config.resources.storage == "s3://bucket/runs"
+
+
+def test_objective_ranks_non_finite_last_and_keeps_ties_in_order():
+    rows = [{"m": 0.5, "id": "a"}, {"m": math.nan, "id": "b"}, {"m": 0.9, "id": "c"}, {"id": "d"},
+            {"m": 0.5, "id": "e"}]
+    assert [r["id"] for r in Objective("m", "max").ranked(rows)] == ["c", "a", "e", "b", "d"]
+    assert [r["id"] for r in Objective("m", "min").ranked(rows)] == ["a", "e", "c", "b", "d"]
+    assert Objective("m", "min").best(rows)["id"] == "a" and Objective("m").best([{"m": math.nan}]) is None
+    assert Objective("m").better(0.1, None) and not Objective("m").better(math.nan, 0.1)
+    assert not Objective("m", "min").better(0.3, 0.2) and Objective("m", "min").worst == math.inf
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        Objective("m", "up")

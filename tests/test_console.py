@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from protopo_ray.config import Config
 from protopo_ray.search.console import SearchConsole, StageView, describe_params, format_duration
+from protopo_ray.search.results import WinnerRecord
 
 pytest.importorskip("ray")
 
@@ -152,10 +154,11 @@ def test_tiny_tuner_with_the_view(ray_cluster, tmp_path):
 def test_summary_names_winner_test_metrics_report_and_logs(tmp_path):
     console, out = plain_console()
     display = SearchConsole(log_path=tmp_path / "logs" / "ray.log", console=console)
-    winner = {"stage": "promotion", "trial_id": "p_00000", "params": {"model.gc_size": 32, "promoted_from": "a_1"},
-              "val": {"val_loss": 0.41234, "epoch": 9}, "checkpoint": str(tmp_path / "winner" / "checkpoint"),
-              "test": {"loss": 0.5, "residue_acc": 0.875, "type_acc": 0.75, "topo_mean": 0.5, "overlap_acc": 0.5,
-                       "n_proteins": 40}}
+    winner = WinnerRecord(stage="promotion", trial_id="p_00000", params={"model.gc_size": 32}, promoted_from="a_1",
+                          config=Config(), val={"val_loss": 0.41234, "epoch": 9}, source="/a_1/best",
+                          checkpoint=str(tmp_path / "winner" / "checkpoint"),
+                          test={"loss": 0.5, "residue_acc": 0.875, "type_acc": 0.75, "topo_mean": 0.5,
+                                "overlap_acc": 0.5, "n_proteins": 40})
     display.summary(winner=winner, report=tmp_path / "report.md", metric="val_loss")
     text = out.getvalue()
     assert "p_00000 (promotion, from a_1)  gc_size=32" in text
@@ -169,7 +172,7 @@ def test_route_logs_keeps_python_stderr_and_files_the_rest(tmp_path):
     log = tmp_path / "logs" / "ray.log"
     script = textwrap.dedent(f"""
         import logging, os, sys, warnings
-        from protopo_ray.search.console import route_logs
+        from protopo_ray.cluster.logs import route_logs
         logging.basicConfig(level=logging.WARNING)
         route_logs({str(log)!r})
         logging.getLogger("ray.tune").warning("from ray.tune")

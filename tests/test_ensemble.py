@@ -1,4 +1,5 @@
-"""load_predictor: a checkpoint dir or an ensemble dir; the ensemble averages posteriors and decodes by grammar."""
+"""The ensemble rule (model.ensemble) and what loads it (training.predictor): a checkpoint dir or an ensemble dir;
+the ensemble averages posteriors and decodes by grammar; members must agree on inputs and grammar."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from torch_geometric.data import Batch, Data
 
 from protopo_ray.config import Config, ModelConfig
 from protopo_ray.data.alphabet import LABELS
-from protopo_ray.model.ensemble import Ensemble, load_predictor, write_ensemble
-from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.ensemble import Ensemble
+from protopo_ray.model.grammar import DEFAULT_STATS, SegmentStats, build_grammar, default_grammar
 from protopo_ray.model.network import TopologyModel
-from protopo_ray.training.checkpoint import TrainState, save_checkpoint
+from protopo_ray.training.checkpoint import CheckpointError
+from protopo_ray.training.predictor import load_predictor, write_ensemble
 
 SMALL = ModelConfig(gc_size=8, gc_layers=1, lstm_size=8, lstm_layers=1, aa_embed_dim=4)
 
@@ -28,35 +30,54 @@ def protein(length: int, seed: int) -> Data:
                 y=torch.zeros(length, dtype=torch.long), num_nodes=length)
 
 
-def checkpoint(tmp_path, name, model_cfg, seed):
-    torch.manual_seed(seed)
-    config = dataclasses.replace(Config(), model=model_cfg)
-    model = TopologyModel(model_cfg)
-    state = TrainState(model=model.state_dict(), optimizer=None, epoch=1, config=config.to_dict())
-    return save_checkpoint(tmp_path / name, state), model
+@pytest.fixture
+def checkpoint(tmp_path, write_checkpoint):
+    def make(name: str, model_cfg: ModelConfig, seed: int, **fields):
+        torch.manual_seed(seed)
+        model = TopologyModel(model_cfg, build_grammar(fields.get("grammar", DEFAULT_STATS)))
+        path = write_checkpoint(tmp_path / name, dataclasses.replace(Config(), model=model_cfg), model=model, **fields)
+        return path, model
+
+    return make
 
 
-def test_checkpoint_dir_gives_the_model_itself(tmp_path):
-    path, model = checkpoint(tmp_path, "a", SMALL, 0)
-    predictor, config = load_predictor(path)
-    assert isinstance(predictor, TopologyModel) and config.model == SMALL
+def test_checkpoint_dir_gives_the_model_itself(checkpoint):
+    path, model = checkpoint("a", SMALL, 0, graph_k=10)
+    predictor = load_predictor(path)
+    assert isinstance(predictor.module, TopologyModel) and predictor.config.model == SMALL
+    assert predictor.inputs.graph_k == 10
     batch = Batch.from_data_list([protein(12, 0)])
-    assert torch.equal(predictor(batch), model.eval()(batch))
+    assert torch.equal(predictor.module(batch), model.eval()(batch))
 
 
-def test_ensemble_averages_posteriors_and_decodes_grammatically(tmp_path):
-    a, model_a = checkpoint(tmp_path, "a", SMALL, 0)
-    b, model_b = checkpoint(tmp_path, "b", dataclasses.replace(SMALL, decoder="crf", feature_hydropathy=True), 1)
+def test_ensemble_averages_posteriors_and_decodes_grammatically(tmp_path, checkpoint):
+    a, model_a = checkpoint("a", SMALL, 0)
+    b, model_b = checkpoint("b", dataclasses.replace(SMALL, decoder="crf", feature_hydropathy=True), 1)
     write_ensemble(tmp_path / "ens", [a, b], entry_penalty=1.5)
-    predictor, config = load_predictor(tmp_path / "ens")
-    assert isinstance(predictor, Ensemble) and len(predictor.members) == 2 and predictor.entry_penalty == 1.5
+    predictor = load_predictor(tmp_path / "ens")
+    ensemble = predictor.module
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2 and ensemble.entry_penalty == 1.5
     batch = Batch.from_data_list([protein(30, 0), protein(17, 1)])
-    log_p = predictor(batch)
+    log_p = ensemble(batch)
     expected = (model_a.eval()(batch).softmax(-1) + model_b.eval().label_posteriors(batch, model_b(batch))) / 2
     assert torch.allclose(log_p.exp(), expected, atol=1e-5)
-    decoded = predictor.decode(batch, log_p)
+    decoded = ensemble.decode(batch, log_p)
     for lo, hi in ((0, 30), (30, 47)):
         assert default_grammar().accepts("".join(LABELS[i] for i in decoded[lo:hi].tolist()))
+
+
+def test_members_must_agree_on_inputs_and_grammar(tmp_path, checkpoint):
+    a, _ = checkpoint("a", SMALL, 0, graph_k=16)
+    b, _ = checkpoint("b", SMALL, 1, graph_k=8)
+    write_ensemble(tmp_path / "inputs", [a, b])
+    with pytest.raises(CheckpointError, match="trained on other inputs"):
+        load_predictor(tmp_path / "inputs")
+    other = SegmentStats(lengths={**DEFAULT_STATS.lengths, ("alpha", "M"): (8, 40)}, contexts=DEFAULT_STATS.contexts,
+                         flanks=DEFAULT_STATS.flanks, flank_ends=DEFAULT_STATS.flank_ends)
+    c, _ = checkpoint("c", SMALL, 2, grammar=other)
+    write_ensemble(tmp_path / "grammars", [a, c])
+    with pytest.raises(ValueError, match="different topology grammars"):
+        load_predictor(tmp_path / "grammars")
 
 
 def test_neither_checkpoint_nor_ensemble_is_an_error(tmp_path):

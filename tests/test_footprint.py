@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from protopo_ray.config import Config
-from protopo_ray.model.footprint import MEASURED_ACTIVATION_SCALE, peak_padded_positions, trial_footprint
-from protopo_ray.model.network import footprint
+from protopo_ray.model.footprint import MEASURED_ACTIVATION_SCALE, footprint, peak_padded_positions, trial_footprint
 
 
 def config(batch: int, budget: int = 0) -> Config:

@@ -24,6 +24,7 @@ SCRIPT = r"""
 import json, os, sys, tempfile, time
 import ray
 from ray import tune
+from protopo_ray.config import Objective
 from protopo_ray.search.halving import SynchronousHalving
 
 storage, state, mode, slow = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -47,10 +48,10 @@ trainable = tune.with_resources(trainable, {"CPU": 1})
 if mode == "restore":
     tuner = tune.Tuner.restore(os.path.join(storage, "sha"), trainable=trainable, resume_unfinished=True)
 else:
-    scheduler = SynchronousHalving(time_attr="epoch", metric="val_loss", mode="min", grace=1, reduction_factor=3,
+    scheduler = SynchronousHalving(time_attr="epoch", objective=Objective("val_loss", "min"), grace=1, reduction_factor=3,
                                    max_t=9, num_trials=9, state_file=state)
     tuner = tune.Tuner(trainable, param_space={"x": tune.grid_search([5, 1, 8, 3, 9, 2, 7, 4, 6])},
-                       # reuse_actors as the search's one-worker stages run (stages.build_tuner): paused trials resume
+                       # reuse_actors as the search's one-worker stages run (trials.build_tuner): paused trials resume
                        # in processes other trials ran in
                        tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_loss", mode="min", reuse_actors=True),
                        run_config=tune.RunConfig(name="sha", storage_path=storage, verbose=0))

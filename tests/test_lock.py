@@ -4,9 +4,10 @@ in is the one the lock describes (what `make test` installs), so two fresh machi
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""predict: a tiny untrained checkpoint written here, run through the CLI and the functions behind it."""
+"""predict: a tiny untrained checkpoint written here, run through the CLI and the functions behind it (inference)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ pytest.importorskip("torch_geometric")
 from protopo_ray import predict  # noqa: E402
 from protopo_ray.config import Config  # noqa: E402
 from protopo_ray.data.collate import records_to_batch  # noqa: E402
-from protopo_ray.data.graphs import DEFAULT_K, build_graph  # noqa: E402
+from protopo_ray.data.graphs import build_graph  # noqa: E402
 from protopo_ray.data.records import ProteinRecord  # noqa: E402
-from protopo_ray.data.shards import read_manifest, record_to_row, write_shards  # noqa: E402
-from protopo_ray.model.network import TopologyModel  # noqa: E402
+from protopo_ray.inference.predictions import build_graphs, predict_records  # noqa: E402
 from protopo_ray.training import loop  # noqa: E402
-from protopo_ray.training.checkpoint import TrainState, save_checkpoint  # noqa: E402
+from protopo_ray.training.predictor import load_predictor, write_ensemble  # noqa: E402
 
 TINY = {"gc_size": 8, "gc_layers": 1, "lstm_size": 8, "lstm_layers": 1, "aa_embed_dim": 4}
 #: Labelled inputs of four lengths (batched by length, so the output order must be restored).
@@ -29,21 +28,14 @@ INPUT_3LINE = (">long|TM\nMKLVAGILLAVLLAGCSSQE\nIIIIMMMMMMMMMMOOOOOO\n"
                ">tiny|GLOBULAR\nMK\nII\n")
 
 
-def make_checkpoint(directory, data_path) -> None:
+@pytest.fixture
+def checkpoint(tmp_path_factory, write_checkpoint):
+    """A checkpoint of a model trained on k=4 graphs of sequence windows (so predict must build k=4 graphs too),
+    whose training data is nowhere: it describes itself."""
     torch.manual_seed(0)
-    config = Config.from_dict({"data": {"path": str(data_path)}, "model": TINY})
-    model = TopologyModel(config.model)
-    save_checkpoint(directory, TrainState(model=model.state_dict(), optimizer=None, epoch=1, config=config.to_dict()))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint whose data.path holds shards built with k=4 (so predict must build k=4 graphs too)."""
-    root = tmp_path_factory.mktemp("predict")
-    record = ProteinRecord(id="d1", sequence="MKV", labels="III", type="GLOBULAR", fold="train")
-    write_shards([record_to_row(record, build_graph(record.sequence, k=4))], root / "shards", k=4)
-    make_checkpoint(root / "checkpoint", root / "shards")
-    return root / "checkpoint"
+    root = tmp_path_factory.mktemp("model")
+    config = Config.from_dict({"data": {"path": str(root / "gone")}, "model": TINY})
+    return write_checkpoint(root / "checkpoint", config, graph_k=4, graph_sources={"sequence": 100})
 
 
 def write(tmp_path, name, text):
@@ -87,11 +79,13 @@ def test_out_alone_still_writes_the_3line(checkpoint, tmp_path):
 
 
 def test_labels_come_from_predict_labels_and_probabilities_are_the_softmax(checkpoint):
-    model, _, k = predict.load_model(checkpoint, torch.device("cpu"))
-    assert k == 4  # read from the training shards' manifest
+    predictor = load_predictor(checkpoint)
+    model, k = predictor.module, predictor.inputs.graph_k
+    assert k == 4  # the checkpoint's own record of its training graphs
     records = [ProteinRecord(id="p", sequence="MKLVAGILLA"), ProteinRecord(id="q", sequence="ACDEF")]
-    graphs = predict.build_graphs(records, None, k)
-    predictions = predict.predict_records(model, records, graphs, torch.device("cpu"), batch_size=1)
+    graphs = build_graphs(records, None, k)
+    assert graphs[0].num_edges == build_graph("MKLVAGILLA", k=4).num_edges < build_graph("MKLVAGILLA").num_edges
+    predictions = predict_records(model, records, graphs, torch.device("cpu"), batch_size=1)
     batch = records_to_batch(records, graphs)
     ((proteins, _, _),) = loop.predict_labels(model, [batch], torch.device("cpu"))
     assert [(p.id, p.labels) for p in predictions] == [(pid, pred) for pid, _, _, pred in proteins]
@@ -121,28 +115,22 @@ def test_output_flags_are_checked(checkpoint, tmp_path, capsys, flags, message):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_missing_data_falls_back_to_the_default_k(tmp_path, capsys):
-    make_checkpoint(tmp_path / "checkpoint", tmp_path / "nowhere")
-    assert predict.load_model(tmp_path / "checkpoint", torch.device("cpu"))[2] == DEFAULT_K
-    assert f"no manifest at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+def test_structures_for_a_sequence_trained_model_get_a_warning(checkpoint, tmp_path, capsys):
+    fasta = write(tmp_path, "in.fasta", ">P1\nMKTLLILAVVAAALAVPSFA\n")
+    (tmp_path / "structures").mkdir()
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "o.3line"),
+                         "--structures", str(tmp_path / "structures")]) == 0
+    assert "trained on sequence-window graphs only" in capsys.readouterr().err
 
 
-def test_a_searchs_synthetic_data_is_made_when_absent(tmp_path, capsys):
-    """EXP/experiment.json names the experiment file; its [experiment] synthetic set is prepared at data.path."""
-    experiment = write(tmp_path, "exp.toml", "[experiment]\nsynthetic = 12\nseed = 3\n")
-    (tmp_path / "EXP").mkdir()
-    (tmp_path / "EXP" / "experiment.json").write_text(json.dumps({"name": "x", "source": str(experiment)}))
-    make_checkpoint(tmp_path / "EXP" / "winner" / "checkpoint", tmp_path / "data")
-    assert predict.search_experiment_file(tmp_path / "EXP" / "winner" / "checkpoint") == experiment
-    assert predict.load_model(tmp_path / "EXP" / "winner" / "checkpoint", torch.device("cpu"))[2] == DEFAULT_K
-    manifest = read_manifest(tmp_path / "data")
-    assert manifest["num_proteins"] == 12 and manifest["extra"]["generator"]["seed"] == 3
-    assert "preparing the embedded synthetic set (12 proteins, seed 3)" in capsys.readouterr().out
+def test_a_checkpoint_of_the_old_format_is_refused_with_what_to_do(checkpoint, tmp_path, capsys):
+    (checkpoint / "meta.json").write_text(json.dumps({"epoch": 1, "metrics": {}}))
+    fasta = write(tmp_path, "in.fasta", ">P1\nMKTL\n")
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "o")]) == 2
+    assert "written by an older protopo_ray" in capsys.readouterr().err
 
 
 def test_an_ensemble_directory_predicts_like_its_members(checkpoint, tmp_path):
-    from protopo_ray.model.ensemble import write_ensemble
-
     fasta = write(tmp_path, "in.fasta", ">P1\nMKTLLILAVVAAALAVPSFA\n>P2\nMSDNQKSLLEKAKELLG\n")
     write_ensemble(tmp_path / "ensemble", [checkpoint, checkpoint])
     assert predict.main(["--checkpoint", str(tmp_path / "ensemble"), "--input", str(fasta), "--out-dir",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from protopo_ray import prepare
-from protopo_ray.data import shards
-from protopo_ray.prepare import OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
+from protopo_ray.data import build, shards
+from protopo_ray.data.build import LocalBuilder, OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_cli_end_to_end_on_real_labels(subset, tmp_path):
     assert manifest["num_proteins"] == 100
     assert manifest["counts"]["graph_source"] == {"sequence": 99, "structure": 1}
     assert manifest["sources"] == {"subset.3line": shards.sha256_file(labels)}
-    assert manifest["k"] == 16 and manifest["extra"]["graph_builder"] == prepare.GRAPH_BUILDER
+    assert manifest["k"] == 16 and manifest["extra"]["graph_builder"] == build.GRAPH_BUILDER
     table = shards.read_table(out)
     assert table.num_rows == 100
     assert dict(zip(table["id"].to_pylist(), table["graph_source"].to_pylist()))["B7MBF8"] == "structure"
@@ -100,7 +100,7 @@ def test_synthetic_prepare_writes_a_readable_set(tmp_path):
 
 def test_parallel_and_serial_synthetic_shards_match(tmp_path):
     serial = prepare_synthetic(12, tmp_path / "a", seed=1)
-    parallel = prepare_synthetic(12, tmp_path / "b", seed=1, workers=2)
+    parallel = prepare_synthetic(12, tmp_path / "b", seed=1, builder=LocalBuilder(2))
     assert serial.num_written == parallel.num_written == 12
     assert shards.read_table(tmp_path / "a").drop(["fold"]).equals(shards.read_table(tmp_path / "b").drop(["fold"]))
 
@@ -110,7 +110,7 @@ def test_crash_mid_run_leaves_previous_set_intact(tmp_path, monkeypatch):
     prepare_synthetic(10, out, seed=0)
     before = shards.read_table(out)
     calls = {"n": 0}
-    real = prepare.build_graph
+    real = build.build_graph
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -118,7 +118,7 @@ def test_crash_mid_run_leaves_previous_set_intact(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "build_graph", crashing)
+    monkeypatch.setattr(build, "build_graph", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_synthetic(20, out, seed=1, overwrite=True)
     assert shards.read_table(out).equals(before)  # the old complete set, untouched
@@ -171,30 +171,18 @@ def test_labels_without_a_valid_record_are_bad_input(tmp_path, capsys, text, ski
 
 def test_ensure_data_prepares_the_synthetic_set_only_when_absent(tmp_path, capsys):
     out = tmp_path / "syn"
-    manifest = prepare.ensure_data(out, synthetic=8, seed=1)
+    manifest = build.ensure_data(out, synthetic=8, seed=1)
     assert manifest["num_proteins"] == 8 and "preparing the embedded synthetic set (8 proteins, seed 1)" in (
         capsys.readouterr().out)
-    assert prepare.ensure_data(out, synthetic=8, seed=1) == manifest and capsys.readouterr().out == ""
+    assert build.ensure_data(out, synthetic=8, seed=1) == manifest and capsys.readouterr().out == ""
     # A set already there is used as it is (a run pointed at real data keeps it), whatever synthetic says.
-    assert prepare.ensure_data(out, synthetic=50, seed=9)["num_proteins"] == 8
+    assert build.ensure_data(out, synthetic=50, seed=9)["num_proteins"] == 8
 
 
 def test_ensure_data_without_synthetic_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m protopo_ray.prepare"):
-        prepare.ensure_data(tmp_path / "none")
+        build.ensure_data(tmp_path / "none")
     assert not (tmp_path / "none").exists()
-
-
-def test_experiment_synthetic_reads_the_experiment_table(tmp_path):
-    path = tmp_path / "exp.toml"
-    path.write_text("name = 'x'\n[experiment]\nsynthetic = 60\nseed = 4\n[data]\npath = 'data/x'\n")
-    assert prepare.experiment_synthetic(path) == (60, 4)
-    assert prepare.experiment_synthetic(None) == (0, 0)
-    path.write_text("[data]\npath = 'data/x'\n")
-    assert prepare.experiment_synthetic(path) == (0, 0)
-    path.write_text("[experiment]\nsynthetic = 'many'\n")
-    with pytest.raises(ValueError, match="exp.toml: \\[experiment\\] synthetic must be an integer >= 0"):
-        prepare.experiment_synthetic(path)
 
 
 def test_help_lists_the_data_keys_with_their_docs(capsys):
@@ -207,7 +195,7 @@ def test_help_lists_the_data_keys_with_their_docs(capsys):
 
 def test_object_store_output_without_ray(tmp_path):
     uri = f"file://{tmp_path}/bucket/syn"  # the object-store branch (manifest last, no rename) on local disk
-    prepare_synthetic(6, uri, seed=0, workers=2)
+    prepare_synthetic(6, uri, seed=0, builder=LocalBuilder(2))
     assert shards.read_manifest(uri)["num_proteins"] == 6 and shards.read_table(uri).num_rows == 6
     with pytest.raises(OutputExists, match="already holds a complete shard set"):
         prepare_synthetic(6, uri, seed=0)

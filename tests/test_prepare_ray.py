@@ -11,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray import prepare
 from protopo_ray.cluster import prepare_tasks
+from protopo_ray.cluster.prepare_tasks import RayBuilder
 from protopo_ray.data import shards
-from protopo_ray.prepare import OutputExists, prepare_records, prepare_synthetic
+from protopo_ray.data.build import (
+    OutputExists,
+    PrepareSummary,
+    prepare_records,
+    prepare_synthetic,
+    synthetic_rows,
+    write_output,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +41,7 @@ def test_task_size_is_one_file_at_most_and_spreads_small_inputs():
 
 def test_ray_synthetic_shards_equal_the_process_pool_shards(tmp_path, ray_cluster):
     serial = prepare_synthetic(30, tmp_path / "pool", seed=3)
-    summary = prepare_synthetic(30, tmp_path / "ray", seed=3, use_ray=True, workers=2)
+    summary = prepare_synthetic(30, tmp_path / "ray", seed=3, builder=RayBuilder(2))
     assert summary.num_written == summary.num_structure == 30 and summary.task_cpu_s > 0
     assert shards.read_table(tmp_path / "ray").equals(shards.read_table(tmp_path / "pool"))
     manifest = shards.read_manifest(tmp_path / "ray")
@@ -57,7 +64,7 @@ def test_ray_records_with_structures_equal_the_process_pool(tmp_path, ray_cluste
     shutil.copy(bama_pdb, tmp_path / "structures" / bama_pdb.name)
     monkeypatch.chdir(tmp_path)  # a relative --structures must still reach the tasks
     pool = prepare_records(labels, "pool", structures="structures")
-    summary = prepare_records(labels, "ray", structures="structures", use_ray=True, workers=2)
+    summary = prepare_records(labels, "ray", structures="structures", builder=RayBuilder(2))
     assert summary.manifest["counts"]["graph_source"] == {"sequence": 5, "structure": 1}
     assert summary.fallback.keys() == {"no structure file"} and len(summary.fallback["no structure file"]) == 5
     assert shards.read_table("ray").equals(shards.read_table("pool"))
@@ -72,24 +79,24 @@ def test_a_failing_task_leaves_the_previous_set_intact(tmp_path, ray_cluster):
     def boom(jobs, seed, k):  # pickled by value into the Ray task
         if any(index == 5 for index, _, _ in jobs):
             raise RuntimeError("simulated task crash")
-        return prepare._synthetic_rows(jobs, seed, k)
+        return synthetic_rows(jobs, seed, k)
 
     jobs = [(i, "GLOBULAR", "train") for i in range(10)]
-    summary = prepare.PrepareSummary(out=str(out))
+    summary = PrepareSummary(out=str(out))
     with pytest.raises(Exception, match="simulated task crash"):
-        prepare._build_and_write(boom, jobs, (1, 16), out, summary, what="x", overwrite=True, workers=2,
-                                 use_ray=True, k=16)
+        write_output(lambda target: RayBuilder(2)(boom, jobs, (1, 16), target, summary, what="x", k=16), out,
+                     overwrite=True)
     assert shards.read_table(out).equals(before)
     assert not list(tmp_path.glob("syn.tmp-*")) and not list(tmp_path.glob("syn.old-*"))
 
 
 def test_object_store_uri_gets_the_manifest_last_and_refuses_without_overwrite(tmp_path, ray_cluster):
     uri = f"file://{tmp_path}/bucket/syn"  # the object-store branch (no temp dir, no rename), on local disk
-    prepare_synthetic(20, uri, seed=0, use_ray=True, workers=2)
+    prepare_synthetic(20, uri, seed=0, builder=RayBuilder(2))
     assert shards.read_manifest(uri)["num_proteins"] == 20 and shards.read_table(uri).num_rows == 20
     with pytest.raises(OutputExists, match="already holds a complete shard set"):
-        prepare_synthetic(20, uri, seed=0, use_ray=True)
-    prepare_synthetic(3, uri, seed=1, use_ray=True, workers=2, overwrite=True)
+        prepare_synthetic(20, uri, seed=0, builder=RayBuilder())
+    prepare_synthetic(3, uri, seed=1, builder=RayBuilder(2), overwrite=True)
     manifest = shards.read_manifest(uri)
     assert manifest["num_proteins"] == 3 and shards.read_table(uri).num_rows == 3
     # the old set's files are gone, not just unlisted

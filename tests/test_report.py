@@ -1,8 +1,8 @@
-"""The experiment report on a hand-built experiment directory (values chosen so best/mean/ratios are exact)."""
+"""The experiment report on an experiment directory written through the real record classes (values chosen so
+best / mean / ratios / costs are exact and computed by hand in the comments)."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -10,20 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from protopo_ray.report import (
+from protopo_ray.config import Config
+from protopo_ray.report import main
+from protopo_ray.reporting.markdown import batch_size_table, epochs_ratio, top_trials, write_report
+from protopo_ray.search.plan import StagePlan
+from protopo_ray.search.results import (
+    ExperimentDir,
     ExperimentError,
-    asha_saving,
-    batch_size_table,
-    load_experiment,
-    main,
-    sort_trials,
-    top_trials,
-    write_report,
+    ExperimentRecord,
+    StageRecord,
+    TrialRecord,
+    WinnerRecord,
 )
 
 NAN = math.nan
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
+PLAN = StagePlan(kind="search", device="gpu", num_workers=1, cpus_per_worker=4.0, gpus_per_worker=0.5,
+                 accelerator_type="H100", trials_per_gpu=2, max_concurrent_trials=4, footprint_bytes=2**30,
+                 usd_per_device_hour=4.0, market="spot")
 
 
 def _metrics(overlap=0.5, loss=1.0, tm=NAN, sptm=NAN, sp=NAN, glob=NAN, beta=NAN, epoch=1.0) -> dict:
@@ -34,31 +39,23 @@ def _metrics(overlap=0.5, loss=1.0, tm=NAN, sptm=NAN, sp=NAN, glob=NAN, beta=NAN
     }
 
 
-def _trial(trial_id, params, best, *, status="completed", epochs=4, batch_size=None, start_epoch=0) -> dict:
+def _trial(trial_id, params, best, *, status="completed", epochs=4, batch_size=None, start_epoch=0,
+           **fields) -> TrialRecord:
     history = [{**best, "epoch": float(start_epoch + e + 1), "train_grad_norm_mean": 2.0 / (e + 1),
                 "val_overlap_acc": best["val_overlap_acc"] * (e + 1) / epochs,
                 "val_loss": best["val_loss"] + (epochs - e - 1) * 0.1} for e in range(epochs)]
-    data = {"batch_size": batch_size if batch_size is not None else params.get("data.batch_size", 32)}
-    return {
-        "trial_id": trial_id, "params": params, "config": {"name": trial_id, "data": data, "model": {"gc_size": 64}},
-        "status": status, "epochs": epochs, "best": best, "last": history[-1] if history else {},
-        "history": history, "checkpoint": f"/ckpt/{trial_id}" if epochs else None, "accelerator_hours": 0.125,
-        "resumed_from": None, "start_epoch": start_epoch,
-    }
+    batch_size = batch_size if batch_size is not None else params.get("data.batch_size", 32)
+    config = Config().replace({"name": trial_id, "data.batch_size": batch_size, "model.gc_size": 64})
+    return TrialRecord(trial_id=trial_id, params=params, config=config, status=status, epochs=epochs,
+                       start_epoch=start_epoch, best=best, last=history[-1] if history else {}, history=history,
+                       checkpoint=f"/ckpt/{trial_id}" if epochs else None, accelerator_hours=0.125, **fields)
 
 
-def _stage(name, trials, *, kind="search", metric="val_overlap_acc", mode="max", max_epochs=4, run=None, full=None):
-    stage = {
-        "stage": name, "kind": kind, "metric": metric, "mode": mode, "max_epochs": max_epochs, "grace_epochs": 1,
-        "scheduler": "asha" if kind == "search" else "none", "search": "grid",
-        "plan": {"device": "gpu", "accelerator_type": "H100", "num_workers": 1, "gpus_per_worker": 0.5,
-                 "cpus_per_worker": 4.0, "trials_per_gpu": 2, "max_concurrent_trials": 4,
-                 "usd_per_device_hour": 4.0, "market": "spot"},
-        "wall_time_s": 600.0, "best_trial": sort_trials(trials, metric, mode)[0]["trial_id"], "trials": trials,
-    }
-    if run is not None:
-        stage.update(epochs_run=run, epochs_full=full)
-    return stage
+def _stage(name, trials, best_trial, *, kind="search", metric="val_overlap_acc", mode="max", max_epochs=4, run=0,
+           full=0) -> StageRecord:
+    return StageRecord(stage=name, kind=kind, metric=metric, mode=mode, max_epochs=max_epochs, grace_epochs=1,
+                       scheduler="asha" if kind == "search" else "none", search="grid", plan=PLAN, wall_time_s=600.0,
+                       best_trial=best_trial, trials=trials, epochs_run=run, epochs_full=full)
 
 
 # Architecture (max overlap): order a2 (0.80), a1 (0.70), a4 (0.65), a3 (0.50). BETA absent everywhere.
@@ -76,37 +73,33 @@ REG = [
     _trial("r2", {"train.lr": 3e-4}, _metrics(0.7, loss=0.30, tm=0.9, sptm=0.5, beta=0.25), epochs=3, batch_size=32),
     _trial("r3", {"train.lr": 1e-2}, _metrics(0.2, loss=0.55, tm=0.2, sptm=0.1), status="stopped", epochs=1,
            batch_size=32),
-    {**_trial("r4", {"train.lr": 1.0}, _metrics(), status="error", epochs=0, batch_size=32), "best": {}, "history": []},
+    _trial("r4", {"train.lr": 1.0}, {"val_overlap_acc": NAN, "val_loss": NAN}, status="error", epochs=0,
+           batch_size=32),
 ]
 # Promotion continues a2 from epoch 4; its batch size 32 and TM 0.99 must not enter the (search-only) batch table.
 PROMO = [_trial("p1", {"model.gc_size": 64, "data.batch_size": 32}, _metrics(0.9, tm=0.99, sptm=0.9), epochs=4,
-                start_epoch=4)]
-PROMO[0]["resumed_from"] = "/ckpt/a2"
+                start_epoch=4, resumed_from="/ckpt/a2", promoted_from="a2")]
 
 
-def _build(exp: Path) -> Path:
-    (exp / "stages").mkdir(parents=True)
-    (exp / "winner").mkdir()
+def _build(root: Path) -> Path:
+    exp = ExperimentDir(root)
     stages = [
-        _stage("architecture", ARCH, run=10, full=16),
-        _stage("regularisation", REG, metric="val_loss", mode="min", max_epochs=3, run=7, full=12),
-        _stage("promotion", PROMO, kind="promotion", max_epochs=8, run=4, full=4),
+        _stage("architecture", ARCH, "a2", run=10, full=16),
+        _stage("regularisation", REG, "r2", metric="val_loss", mode="min", max_epochs=3, run=7, full=12),
+        _stage("promotion", PROMO, "p1", kind="promotion", max_epochs=8, run=4, full=4),
     ]
-    (exp / "experiment.json").write_text(json.dumps({"name": "toy", "stages": [s["stage"] for s in stages]}))
+    exp.save_experiment(ExperimentRecord(name="toy", source="toy.toml", stages=[s.stage for s in stages],
+                                         base=Config()))
     for stage in stages:
-        (exp / "stages" / f"{stage['stage']}.json").write_text(json.dumps(stage))  # NaN -> JSON NaN, as Python writes
-    winner = {
-        "stage": "promotion", "trial_id": "p1", "params": PROMO[0]["params"],
-        "config": {"data": {"batch_size": 32}, "model": {"gc_size": 64, "lstm_size": 128}, "train": {"lr": 1e-3}},
-        "val": PROMO[0]["best"],
-        "test": {"topo_tm": 0.75, "topo_sptm": 0.5, "topo_sp": 0.875, "topo_glob": 1.0, "topo_beta": NAN,
-                 "type_tm": 0.8, "type_sptm": 0.6, "type_sp": 0.9, "type_glob": 1.0, "type_beta": NAN,
-                 "type_acc": 0.825, "overlap_acc": 0.7, "residue_acc": 0.9, "loss": 0.35,
-                 "n_tm": 4, "n_sptm": 2, "n_sp": 8, "n_glob": 10, "n_beta": 0},
-        "checkpoint": str(exp / "winner" / "checkpoint"),
-    }
-    (exp / "winner" / "winner.json").write_text(json.dumps(winner))
-    return exp
+        exp.save_stage(stage)  # NaN -> JSON NaN, as Python writes
+    exp.save_winner(WinnerRecord(
+        stage="promotion", trial_id="p1", params=PROMO[0].params, config=PROMO[0].config, val=PROMO[0].best,
+        test={"topo_tm": 0.75, "topo_sptm": 0.5, "topo_sp": 0.875, "topo_glob": 1.0, "topo_beta": NAN,
+              "type_tm": 0.8, "type_sptm": 0.6, "type_sp": 0.9, "type_glob": 1.0, "type_beta": NAN,
+              "type_acc": 0.825, "overlap_acc": 0.7, "residue_acc": 0.9, "loss": 0.35,
+              "n_tm": 4, "n_sptm": 2, "n_sp": 8, "n_glob": 10, "n_beta": 0},
+        checkpoint=str(exp.winner_checkpoint), source="/ckpt/p1/best", promoted_from="a2"))
+    return root
 
 
 @pytest.fixture
@@ -131,15 +124,8 @@ def _row(section: str, first_cells: str) -> str:
     return next(line for line in section.splitlines() if line.startswith(first_cells))
 
 
-def test_sort_trials_mode_aware_nan_last():
-    trials = [{"trial_id": "a", "best": {"m": 0.2}}, {"trial_id": "b", "best": {"m": NAN}},
-              {"trial_id": "c", "best": {"m": 0.9}}, {"trial_id": "d", "best": {}}]
-    assert [t["trial_id"] for t in sort_trials(trials, "m", "max")] == ["c", "a", "b", "d"]
-    assert [t["trial_id"] for t in sort_trials(trials, "m", "min")] == ["a", "c", "b", "d"]
-
-
 def test_batch_size_table_best_and_mean_over_search_stages(exp_dir):
-    _, stages, _ = load_experiment(exp_dir)
+    stages = ExperimentDir(exp_dir).load_stages()
     table = batch_size_table(stages)
     assert list(table) == [16, 32]
     assert table[16]["trials"] == 2 and table[32]["trials"] == 6  # a2 a4 r1-r4; promotion excluded
@@ -153,15 +139,16 @@ def test_batch_size_table_best_and_mean_over_search_stages(exp_dir):
 
 def test_top_trials_ranked_by_one_metric_across_stages(exp_dir):
     # Stages disagree (val_loss for regularisation): all ranked by the last stage's val_overlap_acc, max.
-    _, stages, _ = load_experiment(exp_dir)
-    top = [(name, trial["trial_id"]) for name, trial in top_trials(stages)]
+    stages = ExperimentDir(exp_dir).load_stages()
+    top = [(name, trial.trial_id) for name, trial in top_trials(stages)]
     assert top == [("promotion", "p1"), ("architecture", "a2"), ("architecture", "a1"), ("regularisation", "r2"),
                    ("architecture", "a4")]
 
 
-def test_asha_saving_from_stage_and_from_trials():
-    assert asha_saving({"epochs_run": 10, "epochs_full": 16, "trials": []}) == (10, 16, 0.625)
-    assert asha_saving({"max_epochs": 4, "trials": [{"epochs": 4}, {"epochs": 1}]}) == (5, 8, 0.625)
+def test_epochs_ratio_of_the_recorded_counts():
+    assert epochs_ratio(_stage("s", [], None, run=10, full=16)) == (10, 16, 0.625)
+    run, full, ratio = epochs_ratio(_stage("s", [], None))
+    assert (run, full) == (0, 0) and math.isnan(ratio)
 
 
 def test_report_lists_trials_in_metric_order(written):
@@ -259,15 +246,17 @@ def test_module_entry_point_error(tmp_path):
 
 
 def test_sparse_stage_without_experiment_json_still_reports(tmp_path):
-    """A half-written stage (no plan, no epoch counts, a trial with almost nothing) must not take the report down."""
-    (tmp_path / "stages").mkdir()
-    trials = [{"trial_id": "t1", "status": "completed", "epochs": 2, "best": {"val_overlap_acc": 0.5, "val_topo_tm": NAN},
-               "history": [{"val_overlap_acc": 0.4}, {"val_overlap_acc": 0.5}]},
-              {"trial_id": "t2", "status": "error"}]
-    (tmp_path / "stages" / "only.json").write_text(json.dumps({"max_epochs": 2, "scheduler": "asha", "trials": trials}))
+    """A stage with little in it (no plan, no epoch counts, a trial with almost nothing) and no experiment.json
+    must not take the report down."""
+    trials = [TrialRecord(trial_id="t1", params={}, config=Config(), status="completed", epochs=2,
+                          best={"val_overlap_acc": 0.5, "val_topo_tm": NAN},
+                          history=[{"val_overlap_acc": 0.4}, {"val_overlap_acc": 0.5}]),
+              TrialRecord(trial_id="t2", params={}, config=Config(), status="error")]
+    ExperimentDir(tmp_path).save_stage(StageRecord(stage="only", kind="search", metric="val_overlap_acc", mode="max",
+                                                   max_epochs=2, scheduler="asha", trials=trials))
     report = write_report(tmp_path).read_text()
-    assert "## Stage `only`" in report and "plan: not recorded" in report
-    assert "2 / 4 epochs run = ratio 0.500" in report
+    assert "# Experiment `" in report and "## Stage `only`" in report and "plan: not recorded" in report
+    assert "0 epochs run (full-run epoch count not recorded)" in report
     # One n/a among the metrics (the cost columns: no price recorded)
     assert _row(report, "| 1 | `t1` |").split("| completed")[0].count("n/a") == 1 and "| 2 | `t2` |" in report
     assert (tmp_path / "plots" / "val_curves_only.png").read_bytes()[:8] == PNG_MAGIC

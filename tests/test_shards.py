@@ -15,11 +15,11 @@ from protopo_ray.data.shards import (
     ROW_GROUP_ROWS,
     SCHEMA_VERSION,
     ShardWriter,
-    _row_groups,
     length_bin,
     read_manifest,
     read_table,
     record_to_row,
+    row_groups,
     sha256_file,
     write_shards,
 )
@@ -138,10 +138,10 @@ def test_row_groups_follow_the_layout(tmp_path):
 
 
 def test_row_groups_close_on_bytes_and_keep_an_oversized_row_alone():
-    assert _row_groups([5, 5, 5, 5], max_rows=10, max_bytes=12) == [(0, 2), (2, 4)]
-    assert _row_groups([20, 1, 1], max_rows=10, max_bytes=12) == [(0, 1), (1, 3)]
-    assert _row_groups([1] * 5, max_rows=2, max_bytes=100) == [(0, 2), (2, 4), (4, 5)]
-    assert _row_groups([], max_rows=2, max_bytes=100) == []
+    assert row_groups([5, 5, 5, 5], max_rows=10, max_bytes=12) == [(0, 2), (2, 4)]
+    assert row_groups([20, 1, 1], max_rows=10, max_bytes=12) == [(0, 1), (1, 3)]
+    assert row_groups([1] * 5, max_rows=2, max_bytes=100) == [(0, 2), (2, 4), (4, 5)]
+    assert row_groups([], max_rows=2, max_bytes=100) == []
 
 
 def test_fold_filter_and_columns(shard_dir):

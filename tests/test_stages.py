@@ -1,126 +1,140 @@
-"""The stage layer on hand-built Tune results: trial configs built in one place, stage records, promotion
-candidates with their checkpoints' schemes, and the winner taken from a run's best/ checkpoint."""
+"""Stage kinds, the ensemble (fold rotation) above all: its folds as the experiment file gives them, each member's
+config and plan, and the stage end to end on the shared local cluster (members trained by Tune, the ensemble built
+out of fold, the winner an ensemble that beats its untrained self and predicts)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import pandas as pd
 import pytest
-from pyarrow import fs as pafs
-from ray.tune import Checkpoint, Result
 
-from protopo_ray import tune
-from protopo_ray.config import Config
+from protopo_ray.model.ensemble import PENALTIES
 from protopo_ray.search import trials
-from protopo_ray.search.experiment import StageSpec
-from protopo_ray.search.inventory import GIB, Inventory, node_from_resources
-from protopo_ray.search.plan import plan_promotion, plan_search
+from protopo_ray.search.experiment import parse_experiment
+from protopo_ray.search.inventory import Inventory, node_from_resources
+from protopo_ray.search.prices import PriceConfig
+from protopo_ray.search.results import ExperimentDir
+from protopo_ray.search.stages import ROTATION_KEY, PromotionStage
+from protopo_ray.training.predictor import ENSEMBLE_FILE
 
-SEARCH = StageSpec(name="architecture", metric="val_loss", mode="min", max_epochs=4,
-                   grid={"model.lstm_size": [8, 512], "train.lr": [1e-3]})
-PROMOTION = StageSpec(name="promotion", kind="promotion", metric="val_loss", mode="min", max_epochs=10, top_k=1)
-
-
-def s3_checkpoint(path: str) -> Checkpoint:
-    """What Tune hands back for a checkpoint on S3: the path inside the bucket filesystem, without a scheme."""
-    return Checkpoint(path, filesystem=pafs.S3FileSystem(anonymous=True, region="us-east-1"))
+REPO = Path(__file__).resolve().parents[1]
+FOLDS = {"train_folds": ["cv0", "cv3", "cv4"], "val_folds": ["cv1"], "test_folds": ["cv2"]}
 
 
-def a10g(gpus: int = 1) -> Inventory:
-    return Inventory((node_from_resources("g", {"CPU": 8, "GPU": gpus, "accelerator_type:A10G": 1}),))
+def experiment(stage: dict):
+    return parse_experiment({"data": dict(FOLDS), "stages": [{"name": "ensemble", "kind": "ensemble", **stage}]},
+                            source="exp.toml")
 
 
-def context(stage: StageSpec, storage: str, plan=None) -> trials.StageContext:
-    base = Config().replace({"data.batch_size": 8, "model.gc_size": 8})
-    plan = plan or plan_search(a10g(), [GIB // 10, 6 * GIB], num_trials=8)
-    return trials.StageContext.of(stage, base, plan, storage, longest=600)
+def test_ensemble_folds_default_to_every_train_and_val_fold_never_a_test_fold():
+    assert experiment({}).stages[0].folds == ("cv0", "cv3", "cv4", "cv1")
+    assert experiment({"folds": ["cv1", "cv0"]}).stages[0].folds == ("cv1", "cv0")
+    with pytest.raises(ValueError, match=r"exp.toml.*folds \['cv2'\] are not train or val folds.*test folds never"):
+        experiment({"folds": ["cv1", "cv2"]})
+    with pytest.raises(ValueError, match="lists a fold twice"):
+        experiment({"folds": ["cv1", "cv1"]})
+    with pytest.raises(ValueError, match=r"unknown key 'folds' for a search stage \(a key of ensemble stages\)"):
+        parse_experiment({"stages": [{"name": "a", "folds": ["cv1"], "grid": {"model.gc_size": [8]}}]}, source="x")
 
 
-def result(ctx, params, losses, *, trial_id, checkpoint=None, error=None) -> Result:
-    frame = pd.DataFrame([{"epoch": i + 1, "val_loss": loss, "epoch_time_s": 36.0, "timestamp": 1000 + 10 * i,
-                           "time_total_s": 10.0 * (i + 1), "trial_id": trial_id} for i, loss in enumerate(losses)])
-    # Tune keeps a trial's config inside its latest metrics (Result.config reads it from there).
-    return Result(metrics={"trial_id": trial_id, "epoch": len(losses), "config": params}, checkpoint=checkpoint,
-                  error=error, path=f"/tmp/{trial_id}", metrics_dataframe=frame)
+def test_members_are_planned_as_final_runs_ddp_where_gpus_outnumber_them():
+    exp = experiment({})  # four members
+    gpus = Inventory(tuple(node_from_resources(f"g{i}", {"CPU": 16, "GPU": 4, "accelerator_type:A10G": 1}) for i in range(2)))
+    plan = exp.stages[0].plan(gpus, exp.base, 800, PriceConfig())
+    assert (plan.kind, plan.num_workers, plan.gpus_per_worker, plan.max_concurrent_trials) == ("ensemble", 2, 1.0, 4)
+    two_cores = Inventory((node_from_resources("n", {"CPU": 2}),))
+    cpus = exp.stages[0].plan(two_cores, exp.base, 800, PriceConfig())
+    assert (cpus.num_workers, cpus.max_concurrent_trials) == (2, 1)  # 4 members on 2 cores: in turn, DDP on both
+    pair = experiment({"folds": ["cv1", "cv0"]}).stages[0]
+    assert pair.plan(two_cores, exp.base, 800, PriceConfig()).max_concurrent_trials == 2
 
 
-def test_trial_config_gives_each_config_its_own_gpu_share(tmp_path):
-    ctx = context(SEARCH, str(tmp_path))
-    small = trials.trial_config(ctx, {"model.lstm_size": 8}, "a")
-    large = trials.trial_config(ctx, {"model.lstm_size": 512, "model.lstm_layers": 4, "data.batch_size": 64}, "b")
-    assert small.resources.gpus_per_worker < large.resources.gpus_per_worker <= 1
-    assert small.resources.accelerator_type == "A10G" and small.resources.num_workers == 1
-    assert (small.name, small.train.epochs, small.train.metric, small.train.mode) == ("architecture_a", 4, "val_loss", "min")
-    assert small.resources.storage == str(tmp_path)
+def test_each_member_validates_on_its_fold_and_trains_on_the_others(tmp_path):
+    exp = experiment({"folds": ["cv1", "cv3"], "max_epochs": 3})
+    stage = exp.stages[0]
+    plan = stage.plan(Inventory((node_from_resources("n", {"CPU": 4}),)), exp.base, 600, PriceConfig())
+    ctx = trials.StageContext(stage=stage, base=exp.base, plan=plan, train_storage=str(tmp_path), longest=600)
+    assert stage.num_trials() == 2
+    member = trials.trial_config(ctx, {ROTATION_KEY: "cv3"}, "m3")
+    assert member.data.val_folds == ("cv3",) and member.data.train_folds == ("cv0", "cv4", "cv1")
+    assert member.data.test_folds == ("cv2",) and (member.name, member.train.epochs) == ("ensemble_m3", 3)
+    assert trials.trial_config(ctx, {ROTATION_KEY: "cv1"}, "m1").data.train_folds == ("cv0", "cv3", "cv4")
 
 
-def test_collect_stage_ranks_and_records_why_each_trial_ended(tmp_path):
-    ctx = context(SEARCH, "s3://bucket/exp/train")
-    results = [
-        result(ctx, {"model.lstm_size": 8}, [0.9, 0.7, 0.6, 0.5], trial_id="t1",
-               checkpoint=s3_checkpoint("bucket/exp/tune/architecture/t1/checkpoint_000003")),
-        result(ctx, {"model.lstm_size": 512}, [1.0], trial_id="t2"),
-        result(ctx, {"model.lstm_size": 8}, [], trial_id="t3", error=RuntimeError("worker died")),
-    ]
-    record = trials.collect_stage(results, SEARCH, ctx, wall_time_s=12.0)
-    by_id = {t.trial_id: t for t in record.trials}
-    assert record.best_trial == "t1" and record.best().best["val_loss"] == 0.5
-    assert [by_id[t].status for t in ("t1", "t2", "t3")] == ["completed", "stopped", "error"]
-    assert (record.epochs_run, record.epochs_full) == (5, 12)
-    # Ray reports object-store paths without their scheme; the record keeps it, so promotion can open it.
-    assert by_id["t1"].checkpoint == "s3://bucket/exp/tune/architecture/t1/checkpoint_000003"
-    assert by_id["t1"].config["name"] == "architecture_t1" and by_id["t1"].running_unix == [1000 - 10.0, 1030]
-    assert by_id["t1"].accelerator_hours == pytest.approx(4 * 36 / 3600 * by_id["t1"].config["resources"]["gpus_per_worker"])
-    # The record round-trips through its JSON file.
-    record.save(tmp_path / "architecture.json")
-    loaded = trials.StageRecord.load(tmp_path / "architecture.json")
-    assert (loaded.trials, loaded.best_trial, loaded.epochs_run) == (record.trials, "t1", 5)
+def run_smoke_search(stage_keys: str, ray_cluster: str, smoke_shards: Path, tmp_path: Path) -> None:
+    """`python -m protopo_ray.tune` on smoke.toml's base config with one ensemble stage (`stage_keys` its TOML)."""
+    toml = tmp_path / "ens.toml"
+    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0]
+                    + '[[stages]]\nname = "ensemble"\nkind = "ensemble"\n' + stage_keys)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    done = subprocess.run([sys.executable, "-m", "protopo_ray.tune", str(toml), "--data", str(smoke_shards),
+                           "--storage", str(tmp_path), "--no-wandb"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_promotion_continues_the_best_trial_and_records_where_it_came_from(tmp_path):
-    ctx = context(SEARCH, "s3://bucket/exp/train")
-    record = trials.collect_stage([
-        result(ctx, {"model.lstm_size": 8}, [0.9, 0.4], trial_id="good",
-               checkpoint=s3_checkpoint("bucket/exp/tune/architecture/good/checkpoint_000001")),
-        result(ctx, {"model.lstm_size": 512}, [0.8, 0.7], trial_id="worse",
-               checkpoint=s3_checkpoint("bucket/exp/tune/architecture/worse/checkpoint_000001")),
-        result(ctx, {"model.lstm_size": 8}, [0.1], trial_id="no_checkpoint"),
-    ], SEARCH, ctx, wall_time_s=1.0)
-    (chosen,) = trials.promotion_candidates([record], PROMOTION)
-    assert (chosen.from_trial, chosen.start_epoch, chosen.params) == ("good", 2, {"model.lstm_size": 8})
-    assert chosen.checkpoint.startswith("s3://bucket/")
-    plan = plan_promotion(a10g(gpus=4), 2 * GIB, num_trials=1, max_workers=8)
-    pctx = context(PROMOTION, "s3://bucket/exp/train", plan)
-    config = trials.trial_config(pctx, {trials.CONTINUE_KEY: chosen.to_params()}, "p1")
-    assert config.train.init_checkpoint == chosen.checkpoint and config.model.lstm_size == 8
-    assert (config.resources.num_workers, config.resources.gpus_per_worker, config.train.epochs) == (4, 1.0, 10)
-    promoted = trials.collect_stage([result(pctx, {trials.CONTINUE_KEY: chosen.to_params()}, [0.3] * 10,
-                                            trial_id="p1")], PROMOTION, pctx, wall_time_s=1.0)
-    trial = promoted.trials[0]
-    assert (trial.start_epoch, trial.params["promoted_from"], trial.resumed_from) == (2, "good", chosen.checkpoint)
-    assert promoted.epochs_run == 8
+@pytest.mark.ray
+def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(ray_cluster, smoke_shards, tmp_path,
+                                                                                 untrained_figures):
+    run_smoke_search('metric = "val_topo_mean"\nmax_epochs = 2\n', ray_cluster, smoke_shards, tmp_path)
+    exp_dir = tmp_path / "smoke"
+    exp = ExperimentDir(exp_dir)
+    record = exp.load_stage("ensemble")
+    # smoke's folds are train / val / test: one member validates on val, the other on train.
+    by_fold = {t.params[ROTATION_KEY]: t for t in record.trials}
+    assert set(by_fold) == {"train", "val"} and all(t.status == "completed" for t in record.trials)
+    assert by_fold["train"].config.data.train_folds == ("val",)
+    assert record.ensemble.members == {f: t.trial_id for f, t in by_fold.items()}
+    assert record.ensemble.entry_penalty in PENALTIES
+    assert set(record.ensemble.topo_mean_by_penalty) == {str(p) for p in PENALTIES}
+    spec = json.loads((exp_dir / "ensemble" / ENSEMBLE_FILE).read_text())
+    assert sorted(spec["members"]) == ["members/train", "members/val"]
+    winner = exp.load_winner()
+    assert winner.trial_id == "ensemble" and winner.ensemble == record.ensemble
+    # The members' test split, which neither trained on: the ensemble beats its (first) member's model untrained.
+    untrained = untrained_figures(winner.config)
+    assert winner.test["n_proteins"] == untrained["n_proteins"] > 0 and winner.test["loss"] < untrained["loss"]
+    assert "ensemble `" in (exp_dir / "report.md").read_text()
+    # What a user takes home: predict reads the winner's ensemble directory.
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">p1\nMKTLLILAVLAAALAGCSSEKKPQWERTYLLLIVVAFAGSSKKR\n")
+    out = tmp_path / "pred"
+    subprocess.run([sys.executable, "-m", "protopo_ray.predict", "--checkpoint", str(exp_dir / "winner" / "checkpoint"),
+                    "--input", str(fasta), "--out-dir", str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
+    assert (out / "predicted.3line").read_text().startswith(">p1")
 
 
-def test_pick_winner_takes_the_runs_best_checkpoint(smoke_shards, tmp_path):
-    from protopo_ray.training.fit import LocalSession, fit
+@pytest.mark.ray
+@pytest.mark.long  # ~2 min on 2 cores (a Ray Train start-up): run by hand; the stage path above runs in CI
+def test_a_member_with_the_cluster_to_itself_is_a_ray_train_ddp_run(ray_cluster, smoke_shards, tmp_path):
+    run_smoke_search('folds = ["val"]\nmetric = "val_loss"\nmode = "min"\nmax_epochs = 1\n', ray_cluster, smoke_shards,
+                     tmp_path)
+    record = ExperimentDir(tmp_path / "smoke").load_stage("ensemble")
+    (member,) = record.trials
+    config = member.config
+    # one member on the 2-CPU cluster gets both cores as two DDP workers (promotion's plan), training on train only
+    assert (config.resources.num_workers, config.data.train_folds, config.data.val_folds) == (2, ("train",), ("val",))
+    workers = json.loads((Path(member.run_uri) / "workers.json").read_text())
+    assert len(workers) == 2
+    assert json.loads((tmp_path / "smoke" / "ensemble" / ENSEMBLE_FILE).read_text())["members"] == ["members/val"]
 
-    ctx = context(SEARCH, str(tmp_path / "train"))
-    config = trials.trial_config(ctx, {"model.lstm_size": 8}, "w").replace(
-        {"data.path": str(smoke_shards), "train.epochs": 2, "train.device": "cpu", "resources.gpus_per_worker": 0.0,
-         "resources.accelerator_type": "", "data.train_folds": ["train"], "data.val_folds": ["val"],
-         "data.test_folds": ["test"]})
-    fit(config, LocalSession(config))
-    run_dir = tmp_path / "train" / "architecture_w"
-    best_epoch = json.loads((run_dir / "best" / "meta.json").read_text())["epoch"]
-    record = trials.StageRecord(stage="architecture", kind="search", search="grid", scheduler="asha",
-                                metric="val_loss", mode="min", max_epochs=2, grace_epochs=1, reduction_factor=2,
-                                plan={}, wall_time_s=1.0, epochs_run=2, epochs_full=2, best_trial="w")
-    record.trials.append(trials.TrialRecord(
-        trial_id="w", params={}, config=config.to_dict(), status="completed", error=None, epochs=2, start_epoch=0,
-        resumed_from=None, best={"val_loss": 0.5}, last={}, history=[], checkpoint=str(run_dir / "checkpoint_epoch_0002"),
-        accelerator_hours=0.0, running_unix=None))
-    winner = tune.pick_winner(record, tmp_path / "exp")
-    assert winner["source"] == str(run_dir / "best")
-    assert json.loads((tmp_path / "exp" / "winner" / "checkpoint" / "meta.json").read_text())["epoch"] == best_epoch
-    assert 0 <= winner["test"]["overlap_acc"] <= 1
+
+def test_promotion_and_ensemble_stages_run_every_trial_to_its_budget(tmp_path):
+    exp = parse_experiment({"data": dict(FOLDS), "stages": [
+        {"name": "a", "grid": {"model.gc_size": [8, 16]}, "scheduler": "sha"},
+        {"name": "p", "kind": "promotion", "top_k": 2}, {"name": "e", "kind": "ensemble"}]}, source="x.toml")
+    search, promotion, ensemble = exp.stages
+    assert isinstance(promotion, PromotionStage) and promotion.num_trials() == 2 and ensemble.num_trials() == 4
+    plan = promotion.plan(Inventory((node_from_resources("n", {"CPU": 4}),)), exp.base, 600, PriceConfig())
+    for stage in (promotion, ensemble):
+        options = stage.tune_options(plan, 0, tmp_path / "h.json")
+        assert (options.scheduler, options.search_alg, options.max_concurrent_trials) == (None, None, 2)
+        assert stage.stopper is None and stage.record_fields() == {"scheduler": "none"}
+    # Synchronous halving waits for whole cohorts: no concurrency limit from Tune, or a rung would never fill.
+    options = search.tune_options(plan, 0, tmp_path / "h.json")
+    assert options.max_concurrent_trials is None and search.stopper == "halving"
+    assert "halving from epoch 1" in search.describe() and promotion.describe() == "continued from their checkpoints"

@@ -94,28 +94,26 @@ def tune_run(env, shards, experiment, cwd, *extra):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_checkpoints_round_trip_through_s3(s3_server, tmp_path, monkeypatch):
+def test_checkpoints_round_trip_through_s3(s3_server, tmp_path, monkeypatch, write_checkpoint):
     """The pieces a search uses on object storage, against the server: best/ copied up, a run continued from an
     s3:// checkpoint, a stage working copy mirrored and fetched back (the fast half of the search test below)."""
     from protopo_ray.config import Config
     from protopo_ray.data import storage
-    from protopo_ray.training.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
-    from protopo_ray.training.fit import continuation_state
+    from protopo_ray.training.checkpoint import copy_checkpoint
+    from protopo_ray.training.fit import continuation
 
     env, s3 = s3_server
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
                 "AWS_ENDPOINT_URL_S3"):
         monkeypatch.setenv(key, env[key])
     config = Config().replace({"model.gc_size": 4, "model.lstm_size": 4, "model.aa_embed_dim": 4})
-    local = save_checkpoint(tmp_path / "epoch_0002", TrainState(
-        model={}, optimizer=None, epoch=2, config=config.to_dict(), metrics={"val_loss": 0.4}, best_value=0.4,
-        rng=rng_state()))
+    local = write_checkpoint(tmp_path / "epoch_0002", config, epoch=2, metrics={"val_loss": 0.4}, best_value=0.4)
     copy_checkpoint(local, "s3://protopo/runs/exp/train", "trial_a/best")
     assert storage.exists("s3://protopo/runs/exp/train/trial_a/best/meta.json")
     # What Ray reports for that checkpoint ("bucket/key") gets its scheme back, and a continuation opens it.
     uri = storage.with_scheme("protopo/runs/exp/train/trial_a/best", like="s3://protopo/runs/exp/train")
-    state = continuation_state(config.replace({"train.init_checkpoint": uri}))
-    assert (state.epoch, state.best_value, state.metrics["val_loss"]) == (2, 0.4, 0.4)
+    start = continuation(config.replace({"train.init_checkpoint": uri}))
+    assert (start.epoch, start.meta.best_value, start.meta.metrics["val_loss"], start.config) == (2, 0.4, 0.4, config)
     (tmp_path / "work" / "stages").mkdir(parents=True)
     (tmp_path / "work" / "stages" / "search.json").write_text("{}")
     storage.upload(tmp_path / "work", "s3://protopo/runs/exp")
@@ -133,7 +131,7 @@ def test_shards_stream_from_s3(s3_server, smoke_shards, monkeypatch):
     from protopo_ray.data import shards, storage
     from protopo_ray.model.network import TopologyModel
     from protopo_ray.training import splits
-    from protopo_ray.training.fit import evaluate_split
+    from protopo_ray.training.evaluation import evaluate_split
 
     env, s3 = s3_server
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
@@ -153,7 +151,9 @@ def test_shards_stream_from_s3(s3_server, smoke_shards, monkeypatch):
 
 
 @pytest.mark.long
-def test_search_promotion_winner_and_resume_on_s3(s3_server, smoke_shards, tmp_path):
+def test_search_promotion_winner_and_resume_on_s3(s3_server, smoke_shards, tmp_path, untrained_figures):
+    from protopo_ray.config import Config
+
     env, s3 = s3_server
     experiment = tmp_path / "s3search.toml"
     experiment.write_text(EXPERIMENT)
@@ -173,7 +173,8 @@ def test_search_promotion_winner_and_resume_on_s3(s3_server, smoke_shards, tmp_p
     assert s3.get_file_info(f"{run}/best/meta.json").size > 0
     winner = json.loads(read(s3, f"{root}/winner/winner.json"))
     assert winner["trial_id"] == trial["trial_id"] and winner["source"].startswith("s3://")
-    assert 0 <= winner["test"]["overlap_acc"] <= 1
+    untrained = untrained_figures(Config.from_dict(winner["config"]))
+    assert winner["test"]["n_proteins"] == untrained["n_proteins"] and winner["test"]["loss"] < untrained["loss"]
     assert not (tmp_path / "runs").exists()  # nothing of the experiment itself went to the local disk
 
     # --resume on a machine without the working copy: the finished stages come back from S3.

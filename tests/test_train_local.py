@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from protopo_ray import predict, train
+from protopo_ray.data import collate, shards
 from protopo_ray.model.metrics import protein_type
-from protopo_ray.training.checkpoint import find_checkpoints, load_checkpoint, load_latest_valid
-from protopo_ray.training.fit import evaluate_checkpoint
+from protopo_ray.training.checkpoint import ModelInputs, find_checkpoints, load_checkpoint, load_latest_valid
+from protopo_ray.training.evaluation import evaluate_checkpoint
+from protopo_ray.training.predictor import load_predictor
 
 
 def run_local(smoke_shards, tmp_path, *extra):
@@ -33,25 +35,26 @@ def test_local_run_resume_and_checkpoint_predictions(smoke_shards, tmp_path):
     # --resume continues from the latest checkpoint to the new total: epochs 3 and 4 only.
     assert run_local(smoke_shards, tmp_path, "--resume", "--set", "train.epochs=4") == 0
     assert epochs(run_dir) == [1, 2, 3, 4]
-    latest, state = load_latest_valid(find_checkpoints(run_dir))
-    assert state.epoch == 4 and latest.name.endswith("0004")
+    latest = load_latest_valid(find_checkpoints(run_dir))
+    assert latest.epoch == 4 and latest.path.name.endswith("0004")
     # Evaluating the checkpoint in a fresh process state gives the metrics reported for that epoch.
     reported = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    metrics = evaluate_checkpoint(latest, split="val")
+    metrics = evaluate_checkpoint(latest.path, split="val")
     assert metrics["loss"] == pytest.approx(reported["val_loss"], rel=1e-5)
     assert metrics["residue_acc"] == pytest.approx(reported["val_residue_acc"])
 
 
-def test_checkpoint_load_gives_identical_predictions(smoke_shards, tmp_path):
+def test_checkpoint_load_gives_identical_predictions_and_describes_its_inputs(smoke_shards, tmp_path):
     assert run_local(smoke_shards, tmp_path, "--set", "train.epochs=1") == 0
     checkpoint = find_checkpoints(tmp_path / "runs" / "local")[0]
-    model_a, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
-    model_b, _, _ = predict.load_model(checkpoint, torch.device("cpu"))
-    from protopo_ray.data import collate, shards
-
+    model_a, model_b = load_predictor(checkpoint).module, load_predictor(checkpoint).module
     batch = collate.table_to_batch(shards.read_table(smoke_shards, folds=["val"]))
     assert torch.equal(model_a(batch), model_b(batch))
-    assert load_checkpoint(checkpoint).config["data"]["path"] == str(smoke_shards)
+    loaded = load_checkpoint(checkpoint)
+    assert loaded.config.data.path == str(smoke_shards)
+    # What new proteins need to be built like the training ones, from the shards' manifest, not from a guess.
+    assert loaded.meta.inputs == ModelInputs.of_manifest(shards.read_manifest(smoke_shards))
+    assert loaded.meta.inputs.graph_k == 16 and loaded.meta.inputs.graph_sources == {"structure": 60}
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_path, caplog):
@@ -59,16 +62,14 @@ def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_pa
     checkpoints = find_checkpoints(tmp_path / "runs" / "local")
     newest = max(checkpoints, key=lambda p: p.name)
     (newest / "state.pt").write_bytes(b"truncated")
-    found, state = load_latest_valid(checkpoints)
-    assert state.epoch == 2 and found != newest
+    found = load_latest_valid(checkpoints)
+    assert found.epoch == 2 and found.path != newest
     assert "unreadable checkpoint" in caplog.text
 
 
 def test_predict_cli_writes_3line_and_metrics(smoke_shards, tmp_path, capsys):
     assert run_local(smoke_shards, tmp_path, "--set", "train.epochs=1") == 0
     checkpoint = find_checkpoints(tmp_path / "runs" / "local")[0]
-    from protopo_ray.data import shards
-
     table = shards.read_table(smoke_shards, folds=["test"])
     source = tmp_path / "in.3line"
     source.write_text("".join(f">{r['id']}|{r['type']}\n{r['sequence']}\n{r['labels']}\n" for r in table.to_pylist()))
@@ -114,4 +115,4 @@ def test_best_never_regresses_after_a_resume(smoke_shards, tmp_path):
     after = json.loads((best_dir / "meta.json").read_text())
     assert after["metrics"]["val_loss"] == pytest.approx(min(losses))
     assert after["epoch"] == before["epoch"] or after["metrics"]["val_loss"] < before["metrics"]["val_loss"]
-    assert load_checkpoint(best_dir).best_value == pytest.approx(min(losses))
+    assert load_checkpoint(best_dir).meta.best_value == pytest.approx(min(losses))

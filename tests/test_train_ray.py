@@ -12,9 +12,11 @@ import pytest
 from protopo_ray import train
 from protopo_ray.data import shards
 from protopo_ray.training.checkpoint import find_checkpoints, load_latest_valid
-from protopo_ray.training.fit import evaluate_checkpoint
+from protopo_ray.training.evaluation import evaluate_checkpoint
+from protopo_ray.training.fit import fit
+from protopo_ray.training.session import LocalSession
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray]
 
 
 def run(smoke_shards, storage, name, *extra):
@@ -38,9 +40,9 @@ def test_ddp_two_workers_disjoint_exact_validation_and_resume(ray_cluster, smoke
         assert row["train_proteins_all_ranks"] > num_train // 2
     # Validation was computed over the whole split across both ranks: it equals one process evaluating
     # the same checkpoint on the same split.
-    checkpoint, state = load_latest_valid(find_checkpoints(run_dir))
-    assert state.epoch == 3
-    single = evaluate_checkpoint(checkpoint, split="val")
+    latest = load_latest_valid(find_checkpoints(run_dir))
+    assert latest.epoch == 3
+    single = evaluate_checkpoint(latest.path, split="val")
     assert single["n_proteins"] == rows[-1]["val_n_proteins"] == shards.read_table(smoke_shards, folds=["val"]).num_rows
     assert single["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
     assert single["residue_acc"] == pytest.approx(rows[-1]["val_residue_acc"])
@@ -64,8 +66,7 @@ def test_ddp_two_workers_on_ray_data_streams(ray_cluster, smoke_shards, tmp_path
         assert row["train_rank_overlap"] == 0
         # equal=True splits and lockstep drop at most a couple of batches' tail per rank
         assert num_train - 2 * 8 <= row["train_proteins_all_ranks"] <= num_train
-    checkpoint, _ = load_latest_valid(find_checkpoints(run_dir))
-    single = evaluate_checkpoint(checkpoint, split="val")
+    single = evaluate_checkpoint(load_latest_valid(find_checkpoints(run_dir)).path, split="val")
     assert single["n_proteins"] == rows[-1]["val_n_proteins"]
     assert single["loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
     assert single["overlap_acc"] == pytest.approx(rows[-1]["val_overlap_acc"])
@@ -116,15 +117,13 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, smoke_shards, t
 def test_continuation_from_one_worker_to_two_keeps_lr_and_best(ray_cluster, smoke_shards, tmp_path):
     """A run searched on one worker continues on two: its linear schedule spans its own new budget (LR > 0 on
     every epoch), it keeps the searched global batch (same steps per epoch), and best/ never regresses."""
-    from protopo_ray.training.fit import LocalSession, fit
-
     config = train.resolve(train.build_parser().parse_args([
         "--config", "experiments/smoke.toml", "--set", f"data.path='{smoke_shards}'", "--storage", str(tmp_path),
         "--set", "name=searched", "--set", "train.epochs=2", "--set", "train.schedule='linear'",
         "--set", "train.num_threads=1", "--set", "train.metric='val_loss'", "--set", "train.mode='min'"]))
     fit(config, LocalSession(config))
     searched = history(tmp_path / "searched")
-    start, _ = load_latest_valid(find_checkpoints(tmp_path / "searched"))
+    start = load_latest_valid(find_checkpoints(tmp_path / "searched")).path
     assert run(smoke_shards, tmp_path, "promoted", "--num-workers", "2", "--set", "train.epochs=6",
                "--set", "train.schedule='linear'", "--set", f"train.init_checkpoint='{start}'",
                "--set", "train.metric='val_loss'", "--set", "train.mode='min'") == 0

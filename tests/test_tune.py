@@ -67,7 +67,6 @@ def test_dashboard_answers_on_loopback_only(ray_cluster):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 @pytest.mark.long  # ~275 s on 2 cores: run by hand (`-m long`); CI's suite stays well under 15 minutes
 def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}

@@ -60,7 +60,6 @@ max_epochs = 1
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 def test_search_trials_share_the_logical_gpu_as_planned(smoke_shards, tmp_path):
     experiment = tmp_path / "placement.toml"
     experiment.write_text(EXPERIMENT)

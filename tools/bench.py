@@ -324,7 +324,7 @@ def write_markdown(results: dict, meta: dict, path: Path) -> None:
               "The reference project's own test predictions (fold cv2) rescored with this project's metrics, next to "
               "this project's quality run (`python -m protopo_ray.train --config experiments/deeptmhmm_quality.toml "
               "--local`), its best checkpoint (`runs/deeptmhmm_quality/best`) evaluated on cv2 with "
-              "`protopo_ray.training.fit.evaluate_checkpoint`, and the other quality runs' rows (tools/quality_decode.py, "
+              "`protopo_ray.training.evaluation.evaluate_checkpoint`, and the other quality runs' rows (tools/quality_decode.py, "
               "tools/quality_ensemble.py). Those rows are carried over from the previous file (every line tagged "
               "QUALITY); a TBD row marks a quality run not yet evaluated.", ""]
     lines += quality_table(results, quality_rows)

@@ -31,7 +31,8 @@ def record_curves(max_proteins: int, run_dir: Path, indices: list[int] | None = 
     already holds every epoch is not trained again, so several processes can share the grid and a killed run
     continues. Returns the recorded curves of every finished config."""
     from protopo_ray.search.experiment import load_experiment
-    from protopo_ray.training.fit import LocalSession, fit
+    from protopo_ray.training.fit import fit
+    from protopo_ray.training.session import LocalSession
 
     base = load_experiment(ROOT / "experiments" / "bench_asha.toml").base
     base = base.replace({"data.path": str(ROOT / base.data.path), "data.max_proteins": max_proteins,

@@ -102,7 +102,7 @@ def interleaved_loops(data: str, values: dict, epochs: int = 3) -> dict:
     from protopo_ray.data import batching, shards
     from protopo_ray.model.network import TopologyModel
     from protopo_ray.training import loop
-    from protopo_ray.training.fit import iter_batches
+    from protopo_ray.training.loop import iter_batches
     from protopo_ray.training.schedule import EpochSchedule
     from protopo_ray.training.splits import MemorySplit
 

@@ -18,14 +18,8 @@ from torch_geometric.data import Batch, Data
 from protopo_ray.config import ModelConfig
 from protopo_ray.data.alphabet import NUM_AA_TOKENS, NUM_LABELS
 from protopo_ray.data.graphs import DEFAULT_K
-from protopo_ray.model.network import (
-    NUM_EDGE_FEATURES,
-    NUM_NODE_FEATURES,
-    TopologyModel,
-    _activation_elements_per_residue,
-    count_parameters,
-    footprint,
-)
+from protopo_ray.model.footprint import activation_elements_per_residue, footprint
+from protopo_ray.model.network import NUM_EDGE_FEATURES, NUM_NODE_FEATURES, TopologyModel, count_parameters
 
 GRID_CORNERS = [(64, 128, 1), (512, 512, 4), (64, 128, 4)]  # (gc_size, lstm_size, lstm_layers); last = final choice
 
@@ -103,7 +97,7 @@ def calibrate() -> None:
     for cfg in configs:
         torch.manual_seed(0)
         measured = saved_activation_bytes(TopologyModel(cfg), batch)
-        estimate = _activation_elements_per_residue(cfg) * 4 * batch.num_nodes
+        estimate = activation_elements_per_residue(cfg) * 4 * batch.num_nodes
         print(f"{cfg.gc_operator:9s} gc {cfg.gc_size:3d}x{cfg.gc_layers} lstm {cfg.lstm_size:3d}x{cfg.lstm_layers} "
               f"bi={int(cfg.bidirectional)}: measured {measured / 2**20:7.1f} MiB, estimate {estimate / 2**20:7.1f} MiB, "
               f"ratio {measured / estimate:.2f}")

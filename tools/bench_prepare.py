@@ -5,7 +5,7 @@
 1. Per core: `prepare_synthetic(serial_n)` in this process (graphs built and shards written serially); the rate
    is over this process's CPU time (time.process_time), so it is not flattered or penalised by other jobs on a
    shared machine.
-2. Ray: `prepare_synthetic(n, use_ray=True)` on a new private local cluster of `workers` CPUs (RAY_ADDRESS=local),
+2. Ray: `prepare_synthetic(n, builder=RayBuilder(workers))` on a new private local cluster of `workers` CPUs (RAY_ADDRESS=local),
    writing the set to `--out` (left there for the streaming scale test). Wall-clock rate (Ray start-up excluded,
    Ray Data's start included), the tasks' own CPU time (proteins per CPU second inside Ray), and the speed-up
    over one core, and the CPUs the tasks actually got (task CPU s / wall s: below `workers` when other jobs
@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from protopo_ray.data import shards
-from protopo_ray.prepare import prepare_synthetic
+from protopo_ray.data.build import LocalBuilder, prepare_synthetic
 
 
 def per_core(n: int, seed: int) -> dict[str, float]:
@@ -48,7 +48,7 @@ def with_ray(n: int, workers: int, out: Path, seed: int, overwrite: bool) -> dic
     prepare_tasks.connect(None, workers)
     ray_start_s = time.perf_counter() - start
     try:
-        summary = prepare_synthetic(n, out, seed=seed, use_ray=True, workers=workers, overwrite=overwrite)
+        summary = prepare_synthetic(n, out, seed=seed, builder=prepare_tasks.RayBuilder(workers), overwrite=overwrite)
     finally:
         prepare_tasks.disconnect()
     residues = summary.manifest["num_residues"]
@@ -61,7 +61,7 @@ def with_ray(n: int, workers: int, out: Path, seed: int, overwrite: bool) -> dic
 def compare(n: int, workers: int, seed: int) -> dict[str, float]:
     """Wall-clock proteins/s of the process pool and of Ray on the same `n`, back to back."""
     with tempfile.TemporaryDirectory() as tmp:
-        pool = prepare_synthetic(n, Path(tmp) / "pool", seed=seed, workers=workers)
+        pool = prepare_synthetic(n, Path(tmp) / "pool", seed=seed, builder=LocalBuilder(workers))
         print(f"process pool, {workers} workers, {n} proteins: {n / pool.elapsed_s:.1f} structures/s", flush=True)
         ray_run = with_ray(n, workers, Path(tmp) / "ray", seed, False)
     return {"n": n, "workers": workers, "pool_proteins_per_s": n / pool.elapsed_s,

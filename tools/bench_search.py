@@ -29,7 +29,7 @@ from protopo_ray.search.halving import rungs, survivors
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "experiments/bench_asha.toml"
-# RAY_ADDRESS=local: the search starts its own private Ray instance (protopo_ray.cluster.ray_init) even where
+# RAY_ADDRESS=local: the search starts its own private Ray instance (protopo_ray.cluster.connect.ray_init) even where
 # another session's cluster runs on this machine. A longer worker-group start-up timeout than Ray Train's 60 s,
 # which expired for trials on the 2-core machine under load (searches then stalled, docs/benchmarks.md);
 # `--asha-from` summarises whatever a search left.
@@ -144,9 +144,7 @@ def summarize(exp_dir: Path) -> dict:
 def tune_listed_order(spec) -> list[dict]:
     """The grid points in the order Tune starts a listed grid (order = "listed"): keys sorted by name, the
     first varying fastest (checked against the listed benchmark run's trial ids)."""
-    from protopo_ray.search.trials import grid_points
-
-    return sorted(grid_points(spec), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])
+    return sorted(spec.grid_points(), key=lambda p: [spec.grid[k].index(p[k]) for k in sorted(spec.grid, reverse=True)])
 
 
 def replay_asha(curves: list[list[float]], order: list[int], grace: int, rf: int, max_t: int) -> tuple[int, int]:

@@ -93,7 +93,8 @@ def throughput(data: str, pairs: int, storage: str, budget: int) -> dict:
     import torch
 
     from protopo_ray.config import load_config
-    from protopo_ray.training.fit import LocalSession, fit
+    from protopo_ray.training.fit import fit
+    from protopo_ray.training.session import LocalSession
 
     torch.set_num_threads(1)
     # bench_asha.toml's small model (GC 32 x 2, biLSTM 32 x 2) on the whole real split: a small model makes the
@@ -160,7 +161,9 @@ def quality(data: str, epochs: int, storage: str, budget: int) -> dict:
     import torch
 
     from protopo_ray.config import load_config
-    from protopo_ray.training.fit import LocalSession, evaluate_checkpoint, fit
+    from protopo_ray.training.evaluation import evaluate_checkpoint
+    from protopo_ray.training.fit import fit
+    from protopo_ray.training.session import LocalSession
 
     torch.set_num_threads(1)
     base = load_config("experiments/bench_asha.toml", {"data.path": data, "data.max_proteins": 0,

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from protopo_ray.model.ensemble import load_model, mean_log_posteriors, score
 from protopo_ray.model import ensemble
-from protopo_ray.training import fit, splits
+from protopo_ray.model.ensemble import mean_log_posteriors, score
+from protopo_ray.training import loop, splits
 from protopo_ray.training.checkpoint import checkpoint_epoch, find_checkpoints
+from protopo_ray.training.predictor import load_predictor
 
 
 def split_batches(config, split: str) -> list:
     memory = splits.local_split(config, split, mode="memory")
-    return list(fit.collated(memory.eval_batches(0, 1), depth=0))
+    return list(loop.collated(memory.eval_batches(0, 1), depth=0))
 
 
 @torch.no_grad()
@@ -51,8 +52,8 @@ def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, d
 
 
 def run_rows(crf_dir: Path, ce_dir: Path) -> dict:
-    crf_model, crf_config = load_model(crf_dir / "best")
-    ce_model, ce_config = load_model(ce_dir / "best")
+    crf, ce = load_predictor(crf_dir / "best"), load_predictor(ce_dir / "best")
+    crf_model, crf_config, ce_model = crf.module, crf.config, ce.module
     val, test = split_batches(crf_config, "val"), split_batches(crf_config, "test")
     rows: dict[str, dict] = {}
 
@@ -91,8 +92,8 @@ def rank_rows(run_dir: Path, checkpoints_dir: Path | None = None) -> list[dict]:
     epochs = sorted((checkpoint_epoch(p), p) for p in find_checkpoints(checkpoints_dir or run_dir) if p.name != "best")
     test, out = None, []
     for epoch, path in epochs:
-        model, config = load_model(path)
-        test = test or split_batches(config, "test")
+        predictor = load_predictor(path)
+        model, test = predictor.module, test or split_batches(predictor.config, "test")
         logits = outputs(model, test)
         figures = score(test, [model.decode(b, o) for b, o in zip(test, logits)])
         h = history.get(epoch, {})

@@ -23,16 +23,10 @@ import numpy as np
 import torch
 
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS, protein_type
-from protopo_ray.model.ensemble import (
-    choose_entry_penalty,
-    load_model,
-    load_predictor,
-    mean_log_posteriors,
-    read_ensemble,
-    score,
-)
+from protopo_ray.model.ensemble import choose_entry_penalty, mean_log_posteriors, score
 from protopo_ray.model.metrics import segments, topology_match
 from protopo_ray.training.checkpoint import checkpoint_epoch
+from protopo_ray.training.predictor import load_predictor, read_ensemble
 from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
 
 LETTERS = np.array(list(LABELS))
@@ -76,7 +70,8 @@ def labelled_strings(batches: list, decoded: list[torch.Tensor]):
 
 
 def member_rows(member: Path, test: list) -> dict[str, dict]:
-    model, config = load_model(member)
+    predictor = load_predictor(member)
+    model, config = predictor.module, predictor.config
     val = split_batches(config, "val")
     with torch.no_grad():
         val_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(val, outputs(model, val))]
@@ -95,7 +90,7 @@ def member_rows(member: Path, test: list) -> dict[str, dict]:
 
 
 def ensemble_row(path: Path, test: list) -> dict:
-    predictor, _ = load_predictor(path)
+    predictor = load_predictor(path).module
     with torch.no_grad():
         start = time.process_time()
         log_probs = outputs(predictor, test)
@@ -139,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     path = Path(args.exp) / "winner" / "checkpoint"
     members = [Path(c) for c in args.checkpoints] if args.checkpoints else read_ensemble(path)[0]
-    test = split_batches(load_model(members[0])[1], "test")
+    test = split_batches(load_predictor(members[0]).config, "test")
     rows: dict = {}
     for member in members:
         rows.update({f"{member.parent.name}:{key}": row for key, row in member_rows(member, test).items()}

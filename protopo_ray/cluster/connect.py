@@ -6,6 +6,10 @@ import os
 import sys
 from typing import Any
 
+import ray
+from ray._private import services
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
 _started_local_cluster = False
 
 
@@ -20,8 +24,6 @@ def running_cluster() -> str | None:
     `ray.init(address="auto")` trusts the address file of the last `ray start`; after that cluster died it
     retries a dead GCS for minutes. Only addresses of live GCS processes count here.
     """
-    from ray._private import services
-
     live = services.find_gcs_addresses()
     recorded = services.find_bootstrap_address(None)
     if recorded and recorded in live:
@@ -36,8 +38,6 @@ def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | No
     workers' output to this process) and `logging_level` (of the driver's "ray" logger) apply either way,
     Ray's defaults when None; `kwargs` go to a new local cluster.
     """
-    import ray
-
     if ray.is_initialized():
         return None
     driver = {k: v for k, v in (("log_to_driver", log_to_driver), ("logging_level", logging_level)) if v is not None}
@@ -69,9 +69,6 @@ def release_leaked_placement_groups() -> None:
     """
     if not started_local_cluster():
         return
-    import ray
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
     for pg_id, info in placement_group_table().items():
         if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))

@@ -1,15 +1,15 @@
 """Ray Data side of training: the split datasets a Ray Train run gets, and a worker's view of them.
 
-Two paths, chosen by one rule (`stream.loading_mode`):
+Two paths, chosen by one rule (`splits.loading_mode`):
 - **memory** (small sets, e.g. DeepTMHMM's 3.5k proteins): the driver reads each split with pyarrow and puts
   it in the object store (`from_arrow`); every rank streams the whole split once into one table and cuts its
-  slice of the exact seeded global plan (`stream.MemorySplit`). Re-running a Ray Data pipeline per epoch cost
+  slice of the exact seeded global plan (`splits.MemorySplit`). Re-running a Ray Data pipeline per epoch cost
   seconds an epoch on 2 cores, more than a small epoch itself.
 - **stream**: the driver reads nothing but the manifest. `ray.data.read_parquet` read tasks on the cluster
   feed `streaming_split` iterators, one per rank: train with `equal=True` (every rank the same number of
   rows), validation with `equal=False` (every protein exactly once, so its metrics stay exact); each epoch
   re-executes the pipeline with the file order reshuffled, and the rank buckets its stream
-  (`stream.StreamSplit`). Read tasks ask for `DATA_CPUS` CPUs: the workers hold the node's CPUs, and a read
+  (`splits.StreamSplit`). Read tasks ask for `DATA_CPUS` CPUs: the workers hold the node's CPUs, and a read
   task that waits for a whole free CPU never starts (measured here, docs/benchmarks.md).
 """
 
@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import ray.data
+import ray.train
 
 from protopo_ray.config import Config
 from protopo_ray.data import shards
@@ -46,16 +48,12 @@ def _quiet_progress() -> None:
     """Every rank streams each split; Ray Data's per-stream progress bars would flood the console (200k lines
     for a 24-trial benchmark search). The dashboard shows dataset progress; RAY_DATA_DISABLE_PROGRESS_BARS=0
     brings them back. A dataset keeps the context it was created under, so this reaches the workers."""
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "0"
 
 
 def load_datasets(config: Config) -> dict[str, Any]:
     """Ray Data datasets of the train and validation splits for a TorchTrainer (a stage builds them once and
     hands the same datasets to every trial)."""
-    import ray.data
-
     _quiet_progress()
     if run_mode(config) == "memory":
         return {split: ray.data.from_arrow(shards.read_table(config.data.path, folds=split_folds(config, split)))
@@ -81,17 +79,13 @@ def read_shard_files(batch: pa.Table, *, path: str, folds: tuple[str, ...]) -> I
 
 def data_config(config: Config):
     """How Train hands the datasets to ranks: unsplit (memory) or one streaming split per rank (stream)."""
-    import ray.train
-
     if run_mode(config) == "memory":
         return ray.train.DataConfig(datasets_to_split=[])  # every rank takes its slice of one global plan
     return streaming_data_config()
 
 
 def streaming_data_config():
-    """A DataConfig that splits every dataset per rank (the class is made here: this module imports no Ray)."""
-    import ray.train
-
+    """A DataConfig that splits every dataset per rank."""
     class StreamingDataConfig(ray.train.DataConfig):
         """Train split `equal=True` (same rows on every rank), validation `equal=False` (each protein once)."""
 
@@ -110,8 +104,6 @@ def streaming_data_config():
 
 def worker_split(name: str, config: Config) -> Split:
     """Inside a Ray Train worker: this rank's split, as the run's mode says."""
-    import ray.train
-
     iterator = ray.train.get_dataset_shard(name)
     folds = split_folds(config, name)
     if run_mode(config) == "memory":

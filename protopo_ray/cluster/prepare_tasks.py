@@ -2,7 +2,7 @@
 
 The driver holds only the inputs (records, or synthetic indices) and the tasks' small reports. Inputs are cut
 into batches of at most `shards.MAX_ROWS_PER_FILE`; each batch is one Ray Data task that builds its graphs
-with the same functions as the process-pool path (`prepare._record_rows` / `prepare._synthetic_rows`:
+with the same row functions as the process-pool path (`build.record_rows` / `build.synthetic_rows`:
 structures.load_aligned_ca, synthetic.generate_protein, graphs.build_graph) and writes its own shard files
 `part-<task>-<n>.parquet` with a `shards.ShardWriter` (same schema, same streaming layout) straight into the
 output: a directory (the driver's temp dir; on a multi-node cluster it must be shared by the nodes) or
@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import ray
+import ray.data
 
-from protopo_ray.data import shards
-from protopo_ray.prepare import PrepareSummary, _count, _progress
+from protopo_ray.cluster.connect import ray_init, started_local_cluster
+from protopo_ray.data import shards, storage
+from protopo_ray.data.build import PrepareSummary, RowFunction, count_row, progress_bar
 
 TASKS_PER_CPU = 4
 """Batches per CPU at least (smaller batches for small inputs), so long and short proteins even out."""
@@ -31,11 +35,6 @@ TASKS_PER_CPU = 4
 def connect(address: str | None = None, workers: int | None = None) -> None:
     """Join the cluster at `address` (else the project's rule: RAY_ADDRESS, a running `ray start`, else a new
     local cluster of `workers` CPUs)."""
-    import os
-    import socket
-
-    from protopo_ray.cluster.connect import ray_init
-
     if address is not None:
         os.environ["RAY_ADDRESS"] = address
     # A new local cluster's dashboard on a free port, not Ray's default 8265 (another cluster's on a shared host).
@@ -47,10 +46,6 @@ def connect(address: str | None = None, workers: int | None = None) -> None:
 
 def disconnect() -> None:
     """Shut down the local cluster this process started (a joined cluster keeps running)."""
-    import ray
-
-    from protopo_ray.cluster.connect import started_local_cluster
-
     if ray.is_initialized() and started_local_cluster():
         ray.shutdown()
 
@@ -60,17 +55,17 @@ def task_size(num_inputs: int, parallelism: int) -> int:
     return max(1, min(shards.MAX_ROWS_PER_FILE, math.ceil(num_inputs / (TASKS_PER_CPU * max(1, parallelism)))))
 
 
-def _build_batch(batch: dict[str, np.ndarray], *, fn: Callable, args: tuple, root: str,
-                 write_args: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The Ray Data task: rows of `fn(jobs, *args)` for each input batch, written as that batch's shard files;
-    returns one JSON report per batch (shard entries, length histogram, (id, graph source or fallback reason)
-    per protein, CPU seconds)."""
+def build_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tuple, root: str,
+               write_args: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The Ray Data task: rows of `rows_of(jobs, *args)` for each input batch, written as that batch's shard
+    files; returns one JSON report per batch (shard entries, length histogram, (id, graph source or fallback
+    reason) per protein, CPU seconds)."""
     reports = []
     for task, payload in zip(batch["task"], batch["payload"]):
         start = time.process_time()
         writer = shards.ShardWriter(root, file_prefix=f"part-{int(task):05d}", clear=False, **write_args)
         sources = []
-        for row, source in fn(pickle.loads(payload), *args):
+        for row, source in rows_of(pickle.loads(payload), *args):
             writer.add(row)
             sources.append((row["id"], source))
         entries, histogram = writer.finish()
@@ -79,46 +74,49 @@ def _build_batch(batch: dict[str, np.ndarray], *, fn: Callable, args: tuple, roo
     return {"report": np.array(reports, dtype=object)}
 
 
-def write_shards_ray(fn: Callable, jobs: list, args: tuple, out_dir: str, summary: PrepareSummary, *, what: str,
-                     workers: int | None = None, k: int, sources: dict[str, str] | None = None,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Shards + manifest of `fn`'s rows over `jobs` under `out_dir`, built by Ray Data tasks (at most `workers` at
-    once; default every CPU). Accounts each protein in `summary`; `summary.task_cpu_s` gets the tasks' CPU time."""
-    import ray
-    import ray.data
+class RayBuilder:
+    """Builds rows and writes shards in Ray Data tasks, at most `workers` at once (default: every CPU of the
+    cluster); the same call as `build.LocalBuilder`. `summary.task_cpu_s` gets the tasks' CPU time."""
 
-    if not ray.is_initialized():
-        connect(None, workers)
-    fs, root = shards._filesystem(out_dir)
-    fs.create_dir(root, recursive=True)
-    parallelism = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    size = task_size(len(jobs), parallelism)
-    items = [{"task": i, "payload": pickle.dumps(jobs[start:start + size])}
-             for i, start in enumerate(range(0, len(jobs), size))]
-    # Our own bar counts proteins; Ray Data's operator bars would draw over it.
-    context = ray.data.DataContext.get_current()
-    shown, context.enable_progress_bars = context.enable_progress_bars, False
-    compute = ray.data.TaskPoolStrategy(size=workers) if workers else None
-    done: list[dict[str, Any]] = []
-    try:
-        reports = (ray.data.from_items(items, override_num_blocks=len(items))
-                   .map_batches(_build_batch, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
-                                fn_kwargs={"fn": fn, "args": args, "root": root, "write_args": {"k": k}}))
-        progress, bar = _progress(len(jobs), f"{what} (Ray, {len(items)} tasks)")
-        with progress:
-            for row in reports.iter_rows():
-                report = json.loads(row["report"])
-                done.append(report)
-                progress.advance(bar, len(report["sources"]))
-    finally:
-        context.enable_progress_bars = shown
-    done.sort(key=lambda report: report["task"])  # input order, whatever order the tasks finished in
-    for report in done:
-        for protein_id, source in report["sources"]:
-            _count(summary, protein_id, source)
-    summary.task_cpu_s = sum(report["cpu_s"] for report in done)
-    entries = [entry for report in done for entry in report["shards"]]
-    manifest = shards.build_manifest(entries, [report["histogram"] for report in done], k=k, sources=sources,
-                                     extra=extra)
-    shards.write_manifest(fs, root, manifest)
-    return manifest
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers
+
+    def __call__(self, rows_of: RowFunction, jobs: list, args: tuple, target: str, summary: PrepareSummary, *,
+                 what: str, k: int, sources: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not ray.is_initialized():
+            connect(None, self.workers)
+        fs, root = storage.filesystem(target)
+        fs.create_dir(root, recursive=True)
+        parallelism = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        size = task_size(len(jobs), parallelism)
+        items = [{"task": i, "payload": pickle.dumps(jobs[start:start + size])}
+                 for i, start in enumerate(range(0, len(jobs), size))]
+        # Our own bar counts proteins; Ray Data's operator bars would draw over it.
+        context = ray.data.DataContext.get_current()
+        shown, context.enable_progress_bars = context.enable_progress_bars, False
+        compute = ray.data.TaskPoolStrategy(size=self.workers) if self.workers else None
+        done: list[dict[str, Any]] = []
+        try:
+            reports = (ray.data.from_items(items, override_num_blocks=len(items))
+                       .map_batches(build_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                    fn_kwargs={"rows_of": rows_of, "args": args, "root": root,
+                                               "write_args": {"k": k}}))
+            progress, bar = progress_bar(len(jobs), f"{what} (Ray, {len(items)} tasks)")
+            with progress:
+                for row in reports.iter_rows():
+                    report = json.loads(row["report"])
+                    done.append(report)
+                    progress.advance(bar, len(report["sources"]))
+        finally:
+            context.enable_progress_bars = shown
+        done.sort(key=lambda report: report["task"])  # input order, whatever order the tasks finished in
+        for report in done:
+            for protein_id, source in report["sources"]:
+                count_row(summary, protein_id, source)
+        summary.task_cpu_s = sum(report["cpu_s"] for report in done)
+        entries = [entry for report in done for entry in report["shards"]]
+        manifest = shards.build_manifest(entries, [report["histogram"] for report in done], k=k, sources=sources,
+                                         extra=extra)
+        shards.write_manifest(fs, root, manifest)
+        return manifest

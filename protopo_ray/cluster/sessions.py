@@ -1,4 +1,4 @@
-"""Ray side of a run: the sessions `runner.fit` runs under on a cluster.
+"""The sessions `training.fit` runs under on a cluster; this code runs inside Ray workers and Tune trial processes.
 
 `RaySession`: one rank of a Ray Train DDP worker group (data streamed by Ray Data, gloo/NCCL, Train checkpoints).
 `TuneSession`: a single-worker trial run inside its Tune trial process, which holds the worker's resources
@@ -14,20 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import ray.tune
 import torch
+import torch.distributed as dist
 
 from protopo_ray.cluster.datasets import worker_split
 from protopo_ray.config import Config
 from protopo_ray.data import shards, storage
 from protopo_ray.training.checkpoint import (
+    Checkpoint,
     CheckpointError,
-    TrainState,
     copy_checkpoint,
     find_checkpoints,
     load_checkpoint,
     load_latest_valid,
 )
 from protopo_ray.training.fit import fit
+from protopo_ray.training.layout import BEST_DIR, META_FILE, METRICS_FILE
 from protopo_ray.training.memory import process_watch
 from protopo_ray.training.splits import MemorySplit, Split, loading_mode, local_split, split_folds
 
@@ -42,8 +48,6 @@ class StorageSession:
     world_size: int
 
     def __init__(self, config: Config) -> None:
-        import ray
-
         self.config = config
         self.history: list[str] = []
         runtime = ray.get_runtime_context()
@@ -55,7 +59,7 @@ class StorageSession:
         return [value]
 
     def save_best(self, checkpoint_dir: Path) -> None:
-        copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/best")
+        copy_checkpoint(checkpoint_dir, self.config.resources.storage, f"{self.config.name}/{BEST_DIR}")
 
     def record(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
         """Rank 0's files for one epoch (every rank calls it: placements and peak memory are gathered)."""
@@ -84,21 +88,19 @@ class StorageSession:
         if not self.history:  # first report of this worker group: keep what earlier attempts wrote
             filesystem, run_dir = self._run_dir()
             try:
-                with filesystem.open_input_stream(f"{run_dir}/metrics.jsonl") as handle:
+                with filesystem.open_input_stream(f"{run_dir}/{METRICS_FILE}") as handle:
                     lines = handle.read().decode().splitlines()
                 self.history = [line for line in lines if json.loads(line).get("epoch", 0) < metrics["epoch"]]
             except (FileNotFoundError, OSError, ValueError):
                 self.history = []
         self.history.append(json.dumps(metrics))
-        self._write_file("metrics.jsonl", "\n".join(self.history) + "\n")
+        self._write_file(METRICS_FILE, "\n".join(self.history) + "\n")
 
 
 class RaySession(StorageSession):
     """A rank of a Ray Train worker group: its split streamed through Ray Data, DDP, checkpoints via Train."""
 
     def __init__(self, config: Config) -> None:
-        import ray.train
-
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -110,8 +112,6 @@ class RaySession(StorageSession):
     def all_min(self, value: int) -> int:
         if self.world_size <= 1:
             return value
-        import torch.distributed as dist
-
         # NCCL reduces device tensors only; gloo host tensors.
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor([value], dtype=torch.int64, device=device)
@@ -119,8 +119,6 @@ class RaySession(StorageSession):
         return int(flag.item())
 
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        import ray.train.torch
-
         if self.world_size <= 1:
             return model
         if device.type == "cpu":  # also when GPUs are reserved but train.device forces the CPU
@@ -130,13 +128,11 @@ class RaySession(StorageSession):
     def gather(self, value: Any) -> list[Any]:
         if self.world_size <= 1:
             return [value]
-        import torch.distributed as dist
-
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def resume_state(self) -> TrainState | None:
+    def resume_state(self) -> Checkpoint | None:
         """The newest loadable checkpoint of this run (a continuation's `init_checkpoint` is `fit`'s business).
 
         Ray registers a checkpoint only after every rank has reported and the controller has polled, so
@@ -144,12 +140,10 @@ class RaySession(StorageSession):
         epochs when epochs are short). On local or NFS storage the run directory is scanned as well;
         `meta.json` is written last, so a checkpoint whose copy was cut short is skipped.
         """
-        import ray.train
-
         candidates: list[Path] = []
         if not storage.is_uri(self.config.resources.storage):
             run_dir = Path(self.config.resources.storage) / self.config.name
-            candidates += [p for p in find_checkpoints(run_dir) if p.name != "best"]
+            candidates += [p for p in find_checkpoints(run_dir) if p.name != BEST_DIR]
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None and not storage.is_uri(checkpoint.path):
             candidates.append(Path(checkpoint.path))
@@ -160,20 +154,43 @@ class RaySession(StorageSession):
                     return load_checkpoint(directory)
             except CheckpointError as error:
                 log.warning("%s; starting from the configured checkpoint instead", error)
-        return found[1] if found is not None else None
+        return found
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
-        import ray.train
-
         self.record(metrics, checkpoint_dir, is_best)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
-#: Split tables this process has read: (shard directory, folds, max_proteins, manifest) -> table. Tune reuses a
-#: one-worker trial's process for the next trial of the stage (stages.build_tuner, reuse_actors), which then
-#: reads no shard again: the read was most of a reused trial's start-up (docs/benchmarks.md, "Trial start-up").
-_TABLES: dict[tuple[str, tuple[str, ...], int, str], pa.Table] = {}
-MAX_CACHED_TABLES = 4  # train and val of two data sets; a process holds no more than a few tables
+
+class TableCache:
+    """Split tables this process has read: (shard directory, folds, max_proteins, manifest) -> table. Tune reuses a
+    one-worker trial's process for the next trial of the stage (trials.build_tuner, reuse_actors), which then
+    reads no shard again: the read was most of a reused trial's start-up (docs/benchmarks.md, "Trial start-up")."""
+
+    def __init__(self, max_tables: int = 4) -> None:  # train and val of two data sets
+        self.max_tables = max_tables
+        self.tables: dict[tuple[str, tuple[str, ...], int, str], pa.Table] = {}
+        self.reads = 0
+        """Tables read from the shards (not from this cache) by this process."""
+
+    def split(self, config: Config, name: str, manifest: dict[str, Any]) -> MemorySplit:
+        data = config.data
+        folds = tuple(split_folds(config, name))
+        # The manifest is rewritten whenever the shards are: a cached table is the one the shards hold now.
+        key = (str(data.path), folds, data.max_proteins, json.dumps(manifest, sort_keys=True))
+        table = self.tables.get(key)
+        if table is None:
+            self.reads += 1
+        split = MemorySplit(table if table is not None else shards.read_table(data.path, folds=list(folds)), config)
+        if table is None:
+            if len(self.tables) >= self.max_tables:
+                self.tables.clear()
+            self.tables[key] = split.table  # sorted and cut to max_proteins already: the next trial's copy is cheap
+        return split
+
+
+#: The one cache of this process (a reused Tune actor keeps it).
+TABLES = TableCache()
 
 
 class TuneSession(StorageSession):
@@ -188,20 +205,10 @@ class TuneSession(StorageSession):
     def split(self, name: str) -> Split:
         """The split in memory, read once per process (a reused process hands the next trial the same table);
         streamed splits are not held."""
-        data = self.config.data
-        manifest = shards.read_manifest(data.path)
+        manifest = shards.read_manifest(self.config.data.path)
         if loading_mode(self.config, manifest) != "memory":
             return local_split(self.config, name, mode="stream")
-        folds = tuple(split_folds(self.config, name))
-        # The manifest is rewritten whenever the shards are: a cached table is the one the shards hold now.
-        key = (str(data.path), folds, data.max_proteins, json.dumps(manifest, sort_keys=True))
-        table = _TABLES.get(key)
-        split = MemorySplit(table if table is not None else shards.read_table(data.path, folds=list(folds)), self.config)
-        if table is None:
-            if len(_TABLES) >= MAX_CACHED_TABLES:
-                _TABLES.clear()
-            _TABLES[key] = split.table  # sorted and cut to max_proteins already: the next trial's copy is cheap
-        return split
+        return TABLES.split(self.config, name, manifest)
 
     def all_min(self, value: int) -> int:
         return value
@@ -209,7 +216,7 @@ class TuneSession(StorageSession):
     def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
 
-    def resume_state(self) -> TrainState | None:
+    def resume_state(self) -> Checkpoint | None:
         """Tune's checkpoint of this trial, or the run's own best/ where that is newer.
 
         Tune registers a checkpoint only once the driver has processed the report that carried it, and restores
@@ -218,8 +225,6 @@ class TuneSession(StorageSession):
         `tests/test_tune.py::test_smoke_search_killed_then_resumed_end_to_end`). best/ counts only when it is
         this run's own: a promotion seeds best/ with the checkpoint it continues from, which is not.
         """
-        import ray.tune
-
         state = None
         checkpoint = ray.tune.get_checkpoint()
         if checkpoint is not None:
@@ -232,21 +237,19 @@ class TuneSession(StorageSession):
             return best
         return state
 
-    def _own_best(self) -> TrainState | None:
+    def _own_best(self) -> Checkpoint | None:
         with tempfile.TemporaryDirectory(prefix="protopo-best-") as tmp:
-            source = storage.join(storage.join(self.config.resources.storage, self.config.name), "best")
-            if not storage.exists(storage.join(source, "meta.json")):
+            source = storage.join(self.config.resources.storage, self.config.name, BEST_DIR)
+            if not storage.exists(storage.join(source, META_FILE)):
                 return None
             try:
                 state = load_checkpoint(storage.fetch_dir(source, Path(tmp) / "best"))
             except CheckpointError as error:
                 log.warning("%s; not resuming from best/", error)
                 return None
-        return state if state.config.get("name") == self.config.name else None
+        return state if state.config.name == self.config.name else None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
-        import ray.tune
-
         self.record(metrics, checkpoint_dir, is_best)
         checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.tune.report(metrics, checkpoint=checkpoint)

@@ -1,22 +1,24 @@
-"""The Ray Train side of one run: a `TorchTrainer` built from a Config (scaling, storage, failures, data)."""
+"""A Ray Train run of a `Config`: the `TorchTrainer` (scaling, storage, failures, datasets) and running it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from protopo_ray.config import Config
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from protopo_ray.cluster.connect import ray_init
+from protopo_ray.cluster.datasets import data_config, load_datasets
+from protopo_ray.cluster.sessions import train_fn_per_worker
+from protopo_ray.config import Config, save_config
 from protopo_ray.data import storage
+from protopo_ray.training.fit import validate_data
 
 
 def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None,
-                  datasets: dict[str, Any] | None = None):
+                  datasets: dict[str, Any] | None = None) -> TorchTrainer:
     """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from protopo_ray.cluster.datasets import data_config, load_datasets
-    from protopo_ray.cluster.sessions import train_fn_per_worker
-
     res = config.resources
     use_gpu = res.gpus_per_worker > 0
     resources_per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -45,3 +47,21 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
         # NCCL only where the workers really compute on GPUs (train.device = "cpu" forces gloo).
         torch_config=TorchConfig(backend="nccl" if use_gpu and config.train.device != "cpu" else "gloo"),
     )
+
+
+def run(config: Config, resume: bool = False) -> dict[str, float]:
+    """Fit `config` as a Ray Train job on the cluster this process joins; the last epoch's metrics.
+
+    A new run refuses a local run directory that exists already (Ray would silently continue it): `resume`
+    continues it on purpose."""
+    validate_data(config)
+    run_dir = Path(storage.resolve(config.resources.storage)) / config.name
+    if not storage.is_uri(config.resources.storage) and run_dir.exists() and not resume:
+        raise FileExistsError(f"{run_dir} exists; pass --resume to continue that run or choose another name (--set name=...)")
+    ray_init()
+    result = build_trainer(config).fit()
+    if not storage.is_uri(config.resources.storage):
+        save_config(config, run_dir / "config.json")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+    return dict(result.metrics or {})

@@ -1,4 +1,4 @@
-"""Typed run configuration: data / model / train / resources, loaded from TOML with `--set` overrides.
+"""Typed run configuration: data / model / train / resources (`protopo_ray.config.files` reads it from TOML).
 
 Every section is a frozen dataclass whose `__post_init__` rejects nonsense, so a bad experiment fails before
 any worker starts. Ray Tune hands plain dicts around; `Config.from_dict` / `Config.to_dict` are the one
@@ -8,15 +8,13 @@ place where they are converted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from protopo_ray.config.objective import MODES, Objective
+from protopo_ray.data import storage
 from protopo_ray.data.alphabet import LABELS, PROTEIN_TYPES
 
 GC_OPERATORS = ("gcn", "graphconv", "cfconv")
@@ -168,11 +166,16 @@ class TrainConfig:
         for name, weight in self.label_weights.items():
             _check(name in LABELS, f"train.label_weights: unknown label {name!r}; labels are {LABELS}")
             _check(weight > 0, f"train.label_weights[{name!r}] must be > 0, got {weight}")
-        _check(self.mode in ("max", "min"), f"train.mode must be 'max' or 'min', got {self.mode!r}")
+        _check(self.mode in MODES, f"train.mode must be 'max' or 'min', got {self.mode!r}")
         _check(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {self.device!r}")
         _check(self.num_threads >= 0, f"train.num_threads must be >= 0, got {self.num_threads}")
+
+    @property
+    def objective(self) -> Objective:
+        """What picks the run's best epoch: `metric`, maximised or minimised as `mode` says."""
+        return Objective(self.metric, self.mode)
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)
@@ -223,6 +226,12 @@ class Config:
         for key, value in overrides.items():
             set_dotted(values, key, value, where="override")
         return Config.from_dict(values, where="override")
+
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local data.path and resources.storage are absolute (URIs stay as they are): runs, trials
+        and Ray workers open them from other processes and working directories."""
+        return self.replace({"data.path": storage.resolve(self.data.path),
+                             "resources.storage": storage.resolve(self.resources.storage)})
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "resources": ResourcesConfig}
@@ -289,25 +298,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
-def parse_value(text: str) -> Any:
-    """A `--set` value: TOML syntax (numbers, booleans, lists, quoted strings), else the bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """['model.lstm_size=512', ...] -> {'model.lstm_size': 512, ...}."""
-    overrides: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected section.key=value, e.g. --set model.lstm_size=512")
-        overrides[key.strip()] = parse_value(text.strip())
-    return overrides
-
-
 def set_dotted(values: dict[str, Any], key: str, value: Any, where: str) -> None:
     """Set `a.b.c` in a nested dict, creating tables on the way."""
     parts = key.split(".")
@@ -319,76 +309,3 @@ def set_dotted(values: dict[str, Any], key: str, value: Any, where: str) -> None
     node[parts[-1]] = value
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: experiment/config file not found") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- TOML file (sections data/model/train/resources, plus `name`) <- dotted overrides."""
-    values: dict[str, Any] = read_toml(path) if path else {}
-    values = {k: v for k, v in values.items() if k in SECTIONS or k == "name" or k not in _EXPERIMENT_KEYS}
-    for key, value in (overrides or {}).items():
-        set_dotted(values, key, value, where="--set")
-    return Config.from_dict(values, where=str(path) if path else "config")
-
-
-#: Keys an experiment file may carry beside the run config (read by `protopo_ray.search.experiment`).
-_EXPERIMENT_KEYS = {"stages", "experiment"}
-
-
-def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as JSON (what the run actually used)."""
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def describe_keys(sections: tuple[str, ...] | None = None, width: int = 118) -> str:
-    """Every config key with its default and field docstring, for `--help` epilogs:
-    `  data.batch_size = 32    Proteins per batch (per worker).` (all sections, or only `sections`).
-
-    Field docstrings are not kept at run time (a string under a field is just an expression), so they are read
-    from this module's source with `ast`; slots dataclasses are fine, their fields come from `dataclasses.fields`.
-    """
-    import ast
-    import inspect
-    import sys
-    import textwrap
-
-    try:
-        tree = ast.parse(inspect.getsource(sys.modules[__name__]))
-    except (OSError, TypeError):  # no source shipped (a zipped or compiled install): keys and defaults only
-        tree = ast.Module(body=[], type_ignores=[])
-    docs: dict[str, dict[str, str]] = {name: {} for name in ("Config", *(c.__name__ for c in SECTIONS.values()))}
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            fields_doc = docs.setdefault(node.name, {})
-            for first, second in zip(node.body, node.body[1:]):
-                if (isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name)
-                        and isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant)
-                        and isinstance(second.value.value, str)):
-                    fields_doc[first.target.id] = " ".join(second.value.value.split())
-
-    def default(f: dataclasses.Field) -> str:
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        return json.dumps(_to_plain(value)).replace(": ", " = ") if not isinstance(value, bool) else str(value).lower()
-
-    rows = [] if sections else [(f.name, default(f), docs["Config"].get(f.name, ""))
-                                 for f in dataclasses.fields(Config) if f.name not in SECTIONS]
-    for section, cls in SECTIONS.items():
-        if not sections or section in sections:
-            rows += [(f"{section}.{f.name}", default(f), docs[cls.__name__].get(f.name, ""))
-                     for f in dataclasses.fields(cls)]
-    left = max(len(f"{key} = {value}") for key, value, _ in rows) + 2
-    lines = ["config keys (TOML: [section] key = value; command line: --set section.key=value):"]
-    for key, value, doc in rows:
-        head = f"  {key} = {value}".ljust(left + 2)
-        wrapped = textwrap.wrap(doc, max(40, width - len(head))) or [""]
-        lines.append(head + wrapped[0])
-        lines += [" " * len(head) + more for more in wrapped[1:]]
-    return "\n".join(lines)

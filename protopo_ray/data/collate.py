@@ -1,6 +1,6 @@
 """Collation: Arrow rows of residue graphs (or in-memory records) -> one `torch_geometric.data.Batch`.
 
-Training collates every planned batch in a prefetch thread (`runner.iter_batches` -> `table_to_batch`), so
+Training collates every planned batch in a prefetch thread (`training.loop.collated` -> `table_to_batch`), so
 that path is numpy over flattened Arrow buffers with no Python loop per protein; `table_to_data_list` is
 the deliberately naive row-by-row version the tests compare it with; prediction goes through
 `records_to_batch`, the same row encoding as the shards. torch and torch_geometric are imported inside the

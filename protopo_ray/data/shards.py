@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from protopo_ray.data import storage
 from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES, ResidueGraph
 from protopo_ray.data.records import ProteinRecord
 
@@ -119,7 +120,7 @@ def length_bin(length: int) -> int:
     return int(np.searchsorted(LENGTH_BIN_EDGES, length, side="right")) - 1
 
 
-def _row_groups(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+def row_groups(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
     """(start, stop) row ranges of at most `max_rows` rows and `max_bytes` bytes (but >= 1 row) each."""
     groups, start, held = [], 0, 0
     for i, size in enumerate(sizes):
@@ -130,13 +131,6 @@ def _row_groups(sizes: Sequence[int], max_rows: int, max_bytes: int) -> list[tup
     if start < len(sizes):
         groups.append((start, len(sizes)))
     return groups
-
-
-def _filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    path = str(path)
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -167,7 +161,7 @@ class ShardWriter:
             raise ValueError("max_rows_per_shard, max_bytes_per_shard, row_group_rows and row_group_bytes "
                              "must be >= 1")
         self.out_dir = str(out_dir)
-        self.fs, self.root = _filesystem(out_dir)
+        self.fs, self.root = storage.filesystem(out_dir)
         self.k, self.sources, self.extra = k, dict(sources or {}), dict(extra or {})
         self.layout = {"max_rows_per_file": max_rows_per_shard, "max_bytes_per_file": max_bytes_per_shard,
                        "row_group_rows": row_group_rows, "row_group_bytes": row_group_bytes}
@@ -195,7 +189,7 @@ class ShardWriter:
             return
         rows, name = self._buffer, f"{self.file_prefix}-{len(self._shards):05d}.parquet"
         path = f"{self.root}/{name}"
-        groups = _row_groups([_row_bytes(row) for row in rows], self.layout["row_group_rows"],
+        groups = row_groups([_row_bytes(row) for row in rows], self.layout["row_group_rows"],
                              self.layout["row_group_bytes"])
         table = rows_to_table(rows)
         # Dictionary-encode only the repetitive strings; the numeric lists compress better plain + zstd.
@@ -309,7 +303,7 @@ def write_shards(rows: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *, 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of shard directory `path` (local or s3:// / gs://), checked for this schema version."""
-    fs, root = _filesystem(path)
+    fs, root = storage.filesystem(path)
     hint = f"run `python -m protopo_ray.prepare` to write shards to {path}"
     try:
         with fs.open_input_stream(f"{root}/{MANIFEST}") as handle:
@@ -326,7 +320,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 def shard_files(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> tuple[list[str], pafs.FileSystem]:
     """The Parquet files the manifest lists (never stray files of an interrupted run) and their filesystem."""
     manifest = manifest or read_manifest(path)
-    fs, root = _filesystem(path)
+    fs, root = storage.filesystem(path)
     return [f"{root}/{shard['file']}" for shard in manifest["shards"]], fs
 
 

@@ -41,9 +41,10 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or object-store URI, and the path inside it (local: absolute)."""
     if is_uri(uri):
-        return pafs.FileSystem.from_uri(uri)
+        return pafs.FileSystem.from_uri(str(uri))
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 

@@ -1,4 +1,4 @@
-"""Predict with one checkpoint or an ensemble of them: `load_predictor(path)`.
+"""The ensemble rule: several trained models predicting as one (`Ensemble`), and choosing its entry penalty.
 
 Ensemble rule: every member gives per-residue label posteriors (the softmax of a cross-entropy model, the
 marginals of a CRF model), the ensemble averages them and decodes the average with the topology grammar's
@@ -7,30 +7,23 @@ on whole topologies lets members that are each unsure about one helix agree on i
 topology, and works for any mix of decoders; with one member it is that member's posteriors decoded by the
 grammar.
 
-An ensemble directory holds `ensemble.json`: {"members": [checkpoint dirs, relative to the file or absolute],
-"entry_penalty": float}; `write_ensemble` makes one. `Ensemble` quacks like a `TopologyModel` (forward ->
-log-posteriors, `decode`, `loss`), so `loop.predict_labels` / `loop.evaluate` and the predictor run it unchanged.
+`Ensemble` quacks like a `TopologyModel` (forward -> log-posteriors, `decode`, `loss`), so
+`loop.predict_labels` / `loop.evaluate` and the predictor run it unchanged. The directory an ensemble is saved
+in, and loading it, are `protopo_ray.training.predictor`'s.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from protopo_ray.config import Config
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.grammar import Grammar, default_grammar
 from protopo_ray.model.metrics import aggregate, protein_result
 from protopo_ray.model.network import TopologyModel, pad_by_protein
-from protopo_ray.training.checkpoint import STATE_FILE, load_checkpoint
 
-ENSEMBLE_FILE = "ensemble.json"
 #: Entry penalties tried when one is chosen on validation data (the rule's one free number).
 PENALTIES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 _LETTERS = np.array(list(LABELS))
@@ -45,9 +38,13 @@ class Ensemble(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member checkpoint")
+        grammar = members[0].grammar
+        if any(m.grammar.stats != grammar.stats for m in members[1:]):
+            raise ValueError("ensemble members were built with different topology grammars; they cannot decode as one")
         self.members = nn.ModuleList(members)
         self.entry_penalty = entry_penalty
-        self.crf = CRF.fixed(default_grammar(), entry_penalty)
+        self.grammar = grammar
+        self.crf = CRF.fixed(grammar, entry_penalty)
 
     def forward(self, batch) -> Tensor:
         """log of the members' mean label posteriors [N, NUM_LABELS]."""
@@ -71,9 +68,10 @@ def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:
     return torch.stack(posteriors).mean(0).clamp_min(MIN_PROBABILITY).log()
 
 
-def grammar_decode(batches: list, log_probs: list[Tensor], penalty: float) -> list[Tensor]:
+def grammar_decode(batches: list, log_probs: list[Tensor], penalty: float,
+                   grammar: Grammar | None = None) -> list[Tensor]:
     """Grammar Viterbi (fixed moves, `penalty` on entering M or B) of per-residue log-probabilities, batch by batch."""
-    crf = CRF.fixed(default_grammar(), penalty)
+    crf = CRF.fixed(grammar or default_grammar(), penalty)
     decoded = []
     for batch, lp in zip(batches, log_probs):
         padded, lengths, index = pad_by_protein(lp, batch)
@@ -93,57 +91,10 @@ def score(batches: list, decoded: list[Tensor]) -> dict[str, float]:
     return aggregate(results)
 
 
-def choose_entry_penalty(batches: list, log_probs: list[Tensor], penalties: tuple[float, ...] = PENALTIES
-                         ) -> tuple[float, dict[float, float], dict[str, float]]:
+def choose_entry_penalty(batches: list, log_probs: list[Tensor], penalties: tuple[float, ...] = PENALTIES,
+                         grammar: Grammar | None = None) -> tuple[float, dict[float, float], dict[str, float]]:
     """The penalty whose decoding has the best topo_mean on these (validation) batches, ties to the smaller one.
     Returns (penalty, topo_mean by penalty, the chosen penalty's figures)."""
-    figures = {p: score(batches, grammar_decode(batches, log_probs, p)) for p in penalties}
+    figures = {p: score(batches, grammar_decode(batches, log_probs, p, grammar)) for p in penalties}
     chosen = max(penalties, key=lambda p: (figures[p]["topo_mean"], -p))
     return chosen, {p: f["topo_mean"] for p, f in figures.items()}, figures[chosen]
-
-
-def load_model(checkpoint: str | Path, overrides: dict | None = None) -> tuple[TopologyModel, Config]:
-    """A checkpoint's model (eval mode, CPU) and config; `overrides` (e.g. {"model.decoder": "viterbi"}) apply."""
-    state = load_checkpoint(checkpoint)
-    config = Config.from_dict(state.config, where=f"{checkpoint} config")
-    if overrides:
-        config = config.replace(overrides)
-    model = TopologyModel(config.model)
-    model.load_state_dict(state.model)
-    return model.eval(), config
-
-
-def read_ensemble(directory: str | Path) -> tuple[list[Path], float]:
-    directory = Path(directory)
-    spec = json.loads((directory / ENSEMBLE_FILE).read_text())
-    members = [Path(m) if os.path.isabs(m) else directory / m for m in spec.get("members", [])]
-    if not members:
-        raise ValueError(f"{directory / ENSEMBLE_FILE}: 'members' lists no checkpoint directory")
-    return members, float(spec.get("entry_penalty", 0.0))
-
-
-def write_ensemble(directory: str | Path, members: list[str | Path], entry_penalty: float = 0.0) -> Path:
-    """Write `directory/ensemble.json` naming `members` (stored relative to `directory` where possible)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    names = [os.path.relpath(Path(m).resolve(), directory.resolve()) for m in members]
-    path = directory / ENSEMBLE_FILE
-    path.write_text(json.dumps({"members": names, "entry_penalty": entry_penalty}, indent=1) + "\n")
-    return path
-
-
-def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config]:
-    """What `predict` runs: a checkpoint dir (holds state.pt) -> its TopologyModel, decoding as its config says;
-    an ensemble dir (holds ensemble.json) -> an `Ensemble` of its members. Returns (module in eval mode on
-    `device`, the config of the (first) member, whose data path and graph settings new proteins must match)."""
-    path = Path(path)
-    if (path / ENSEMBLE_FILE).exists():
-        members, penalty = read_ensemble(path)
-        loaded = [load_model(m) for m in members]
-        predictor: nn.Module = Ensemble([m for m, _ in loaded], penalty)
-        config = loaded[0][1]
-    elif (path / STATE_FILE).exists():
-        predictor, config = load_model(path)
-    else:
-        raise FileNotFoundError(f"{path}: neither a checkpoint ({STATE_FILE}) nor an ensemble ({ENSEMBLE_FILE})")
-    return predictor.to(device).eval(), config

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 
 from protopo_ray.data.alphabet import LABEL_INDEX
+from protopo_ray.data.records import read_records
 
 #: Labels whose segments have a bounded length (the ones metrics.MIN_OVERLAP scores): chains of states.
 CHAIN_LABELS = "SMB"
@@ -46,6 +47,18 @@ class SegmentStats:
     """(world, before or ^, flank label): how flank segments are entered (a flank after a flank never occurs)."""
     flank_ends: frozenset[tuple[str, str, str]]
     """(world, ^ or *, flank label) that ended a protein: ^ when the flank was the whole protein, * after a chain."""
+
+    def to_json(self) -> dict[str, list[list]]:
+        """Plain lists, sorted (a checkpoint records the grammar its model was built with)."""
+        return {"lengths": [[world, label, lo, hi] for (world, label), (lo, hi) in sorted(self.lengths.items())],
+                "contexts": sorted(map(list, self.contexts)), "flanks": sorted(map(list, self.flanks)),
+                "flank_ends": sorted(map(list, self.flank_ends))}
+
+    @classmethod
+    def from_json(cls, values: dict[str, list[list]]) -> SegmentStats:
+        return cls(lengths={(world, label): (lo, hi) for world, label, lo, hi in values["lengths"]},
+                   contexts=frozenset(map(tuple, values["contexts"])), flanks=frozenset(map(tuple, values["flanks"])),
+                   flank_ends=frozenset(map(tuple, values["flank_ends"])))
 
 
 def _runs(labels: str) -> list[tuple[str, int]]:
@@ -243,8 +256,6 @@ def format_stats(stats: SegmentStats) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from protopo_ray.data.records import read_records
-
     parser = argparse.ArgumentParser(prog="python -m protopo_ray.model.grammar", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", required=True, help="3-line file or partitions JSON")

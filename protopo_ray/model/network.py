@@ -15,7 +15,6 @@ length* (padding stays at the end), so a protein's logits do not depend on what 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -23,10 +22,10 @@ from torch_geometric.nn import GCNConv, GraphConv, MessagePassing
 
 from protopo_ray.config import ModelConfig
 from protopo_ray.data.alphabet import IGNORE_LABEL, NUM_AA_TOKENS, NUM_LABELS
-from protopo_ray.data.graphs import DEFAULT_K, EDGE_FEATURES, NODE_FEATURES
+from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES
 from protopo_ray.model.crf import CRF
 from protopo_ray.model.features import SequenceFeatures, feature_groups, num_features
-from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.grammar import Grammar, default_grammar
 
 NUM_NODE_FEATURES = len(NODE_FEATURES)
 NUM_EDGE_FEATURES = len(EDGE_FEATURES)
@@ -140,11 +139,13 @@ class ChainLSTM(nn.Module):
 
 
 class TopologyModel(nn.Module):
-    """Per-residue topology classifier built from a `ModelConfig`."""
+    """Per-residue topology classifier built from a `ModelConfig` and the topology grammar its decoder uses
+    (default: the grammar of `grammar.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, grammar: Grammar | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.grammar = grammar or default_grammar()
         self.aa_embedding = nn.Embedding(NUM_AA_TOKENS, cfg.aa_embed_dim)
         groups = feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum)
         self.features = SequenceFeatures(groups) if groups else None
@@ -160,9 +161,9 @@ class TopologyModel(nn.Module):
         # trained with cross-entropy can be decoded with the grammar by changing model.decoder)
         self.crf = None
         if cfg.decoder == "crf":
-            self.crf = CRF(default_grammar())
+            self.crf = CRF(self.grammar)
         elif cfg.decoder == "viterbi":
-            self.crf = CRF.fixed(default_grammar(), cfg.entry_penalty)
+            self.crf = CRF.fixed(self.grammar, cfg.entry_penalty)
 
     def forward(
         self,
@@ -274,86 +275,3 @@ def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
     if isinstance(model_or_config, ModelConfig):
         return _count_config(model_or_config)
     return sum(p.numel() for p in model_or_config.parameters() if p.requires_grad)
-
-
-@dataclass(kw_only=True, frozen=True, slots=True)
-class Footprint:
-    num_parameters: int
-    """Trainable parameters."""
-    weights_bytes: int
-    """Parameters, fp32 (autocast keeps master weights in fp32)."""
-    grads_bytes: int
-    """One fp32 gradient per parameter."""
-    optimizer_bytes: int
-    """AdamW's two fp32 moment buffers."""
-    activation_bytes_per_residue: int
-    """Tensors kept for backward per padded residue position, including the safety factor."""
-    batch_activation_bytes: int
-    """activation_bytes_per_residue x batch_size x max_len."""
-    total_bytes: int
-    """Weights + grads + optimizer + batch activations: the training-step peak to plan for."""
-
-
-#: Calibration (tools/bench_model.py, CPU, torch 2.13, train mode, batch 4 x 200, k=16): the bytes of tensors autograd
-#: saves for backward (torch.autograd.graph.saved_tensors_hooks, storages de-duplicated, parameters excluded) over
-#: `_activation_elements_per_residue` x 4 bytes came to 0.80-0.93 on seven configs spanning every operator, uni/bi,
-#: gc 64-512 x 1-4 layers, lstm 128-512 x 1-4 layers. So the analytic count is already a mild upper bound of what is
-#: kept; the factor adds room for what the hooks cannot see: activation gradients live during backward (about one
-#: layer's worth), backward temporaries and allocator rounding. Not yet checked against cuDNN's LSTM reserve space
-#: on a GPU (torch.cuda.max_memory_allocated), which is the next calibration to do.
-ACTIVATION_SAFETY = 1.25
-
-
-def _activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K) -> int:
-    """Elements kept for backward per padded residue, from the layer widths (coefficients fitted to the
-    saved-tensor measurements described at ACTIVATION_SAFETY; an int64 index counts as 2 elements)."""
-    w, e, hdim = cfg.gc_size, cfg.aa_embed_dim, cfg.lstm_size
-    directions = 2 if cfg.bidirectional else 1
-    n = e + (e + NUM_NODE_FEATURES) + 4 * w  # embedding, concatenated input, projection, LayerNorm in/out, padded
-    for _ in range(cfg.gc_layers):
-        if cfg.gc_operator == "cfconv":
-            # per edge: RBF + edge features, filter hidden / SiLU / filter, gathered source features, message
-            # (measured 4.25 w + 19 per edge)
-            n += k * (5 * w + 2 * (16 + NUM_EDGE_FEATURES)) + 4 * w
-        else:
-            # gcn / graphconv keep no per-edge features (the edge weights need no grad), only the gather /
-            # scatter indices; conv output, GELU, dropout mask, residual (measured 3.2-4.3 w)
-            n += 4 * k + 5 * w
-    for layer in range(cfg.lstm_layers):
-        in_size = w if layer == 0 else hdim * directions
-        # per direction: input copies (time-major, reversed) and the CPU LSTM's workspace, which grows with the
-        # input width too (measured ~16.4 H + 0.7-5 x in); between layers the dropout output and mask
-        n += directions * (5 * in_size + 16 * hdim) + (2 * in_size if layer > 0 else 0)
-    n += 3 * hdim * directions + 3 * NUM_LABELS  # gathered flat output, dropout, head input / logits / softmax
-    if cfg.decoder == "crf":
-        # the CRF's scaled forward pass, run twice (all paths, true-label paths): per step and state the gathered
-        # predecessors and their weighted copies (K each), the step sum, emission product and normalised alpha
-        grammar = default_grammar()
-        indegree = max(sum(1 for _, b in grammar.edges if b == s) for s in range(grammar.num_states))
-        n += 2 * grammar.num_states * (2 * indegree + 3)
-    if cfg.feature_hydropathy or cfg.feature_charge or cfg.feature_blosum:
-        n += num_features(feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum))
-    return n
-
-
-def footprint(cfg: ModelConfig, batch_size: int, max_len: int, dtype_bytes: int = 4) -> Footprint:
-    """Memory to train `cfg` with AdamW on `batch_size` proteins padded to `max_len` residues.
-
-    `dtype_bytes` is the activation dtype (2 under bf16 autocast); weights, grads and AdamW states stay fp32.
-    The estimate is monotone in every size knob (gc_size, gc_layers, lstm_size, lstm_layers, batch, length).
-    """
-    if batch_size < 1 or max_len < 1 or dtype_bytes < 1:
-        raise ValueError(f"footprint needs batch_size, max_len, dtype_bytes >= 1, got {batch_size}, {max_len}, {dtype_bytes}")
-    num_parameters = count_parameters(cfg)
-    weights = 4 * num_parameters
-    per_residue = int(_activation_elements_per_residue(cfg) * dtype_bytes * ACTIVATION_SAFETY)
-    activations = per_residue * batch_size * max_len
-    return Footprint(
-        num_parameters=num_parameters,
-        weights_bytes=weights,
-        grads_bytes=weights,
-        optimizer_bytes=2 * weights,
-        activation_bytes_per_residue=per_residue,
-        batch_activation_bytes=activations,
-        total_bytes=4 * weights + activations,
-    )

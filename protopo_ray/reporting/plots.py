@@ -1,5 +1,5 @@
-"""The PNGs of an experiment report (protopo_ray.report): validation curves and gradient norms per stage, per-type
-topology accuracy of the top trials. Reads the stage records' dicts; imports no Ray or torch."""
+"""The PNGs of an experiment report (protopo_ray.reporting.markdown): validation curves and gradient norms per
+stage, per-type topology accuracy of the top trials, from the stage records. No Ray, no torch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
+
+from protopo_ray.search.results import StageRecord, TrialRecord
 
 #: Per-type topology columns of the trial tables: (column title, metric suffix).
 TOPO_COLUMNS = (("TM", "tm"), ("SP+TM", "sptm"), ("SP", "sp"), ("GLOB", "glob"), ("BETA", "beta"))
@@ -25,30 +27,25 @@ def as_number(value: object) -> float:
         return math.nan
 
 
-def metric_key(stage: dict) -> str:
-    return str(stage.get("metric") or "val_overlap_acc")
-
-
-def _epochs(trial: dict) -> list[tuple[float, dict]]:
+def _epochs(trial: TrialRecord) -> list[tuple[float, dict]]:
     """(epoch, metrics) per history entry; entries without an epoch count on from start_epoch."""
-    start = int(trial.get("start_epoch") or 0)
     out = []
-    for i, entry in enumerate(trial.get("history") or []):
+    for i, entry in enumerate(trial.history):
         epoch = as_number(entry.get("epoch"))
-        out.append((start + i + 1 if math.isnan(epoch) else epoch, entry))
+        out.append((trial.start_epoch + i + 1 if math.isnan(epoch) else epoch, entry))
     return out
 
 
-def _plot_curves(ax, trials: Sequence[dict], key: str) -> bool:
+def _plot_curves(ax, trials: Sequence[TrialRecord], key: str) -> bool:
     drawn = False
     for trial in trials:
         points = [(x, as_number(m.get(key))) for x, m in _epochs(trial)]
         points = [(x, y) for x, y in points if not math.isnan(y)]
         if not points:
             continue
-        stopped = trial.get("status") != "completed"
+        stopped = trial.status != "completed"
         xs, ys = zip(*points)
-        (line,) = ax.plot(xs, ys, "--" if stopped else "-", marker=".", label=str(trial.get("trial_id")))
+        (line,) = ax.plot(xs, ys, "--" if stopped else "-", marker=".", label=trial.trial_id)
         if stopped:
             ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=9, markeredgewidth=2)
         drawn = True
@@ -63,31 +60,31 @@ def _plot_curves(ax, trials: Sequence[dict], key: str) -> bool:
     return drawn
 
 
-def plot_val_curves(stage: dict, path: Path) -> None:
+def plot_val_curves(stage: StageRecord, path: Path) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    _plot_curves(ax, stage.get("trials", []), metric_key(stage))
-    ax.set_title(f"{stage['stage']}: {metric_key(stage)} per epoch (dashed, x = stopped early / error)")
+    _plot_curves(ax, stage.trials, stage.metric)
+    ax.set_title(f"{stage.stage}: {stage.metric} per epoch (dashed, x = stopped early / error)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def plot_grad_norms(stage: dict, path: Path) -> None:
+def plot_grad_norms(stage: StageRecord, path: Path) -> None:
     fig = Figure(figsize=(11, 4))
     for ax, key in zip(fig.subplots(1, 2), ("train_grad_norm_mean", "train_grad_norm_max")):
-        _plot_curves(ax, stage.get("trials", []), key)
-        ax.set_title(f"{stage['stage']}: {key}")
+        _plot_curves(ax, stage.trials, key)
+        ax.set_title(f"{stage.stage}: {key}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def plot_per_type_top(top: Sequence[tuple[str, dict]], metric: str, path: Path) -> None:
+def plot_per_type_top(top: Sequence[tuple[str, TrialRecord]], metric: str, path: Path) -> None:
     """Bars of the best-epoch per-type topology accuracy of `top` ((stage name, trial) pairs, best first)."""
     fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
     width = 0.8 / max(len(top), 1)
     for i, (_, trial) in enumerate(top):
-        best = trial.get("best") or {}
+        best = trial.best
         for j, (_, k) in enumerate(TOPO_COLUMNS):
             x = j + (i - (len(top) - 1) / 2) * width
             v = as_number(best.get(f"val_topo_{k}"))
@@ -101,6 +98,6 @@ def plot_per_type_top(top: Sequence[tuple[str, dict]], metric: str, path: Path) 
     ax.set_title(f"Per-type topology accuracy, top {len(top)} trials by {metric}")
     if top:  # proxy handles: a trial whose every type is absent draws no bar to take its legend entry from
         ax.legend([Patch(color=f"C{i}") for i in range(len(top))],
-                  [f"{name}/{trial.get('trial_id')}" for name, trial in top], fontsize="x-small")
+                  [f"{name}/{trial.trial_id}" for name, trial in top], fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

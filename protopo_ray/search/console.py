@@ -4,8 +4,8 @@ Left to themselves, Ray Tune prints a trial table every 30 s and a config box pe
 worker's and actor's output to the driver (each epoch's result line, a traceback from every trial process it
 stops), and W&B prints a banner and a run summary per trial: what matters is not findable. Here the console shows
 what a user follows (which stage, trials running / done / stopped early / errored, epochs, the best so far, time
-left); `quiet_output` sends the rest to a log file in the experiment directory or keeps it in Ray's session
-logs. `--verbose` keeps Ray's own output instead.
+left); `protopo_ray.cluster.logs.quiet_output` sends the rest to a log file in the experiment directory or
+keeps it in Ray's session logs. `--verbose` keeps Ray's own output instead.
 
 `StageView` is a Ray Tune callback (one per stage). On a terminal it redraws one status panel with rich's
 `Live`; elsewhere (CI, `ray job logs`) it prints plain lines and a status line every `status_every_s`.
@@ -13,10 +13,7 @@ logs. `--verbose` keeps Ray's own output instead.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -30,52 +27,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from protopo_ray.search.trials import CONTINUE_KEY
+from protopo_ray.config import Objective
+from protopo_ray.search.results import StageRecord, WinnerRecord
+from protopo_ray.search.stages import CONTINUE_KEY, Stage
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Test metrics shown in the summary, in this order: (key, label).
 SUMMARY_METRICS = (("loss", "loss"), ("residue_acc", "residue acc"), ("type_acc", "type acc"),
                    ("topo_mean", "topology acc (mean)"), ("overlap_acc", "overlap acc"))
-
-
-def quiet_output(log_path: Path) -> Path:
-    """Keep Ray's, Tune's, W&B's and the libraries' output off the console: in `log_path`, or not printed.
-
-    Call before `ray.init` (with `log_to_driver=False`, which keeps the workers' and actors' output in Ray's
-    session logs): a local cluster's processes inherit the environment set here.
-    """
-    # Tune's default output engine prints a box per experiment at any verbosity; the legacy one is silent at 0.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return route_logs(log_path)
-
-
-def route_logs(log_path: Path) -> Path:
-    """Send the driver's log records, Python warnings and native stderr (Ray's C++ core) to `log_path`.
-
-    Python's own `sys.stderr` keeps the terminal, so an uncaught error still shows its traceback there; only
-    writes to file descriptor 2 that bypass Python (Ray's core worker logs, e.g. per W&B actor "constructor
-    arguments in the object store") land in the file. Call before `ray.init`: its start-up messages go there too.
-    """
-    import ray  # noqa: F401  (importing Ray installs its "ray" logger's stderr handler, replaced here)
-
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    # "ray" does not propagate to the root logger; every other library's records end at the root.
-    for logger in (logging.getLogger("ray"), logging.getLogger()):
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
-                           or isinstance(h, logging.FileHandler)] + [handler]
-    logging.getLogger("ray").setLevel(logging.INFO)
-    logging.captureWarnings(True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    terminal = os.dup(2)
-    os.dup2(handler.stream.fileno(), 2)
-    sys.stderr = os.fdopen(terminal, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
-    return log_path
 
 
 def format_duration(seconds: float) -> str:
@@ -174,9 +132,9 @@ class StageView(Callback):
         with self._lock:
             progress.epoch = int(result.get("epoch", progress.epoch) or 0)
             progress.epoch_s = float(result.get("time_this_iter_s") or progress.epoch_s)
-            value = result.get(self.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value) and self._better(value, progress.best):
-                progress.best = float(value)
+            value = self.objective.value(result)
+            if self.objective.better(value, progress.best):
+                progress.best = value
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         progress = self._track(trial)
@@ -222,8 +180,9 @@ class StageView(Callback):
         self.close()
 
     # -- state -----------------------------------------------------------------------------------------------
-    def _better(self, value: float, than: float) -> bool:
-        return math.isnan(than) or (value > than if self.mode == "max" else value < than)
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.metric, self.mode)
 
     def _track(self, trial) -> TrialProgress:
         progress = self.trials.get(trial.trial_id)
@@ -243,11 +202,8 @@ class StageView(Callback):
 
     def best(self) -> TrialProgress | None:
         with self._lock:
-            scored = [t for t in self.trials.values() if not math.isnan(t.best)]
-        if not scored:
-            return None
-        pick = max if self.mode == "max" else min
-        return pick(scored, key=lambda t: t.best)
+            trials = list(self.trials.values())
+        return self.objective.best(trials, lambda t: t.best)
 
     def epochs(self) -> tuple[int, int]:
         """(epochs run, epochs the stage runs at most): a stopped trial's unrun epochs leave the budget."""
@@ -346,25 +302,21 @@ class SearchConsole:
         self.console = console or Console(highlight=False)
         self.started = time.time()
 
-    def stage_view(self, stage, *, num_trials: int, start_epochs: list[int] | None = None) -> StageView:
-        """The callback for one stage (`stage` an experiment.StageSpec); prints the stage's header.
+    def stage_view(self, stage: Stage, *, num_trials: int, start_epochs: list[int] | None = None) -> StageView:
+        """The callback for one stage; prints the stage's header.
 
         `start_epochs`: where a promotion's trials continue from (their epoch budgets are shorter)."""
-        scheduler = {"asha": "ASHA", "sha": "halving"}.get(stage.scheduler) if stage.kind == "search" else None
-        how = {"search": f"{stage.search} search", "promotion": "continued from their checkpoints",
-               "ensemble": "one ensemble member per validation fold"}[stage.kind]
-        stopper = f", {scheduler} from epoch {stage.grace_epochs}" if scheduler else ""
         self.console.print(Text.assemble(("── stage ", "cyan"), (stage.name, "bold cyan"),
-                                         f": {num_trials} trials, {how}{stopper}, up to epoch {stage.max_epochs}, "
+                                         f": {num_trials} trials, {stage.describe()}, up to epoch {stage.max_epochs}, "
                                          f"{stage.metric} ({stage.mode})"), soft_wrap=True)
         # With --verbose Tune's reporter draws its own tables: events as plain lines, no live panel among them.
         return StageView(stage=stage.name, metric=stage.metric, mode=stage.mode, max_epochs=stage.max_epochs,
-                         num_trials=num_trials, scheduler=scheduler, console=self.console,
+                         num_trials=num_trials, scheduler=stage.stopper, console=self.console,
                          start_epoch=sum(start_epochs) / len(start_epochs) if start_epochs else 0,
                          live=False if self.verbose else None)
 
-    def stage_done(self, record) -> None:
-        """One line for a finished stage (`record` a stages.StageRecord)."""
+    def stage_done(self, record: StageRecord) -> None:
+        """One line for a finished stage."""
         states = [t.status for t in record.trials]
         best = record.best()
         value = format_value(best.best.get(record.metric, math.nan)) if best else "-"
@@ -377,31 +329,29 @@ class SearchConsole:
     def stage_loaded(self, name: str, path: Path) -> None:
         self.console.print(f"stage {name}: already finished, loaded {path}", soft_wrap=True)
 
-    def summary(self, *, winner: dict[str, Any] | None, report: Path, metric: str | None = None) -> None:
+    def summary(self, *, winner: WinnerRecord | None, report: Path, metric: str | None = None) -> None:
         """The search's last lines: the winner, its test metrics, where the report, checkpoint and logs are.
 
-        `winner` is what tune.pick_winner wrote (winner.json); `metric` the one its stage ranked by.
+        `metric`: the one the winner's stage ranked by.
         """
         self.console.print(Text.assemble(("── search finished", "bold green"),
                                          f" in {format_duration(time.time() - self.started)}"))
         rows: list[tuple[str, str]] = []
         if winner:
-            val = winner.get("val") or {}
+            val = winner.val
             shown = (f"{metric} {format_value(val[metric])} at epoch {format_value(val.get('epoch', '?'))}"
                      if metric in val else "")
-            params = {k: v for k, v in (winner.get("params") or {}).items() if k != "promoted_from"}
-            origin = winner["params"].get("promoted_from") if winner.get("params") else None
-            rows.append(("winner", f"{winner['trial_id']} ({winner['stage']}" + (f", from {origin}" if origin else "")
-                         + f")  {describe_params(params)}"))
+            origin = f", from {winner.promoted_from}" if winner.promoted_from else ""
+            rows.append(("winner", f"{winner.trial_id} ({winner.stage}{origin})  {describe_params(winner.params)}"))
             if shown:
                 rows.append(("validation", shown))
-            test = winner.get("test") or {}
-            if test:
-                parts = [f"{label} {format_value(test[key])}" for key, label in SUMMARY_METRICS if key in test]
-                if "n_proteins" in test:
-                    parts.append(f"on {int(test['n_proteins'])} proteins")
+            if winner.test:
+                parts = [f"{label} {format_value(winner.test[key])}" for key, label in SUMMARY_METRICS
+                         if key in winner.test]
+                if "n_proteins" in winner.test:
+                    parts.append(f"on {int(winner.test['n_proteins'])} proteins")
                 rows.append(("test", ", ".join(parts)))
-            rows.append(("checkpoint", str(winner["checkpoint"])))
+            rows.append(("checkpoint", winner.checkpoint))
         else:
             rows.append(("winner", "none (no trial finished with a checkpoint)"))
         rows.append(("report", str(report)))

@@ -21,6 +21,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
+from protopo_ray.config import Objective
+
 
 def rungs(grace: int, reduction_factor: int, max_t: int) -> list[int]:
     """Decision points in epochs: grace, grace x rf, ... below max_t."""
@@ -40,10 +42,10 @@ class SynchronousHalving(TrialScheduler):
     # Every result is judged as it comes: a buffered batch of results could carry a trial past its rung.
     _supports_buffered_results = False
 
-    def __init__(self, *, time_attr: str, metric: str, mode: str, grace: int, reduction_factor: int, max_t: int,
+    def __init__(self, *, time_attr: str, objective: Objective, grace: int, reduction_factor: int, max_t: int,
                  num_trials: int, state_file: str | Path) -> None:
         super().__init__()
-        self._time_attr, self._metric, self._mode = time_attr, metric, mode
+        self._time_attr, self._objective = time_attr, objective
         self._rf, self._num_trials = reduction_factor, num_trials
         self._rungs = rungs(grace, reduction_factor, max_t)
         self._state_file = Path(state_file)
@@ -69,8 +71,7 @@ class SynchronousHalving(TrialScheduler):
             self.stopped, self.failed = set(saved["stopped"]), set(saved["failed"])
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
+        self._objective = Objective(metric or self._objective.metric, mode or self._objective.mode)
         return True
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class SynchronousHalving(TrialScheduler):
             cohort = self.cohort(index)
             if not cohort or any(t not in self.scores[rung] for t in cohort):
                 return
-            ranked = sorted(cohort, key=lambda t: self.scores[rung][t], reverse=self._mode == "max")
+            ranked = self._objective.ranked(cohort, self.scores[rung].get)
             keep = ranked[: survivors(len(ranked), self._rf)]
             self.promoted[rung] = keep
             self.stopped.update(t for t in ranked if t not in keep)
@@ -124,9 +125,9 @@ class SynchronousHalving(TrialScheduler):
             return TrialScheduler.STOP
         if t not in self.scores:
             return TrialScheduler.CONTINUE
-        value = result.get(self._metric)
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            value = math.inf if self._mode == "min" else -math.inf  # a diverged trial ranks last
+        value = self._objective.value(result)
+        if not math.isfinite(value):
+            value = self._objective.worst  # a diverged trial ranks last
         if trial_id not in self.scores[t]:
             self.scores[t][trial_id] = float(value)
             self._save()

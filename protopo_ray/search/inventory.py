@@ -1,8 +1,8 @@
 """What the cluster holds and may still start: nodes with their CPUs, GPUs, accelerator types and memory.
 
-From a running Ray cluster (`read_inventory`: the live nodes plus the node types its autoscaler may still start,
-the only place here that imports Ray) or from a cluster YAML scaled out (`inventory_from_cluster_yaml`), so a
-search can be planned before the cluster exists.
+From a running Ray cluster (`read_inventory`: the live nodes plus the node types its autoscaler may still start)
+or from a cluster YAML scaled out (`inventory_from_cluster_yaml`), so a search can be planned before the cluster
+exists.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from protopo_ray.search.prices import PriceConfig, is_spot
 
 GIB = 2**30
 
@@ -102,6 +106,7 @@ def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
     autoscaler's node types come from `cluster_file`, else the `ray up` head's bootstrap config; for each
     type, `max_workers` less the nodes of that type already up are added as nodes that may come.
     """
+    # Deferred on purpose: planning from a cluster YAML and the records that hold plans stay importable without Ray.
     import ray
 
     if not ray.is_initialized():
@@ -110,7 +115,7 @@ def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
     path = Path(cluster_file) if cluster_file else BOOTSTRAP_CONFIG.expanduser()
     if not path.exists():
         return Inventory(tuple(live))
-    return with_autoscaler_headroom(live, _node_types(path))
+    return with_autoscaler_headroom(live, autoscaler_node_types(path))
 
 
 def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
@@ -119,22 +124,18 @@ def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
     Only the declared `resources` count (the autoscaler's own instance-type detection is not reproduced), so
     the project's cluster YAMLs declare CPU, GPU, accelerator type and GPU memory for every node type.
     """
-    from protopo_ray.search.cost import is_spot
-
     spec = _read_yaml(Path(path))
     name = spec.get("head_node_type") or ""
     head = spec.get("available_node_types", {}).get(name, {})
     node = node_from_resources("head", head.get("resources", {}), name, is_spot(head.get("node_config") or {}))
-    return with_autoscaler_headroom([node], _node_types(Path(path)))
+    return with_autoscaler_headroom([node], autoscaler_node_types(Path(path)))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _node_types(path: Path) -> dict[str, dict[str, Any]]:
+def autoscaler_node_types(path: Path) -> dict[str, dict[str, Any]]:
     """The worker node types of an autoscaler YAML (the head is up already, whatever its config says)."""
     spec = _read_yaml(path)
     head = spec.get("head_node_type")
@@ -150,8 +151,6 @@ def _signature(resources: dict[str, Any]) -> tuple:
 def with_autoscaler_headroom(live: list[NodeInventory], node_types: dict[str, dict[str, Any]]) -> Inventory:
     """Live nodes plus, per autoscaler node type, the `max_workers` not up yet (as `<type>-<i>`); a live node
     whose resources match a node type is tagged with its name and market (what prices it)."""
-    from protopo_ray.search.cost import is_spot
-
     nodes = list(live)
     for name, node_type in node_types.items():
         declared = node_type.get("resources", {})
@@ -184,10 +183,8 @@ def gib_text(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.2f}"
 
 
-def format_inventory(inventory: Inventory, prices: Any = None) -> str:
-    """The node table; `prices` (a protopo_ray.search.cost.PriceConfig, default prices when None) adds USD per hour."""
-    from protopo_ray.search.cost import PriceConfig
-
+def format_inventory(inventory: Inventory, prices: PriceConfig | None = None) -> str:
+    """The node table with USD per hour at `prices` (default prices when None)."""
     prices = prices or PriceConfig()
     rows = []
     for node in inventory.nodes:

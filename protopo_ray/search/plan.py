@@ -7,12 +7,12 @@ return a `StagePlan` whose `resources_overrides(footprint)` give each trial's Co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protopo_ray.search.cost import PriceConfig, market_of
 from protopo_ray.search.inventory import (
     DRIVER_RESOURCE,
     GIB,
@@ -22,6 +22,7 @@ from protopo_ray.search.inventory import (
     gib_text,
     text_table,
 )
+from protopo_ray.search.prices import PriceConfig, market_of
 
 #: Each trial process on a GPU holds its own CUDA context (~0.3-0.5 GiB) besides tensors; packing counts it.
 CUDA_CONTEXT_BYTES = GIB // 2
@@ -33,13 +34,6 @@ MAX_CPUS_PER_GPU_WORKER = 8
 
 class PlanError(ValueError):
     """The requested stage cannot run on this inventory (e.g. a trial does not fit any GPU)."""
-
-
-def trial_footprints(configs: Sequence[Any], longest: int, world_size: int = 1) -> list[int]:
-    """Peak training memory in bytes per `protopo_ray.config.Config` (one worker), from its real batch plan."""
-    from protopo_ray.model.footprint import trial_footprint
-
-    return [trial_footprint(cfg, longest, world_size).total_bytes for cfg in configs]
 
 
 @dataclass(frozen=True)
@@ -66,6 +60,14 @@ class StagePlan:
     """Price of one device the trials hold for an hour (a GPU; a vCPU on CPU plans); None = unknown."""
     market: str = ""
     """spot, on-demand or mixed: the capacity the stage's pool runs on."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> StagePlan:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in values.items() if k in names}, "notes": tuple(values.get("notes", ()))})
 
     def trials_per_gpu_for(self, footprint_bytes: int) -> int:
         """How many trials of this footprint share one GPU: the stage's cap, or fewer for a bigger model."""

@@ -1,46 +1,46 @@
 """One training run, start to finish: `fit(config, session)`.
 
-The same function runs in-process (`LocalSession`, `python -m protopo_ray.train --local`) and inside every
-Ray Train worker (`worker.RaySession`). A session says where the split tables come from, how the model is
-wrapped (DDP or not), how per-protein results are gathered across ranks, and where metrics and
-checkpoints go. Everything else (the plan of batches, the loop, the metrics) is shared.
+The same function runs in-process (`session.LocalSession`, `python -m protopo_ray.train --local`) and inside
+every Ray Train worker or one-worker Tune trial (`protopo_ray.cluster.sessions`). The session says where the
+splits come from, how the model is wrapped and where metrics and checkpoints go; the plan of batches, the loop,
+the metrics and the checkpoints' content are the same everywhere.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from protopo_ray.config import Config
-from protopo_ray.data import collate, shards, storage
-from protopo_ray.model.metrics import METRIC_KEYS, aggregate
+from protopo_ray.config.objective import finite
+from protopo_ray.data import shards, storage
+from protopo_ray.model.grammar import build_grammar, default_grammar
+from protopo_ray.model.metrics import METRIC_KEYS
 from protopo_ray.model.network import TopologyModel
 from protopo_ray.training import loop
 from protopo_ray.training.checkpoint import (
     BestTracker,
+    Checkpoint,
+    CheckpointMeta,
+    ModelInputs,
     TrainState,
-    checkpoint_epoch,
-    copy_checkpoint,
-    find_checkpoints,
     load_checkpoint,
-    load_latest_valid,
     rng_state,
     save_checkpoint,
     unwrap,
 )
+from protopo_ray.training.evaluation import evaluate_split
 from protopo_ray.training.memory import process_watch, tame_allocator, trim
 from protopo_ray.training.schedule import EpochSchedule
-from protopo_ray.training.splits import SPLIT_FOLDS, Split, id_keys, local_split, lockstep
+from protopo_ray.training.session import Session
+from protopo_ray.training.splits import SPLIT_FOLDS, id_keys, lockstep
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,6 @@ REPORTED_METRICS = (
     + tuple(f"val_{key}" for key in METRIC_KEYS)
     + tuple(loop.EpochStats().as_metrics().keys())
 )
-
-
-class Session(Protocol):
-    rank: int
-    world_size: int
-
-    def split(self, name: str) -> Split:
-        """This rank's view of split `name` ("train" / "val"): held in memory or streamed (`stream`)."""
-    def all_min(self, value: int) -> int:
-        """The minimum of `value` over all ranks (a collective; identity with one rank)."""
-    def prepare_model(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module: ...
-    def gather(self, value: Any) -> list[Any]: ...
-    def resume_state(self) -> TrainState | None:
-        """The newest complete checkpoint of this run itself (not `train.init_checkpoint`), if any."""
-    def save_best(self, checkpoint_dir: Path) -> None:
-        """Make a (complete) checkpoint directory the run's `<run>/best`."""
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, is_best: bool) -> None:
-        """Record an epoch: metrics always, the checkpoint when one was written (also as best/ when best)."""
 
 
 def validate_data(config: Config) -> dict[str, Any]:
@@ -84,31 +66,6 @@ def validate_data(config: Config) -> dict[str, Any]:
         if split != "test" and sum(folds.get(f, 0) for f in wanted) == 0:
             raise ValueError(f"data.{attr} = {list(wanted)}: the {split} split is empty in {config.data.path}")
     return manifest
-
-
-def collated(tables: Iterable[pa.Table], depth: int = 2) -> Iterator:
-    """PyG batches of a stream of Arrow batch tables, collated in a prefetch thread ahead of the step."""
-    return loop.prefetch(collate.table_to_batch, tables, depth)
-
-
-def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2) -> Iterator:
-    """Collated batches of a plan of row indices into `table` (tools that plan their own batches)."""
-    return collated((table.take(pa.array(idx)) for idx in plan), prefetch_depth)
-
-
-def evaluate_split(model, split: Split, config: Config, device, session: Session | None = None) -> dict[str, float]:
-    """Loss and the full metric dict over a split; with a session, over all ranks' parts of it (each protein once)."""
-    rank, world = (session.rank, session.world_size) if session is not None else (0, 1)
-    loss_sum, residues, results = loop.evaluate(model, collated(split.eval_batches(rank, world)), device,
-                                                config.train.bf16)
-    if world > 1:
-        gathered = session.gather((loss_sum, residues, results))
-        loss_sum = sum(g[0] for g in gathered)
-        residues = sum(g[1] for g in gathered)
-        results = [r for g in gathered for r in g[2]]
-    metrics = aggregate(results)
-    metrics["loss"] = loss_sum / max(1, residues)
-    return metrics
 
 
 class EpochLog:
@@ -130,8 +87,8 @@ class EpochLog:
         return np.unique(np.concatenate(self.keys)) if self.keys else np.zeros(0, dtype=np.uint64)
 
 
-def continuation_state(config: Config) -> TrainState | None:
-    """The state a run continues from when it has none of its own: `train.init_checkpoint` (local or a URI)."""
+def continuation(config: Config) -> Checkpoint | None:
+    """The checkpoint a run continues from when it has none of its own: `train.init_checkpoint` (local or a URI)."""
     source = config.train.init_checkpoint
     if not source:
         return None
@@ -150,26 +107,29 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         device = torch.device("cuda", session.rank % torch.cuda.device_count())
     loop.set_seed(cfg.seed)
     train, val_split = session.split("train"), session.split("val")
-
-    model = session.prepare_model(TopologyModel(config.model).to(device), device)
-    optimizer = loop.build_optimizer(model, cfg)
-    loss_fn = loop.build_loss(cfg)
-    best = BestTracker(cfg.metric, cfg.mode)
+    inputs = ModelInputs.of_manifest(shards.read_manifest(config.data.path))
 
     own = session.resume_state()
-    state = own or continuation_state(config)
+    start = own or continuation(config)
+    # A run continues with the grammar its checkpoint was built with (a CRF's transitions are per grammar state).
+    grammar = build_grammar(start.meta.grammar) if start is not None else default_grammar()
+    model = session.prepare_model(TopologyModel(config.model, grammar).to(device), device)
+    optimizer = loop.build_optimizer(model, cfg)
+    loss_fn = loop.build_loss(cfg)
+    best = BestTracker(cfg.objective)
     start_epoch = schedule_start = 0
-    if state is not None:
-        state.restore_into(model, optimizer)
-        start_epoch = state.epoch
+    if start is not None:
+        start.state.restore_into(model, optimizer)
+        start_epoch = start.epoch
         if own is not None:  # this run's own checkpoint: same schedule span, same best so far
-            schedule_start, best.best = state.schedule_start_epoch, state.best_value
+            schedule_start, best.best = start.meta.schedule_start_epoch, start.meta.best_value
         else:  # a promotion: a new schedule over the new budget; the checkpoint it came from is the best so far
-            schedule_start = state.epoch
-            best.best = _finite_or_none(state.metrics.get(cfg.metric))
+            schedule_start = start.epoch
+            value = start.meta.metrics.get(cfg.metric)
+            best.best = float(value) if finite(value) else None
             if session.rank == 0 and best.best is not None:
                 with tempfile.TemporaryDirectory(prefix="protopo-ckpt-") as tmp:
-                    session.save_best(save_checkpoint(Path(tmp) / f"epoch_{state.epoch:04d}", state))
+                    session.save_best(save_checkpoint(Path(tmp) / f"epoch_{start.epoch:04d}", start.meta, start.state))
         log.info("resumed at epoch %d (%s)", start_epoch, "own checkpoint" if own else cfg.init_checkpoint)
     scheduler = EpochSchedule(optimizer, cfg, start_epoch=schedule_start)
 
@@ -179,7 +139,7 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         steps, tables = train.train_epoch(epoch, session.rank, session.world_size)
         scheduler.start_epoch(epoch, steps)
         trained = EpochLog()
-        batches = trained.watch(lockstep(collated(tables), session.all_min))
+        batches = trained.watch(lockstep(loop.collated(tables), session.all_min))
         stats = loop.train_epoch(model, batches, optimizer, scheduler, loss_fn, cfg, device)
         # Which proteins each rank trained on this epoch (unique per rank; resampling may repeat one within a rank).
         seen = session.gather(trained.seen())
@@ -201,75 +161,10 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         with tempfile.TemporaryDirectory(prefix="protopo-ckpt-") as tmp:
             checkpoint_dir = None
             if keep and session.rank == 0:
-                checkpoint_dir = save_checkpoint(Path(tmp) / f"epoch_{epoch + 1:04d}", TrainState(
-                    model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                    config=config.to_dict(), metrics=metrics, schedule_start_epoch=schedule_start,
-                    best_value=best.best, rng=rng_state()))
+                meta = CheckpointMeta(epoch=epoch + 1, metrics=metrics, best_value=best.best,
+                                      schedule_start_epoch=schedule_start, config=config, inputs=inputs,
+                                      grammar=grammar.stats)
+                state = TrainState(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), rng=rng_state())
+                checkpoint_dir = save_checkpoint(Path(tmp) / f"epoch_{epoch + 1:04d}", meta, state)
             session.report(metrics, checkpoint_dir, is_best)
     return metrics
-
-
-def _finite_or_none(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
-
-
-class LocalSession:
-    """In-process run: tables from the shard directory, checkpoints and metrics.jsonl under storage/name."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, config: Config, resume: bool = False) -> None:
-        self.config = config
-        self.run_dir = Path(config.resources.storage) / config.name
-        existing = find_checkpoints(self.run_dir)
-        if existing and not resume and not config.train.init_checkpoint:
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run "
-                                  f"or choose another name (--set name=...)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.resume = resume
-
-    def split(self, name: str) -> Split:
-        return local_split(self.config, name)
-
-    def prepare_model(self, model, device):
-        return model
-
-    def gather(self, value):
-        return [value]
-
-    def all_min(self, value: int) -> int:
-        return value
-
-    def resume_state(self):
-        candidates = [p for p in find_checkpoints(self.run_dir) if p.name != "best"] if self.resume else []
-        found = load_latest_valid(candidates)
-        return found[1] if found else None
-
-    def save_best(self, checkpoint_dir):
-        copy_checkpoint(checkpoint_dir, str(self.run_dir), "best")
-
-    def report(self, metrics, checkpoint_dir, is_best):
-        with (self.run_dir / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
-        log.info("epoch %d: %s", metrics["epoch"], {k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")})
-        if checkpoint_dir is None:
-            return
-        target = self.run_dir / f"checkpoint_{checkpoint_dir.name}"
-        shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
-        if is_best:
-            self.save_best(checkpoint_dir)
-        # The newest k stay (resume needs the latest); the best epoch lives on in run_dir/best.
-        kept = sorted(find_checkpoints(self.run_dir), key=checkpoint_epoch)
-        kept = [p for p in kept if p.name.startswith("checkpoint_")]
-        for old in kept[: -self.config.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def evaluate_checkpoint(checkpoint_dir: str | Path, config: Config | None = None, split: str = "val",
-                        device: str = "cpu") -> dict[str, float]:
-    """Single-process evaluation of a checkpoint on a split of its (or the given) config's data."""
-    from protopo_ray.training.checkpoint import load_model
-
-    model, own_config, _ = load_model(checkpoint_dir, device)
-    config = config or own_config
-    return evaluate_split(model, local_split(config, split), config, torch.device(device))

@@ -1,7 +1,7 @@
 """The training-loop core: optimiser, schedule, loss, one training epoch, evaluation.
 
 Plain PyTorch. The in-process path (`python -m protopo_ray.train --local`) and every Ray Train worker call
-these same functions; only where batches come from and how results are reported differ (see `runner`).
+these same functions; only where batches come from and how results are reported differ (see `fit`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
 from protopo_ray.config import TrainConfig
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABEL_INDEX, LABELS, NUM_LABELS
+from protopo_ray.data.collate import table_to_batch
 from protopo_ray.model.metrics import ProteinResult, protein_result
 from protopo_ray.training.checkpoint import unwrap
 
@@ -109,6 +111,16 @@ def prefetch(make_batch: Callable[[np.ndarray], object], plan: Sequence[np.ndarr
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def collated(tables: Iterable[pa.Table], depth: int = 2) -> Iterator:
+    """PyG batches of a stream of Arrow batch tables, collated in a prefetch thread ahead of the step."""
+    return prefetch(table_to_batch, tables, depth)
+
+
+def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2) -> Iterator:
+    """Collated batches of a plan of row indices into `table` (tools that plan their own batches)."""
+    return collated((table.take(pa.array(idx)) for idx in plan), prefetch_depth)
 
 
 def _autocast(device: torch.device, bf16: bool):

@@ -1,4 +1,4 @@
-"""A run's splits, held in memory or streamed: what `runner.fit` draws its batches from.
+"""A run's splits, held in memory or streamed: what `fit.fit` draws its batches from.
 
 `MemorySplit` holds a split as one Arrow table and cuts the exact, seeded global plan of `batching` (every
 rank takes its slice of every global batch). `StreamSplit` never holds a split: rows arrive as Arrow tables

@@ -202,22 +202,22 @@ def test_fresh_autoscaling_head_plans_on_the_gpu_types_it_may_start(tmp_path):
     """`ray up` starts only a CPU-0 head: the plan must come from the node types the autoscaler can start."""
     from pathlib import Path
 
-    from protopo_ray.search.inventory import _node_types, with_autoscaler_headroom
+    from protopo_ray.search.inventory import autoscaler_node_types, with_autoscaler_headroom
 
     yaml_path = Path(__file__).resolve().parents[1] / "cluster.yaml"
     head = node_from_resources("head-live", {"CPU": 0, "driver": 32, "memory": 30 * GIB, "node:__internal_head__": 1})
-    inventory = with_autoscaler_headroom([head], _node_types(yaml_path))
+    inventory = with_autoscaler_headroom([head], autoscaler_node_types(yaml_path))
     assert inventory.total_gpus == 4 * 1 + 8
     plan = plan_search(inventory, SMALL, num_trials=36)
     assert (plan.device, plan.accelerator_type, plan.trials_per_gpu) == ("gpu", "A10G", 8)
     # A search node already up counts once: the autoscaler may start only the rest.
     up = node_from_resources("live-g5", {"CPU": 8, "GPU": 1, "accelerator_type:A10G": 1, "gpu_memory_gb": 24,
                                          "memory": 30 * GIB, "node:10.0.0.5": 1})
-    assert with_autoscaler_headroom([head, up], _node_types(yaml_path)).total_gpus == 4 + 8
+    assert with_autoscaler_headroom([head, up], autoscaler_node_types(yaml_path)).total_gpus == 4 + 8
 
 
 def test_search_takes_the_cheapest_pool_per_trial_hour_over_the_smallest_gpus():
-    from protopo_ray.search.cost import PriceConfig
+    from protopo_ray.search.prices import PriceConfig
 
     spot_l40s = tuple(node_from_resources(f"l40s-{i}", {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}, "pool_l40s",
                                           spot=True) for i in range(2))
@@ -231,7 +231,7 @@ def test_search_takes_the_cheapest_pool_per_trial_hour_over_the_smallest_gpus():
 
 
 def test_promotion_keeps_the_biggest_gpus_and_takes_the_cheaper_of_equal_ones():
-    from protopo_ray.search.cost import PriceConfig
+    from protopo_ray.search.prices import PriceConfig
 
     inventory = Inventory((gpu_node("a-0", "A100", gpus=8, cpus=96), gpu_node("b-0", "A100-40G", gpus=8, cpus=96),
                            gpu_node("s-0", "A10G", gpus=1, cpus=8)))

@@ -11,7 +11,8 @@ from torch_geometric.data import Batch, Data
 
 from protopo_ray.config import GC_OPERATORS, ModelConfig
 from protopo_ray.data.alphabet import NUM_LABELS
-from protopo_ray.model.network import TopologyModel, count_parameters, footprint, reverse_within_length
+from protopo_ray.model.footprint import footprint
+from protopo_ray.model.network import TopologyModel, count_parameters, reverse_within_length
 
 SMALL = ModelConfig(gc_size=16, gc_layers=2, lstm_size=12, lstm_layers=2, aa_embed_dim=8, dropout=0.2)
 

@@ -1,13 +1,11 @@
-"""Prices of nodes and what a finished stage cost and saved (hand-computed values)."""
+"""Prices of nodes: node types first, then market rates per GPU, then CPUs; spot read off the node configs."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from protopo_ray.search.cost import PriceConfig, is_spot, market_of, stage_cost, trial_cost
 from protopo_ray.search.inventory import GIB, node_from_resources
+from protopo_ray.search.prices import PriceConfig, is_spot, market_of
 
 
 def gpu_node(accelerator: str, gpus: int = 1, node_type: str = "", spot: bool = False):
@@ -52,27 +50,3 @@ def test_spot_read_from_aws_and_gcp_node_configs():
 def test_bad_price_tables_say_what_is_wrong(values, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         PriceConfig.from_dict(values)
-
-
-STAGE = {"kind": "search", "max_epochs": 9, "plan": {"usd_per_device_hour": 2.0}, "trials": [
-    {"status": "completed", "epochs": 9, "accelerator_hours": 0.9},
-    {"status": "stopped", "epochs": 3, "accelerator_hours": 0.6},  # 0.2 h per epoch, 6 epochs not run
-    {"status": "stopped", "epochs": 1, "accelerator_hours": 0.1},  # 0.1 h per epoch, 8 not run
-    {"status": "error", "epochs": 1, "accelerator_hours": 0.1},    # an error saves nothing
-]}
-
-
-def test_saving_is_epochs_not_run_times_the_trials_own_cost_per_epoch():
-    stopped = trial_cost(STAGE["trials"][1], STAGE)
-    assert (stopped.accelerator_hours, stopped.usd) == (0.6, 1.2)
-    assert stopped.saved_accelerator_hours == pytest.approx(1.2) and stopped.saved_usd == pytest.approx(2.4)
-    total = stage_cost(STAGE)
-    assert total.accelerator_hours == pytest.approx(1.7) and total.usd == pytest.approx(3.4)
-    assert total.saved_accelerator_hours == pytest.approx(2.0) and total.saved_usd == pytest.approx(4.0)
-
-
-def test_unknown_price_gives_hours_but_no_dollars():
-    cost = stage_cost({**STAGE, "plan": {}})
-    assert cost.accelerator_hours == pytest.approx(1.7) and math.isnan(cost.usd) and math.isnan(cost.saved_usd)
-    # A promotion continues trials to a budget: nothing is "saved" by stopping.
-    assert stage_cost({**STAGE, "kind": "promotion"}).saved_accelerator_hours == 0

@@ -1,4 +1,5 @@
-"""TuneSession: a reused trial process reads each split once (and again when the shards change)."""
+"""The Ray sessions: a reused trial process reads each split once (and again when the shards change); a trial
+resumes from its own newer best/, never from a seeded one."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_tune_session_reads_a_split_once_per_process_until_the_shards_change(ray
     shutil.copytree(smoke_shards, data)
     config = Config().replace({"data.path": str(data), "data.train_folds": ["train"], "data.val_folds": ["val"],
                                "data.max_proteins": 20, "resources.storage": str(tmp_path / "runs")})
-    sessions._TABLES.clear()
+    monkeypatch.setattr(sessions, "TABLES", sessions.TableCache())  # a fresh process's cache
     first = sessions.TuneSession(config).split("train")
     again = sessions.TuneSession(config.replace({"name": "next_trial"})).split("train")
     # The next trial in the process reads nothing: the same 20 proteins.
@@ -33,26 +34,28 @@ def test_tune_session_reads_a_split_once_per_process_until_the_shards_change(ray
     manifest = data / "manifest.json"  # shards rewritten (prepare writes a new manifest): read again
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "rewritten": True}))
     sessions.TuneSession(config).split("train")
-    assert reads == [["train"], ["val"], ["train"]]
+    assert reads == [["train"], ["val"], ["train"]] and sessions.TABLES.reads == 3
 
 
 @pytest.mark.ray
-def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_cluster, tmp_path, monkeypatch):
+def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_cluster, tmp_path, monkeypatch,
+                                                                           write_checkpoint):
     """A driver killed between a trial's report and Tune's snapshot: Tune hands back an older checkpoint (here
     none), but the run's best/ is complete and newer. A promotion's best/, seeded from its source run, is not its
     own and never counts."""
     import ray.tune
 
     from protopo_ray.cluster import sessions
-    from protopo_ray.training.checkpoint import TrainState, copy_checkpoint, rng_state, save_checkpoint
+    from protopo_ray.training.checkpoint import copy_checkpoint
 
     monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: None)
-    config = Config().replace({"resources.storage": str(tmp_path / "runs"), "name": "trial_a"})
+    config = Config().replace({"resources.storage": str(tmp_path / "runs"), "name": "trial_a", "model.gc_size": 4,
+                               "model.lstm_size": 4, "model.aa_embed_dim": 4})
 
     def best_of(run_config, epoch):
-        state = TrainState(model={}, optimizer=None, epoch=epoch, config=run_config.to_dict(),
-                           metrics={"val_loss": 0.5}, best_value=0.5, rng=rng_state())
-        copy_checkpoint(save_checkpoint(tmp_path / f"src_{epoch}", state), str(tmp_path / "runs"), "trial_a/best")
+        source = write_checkpoint(tmp_path / f"src_{epoch}", run_config, epoch=epoch, metrics={"val_loss": 0.5},
+                                  best_value=0.5)
+        copy_checkpoint(source, str(tmp_path / "runs"), "trial_a/best")
 
     assert sessions.TuneSession(config).resume_state() is None
     best_of(config.replace({"name": "source_trial"}), 6)  # seeded by a continuation from another run

@@ -1,4 +1,5 @@
-"""What compute costs: hourly prices of the cluster's nodes, and what a finished stage spent and saved.
+"""What compute costs: hourly prices of the cluster's nodes (what a finished stage spent is its record's:
+`protopo_ray.search.results.StageRecord.cost`).
 
 Prices live in the experiment, not the cluster YAML: Ray's autoscaler schema (ray/autoscaler/ray-schema.json)
 rejects unknown keys in a node type, its `resources` are non-negative integers that Ray schedules on (a price
@@ -19,10 +20,12 @@ Pure module: no Ray.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: inventory prices its nodes with this module
+    from protopo_ray.search.inventory import NodeInventory
 
 #: USD per GPU-hour on demand: the whole instance of the cluster YAMLs' node types divided by its GPUs (list
 #: prices, AWS us-west-2 / GCP us-central1, 2025): g5.2xlarge $1.212 (A10G), g2-standard-8 $0.854 (L4),
@@ -72,8 +75,8 @@ class PriceConfig:
         table = {**DEFAULT_SPOT_GPU_HOUR, **self.spot_gpu_hour} if spot else {**DEFAULT_GPU_HOUR, **self.gpu_hour}
         return table.get(accelerator_type or "")
 
-    def node_price(self, node: Any) -> float | None:
-        """USD per hour of a `protopo_ray.search.inventory.NodeInventory`; None where no price applies."""
+    def node_price(self, node: NodeInventory) -> float | None:
+        """USD per hour of a node; None where no price applies."""
         if node.node_type and node.node_type in self.node_types:
             return float(self.node_types[node.node_type])
         if node.gpus:
@@ -82,7 +85,7 @@ class PriceConfig:
         # A node that declares no CPU and no GPU (a head kept free of trials) has no size to price: node_types.
         return self.cpu_hour * node.cpus if node.cpus else None
 
-    def device_hour_price(self, nodes: Sequence[Any], device: str) -> float | None:
+    def device_hour_price(self, nodes: Sequence[NodeInventory], device: str) -> float | None:
         """USD per GPU-hour (device "gpu") or vCPU-hour ("cpu") of a pool of nodes: the dearest node's, an upper
         bound when trials may land on either (Ray pins an accelerator type, not a market)."""
         prices = []
@@ -94,7 +97,7 @@ class PriceConfig:
         return max(prices) if prices else None
 
 
-def market_of(nodes: Sequence[Any]) -> str:
+def market_of(nodes: Sequence[NodeInventory]) -> str:
     """spot, on-demand or mixed for a pool of nodes."""
     kinds = {"spot" if node.spot else "on-demand" for node in nodes}
     return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "")
@@ -106,46 +109,3 @@ def is_spot(node_config: Mapping[str, Any]) -> bool:
     scheduling = node_config.get("scheduling") or {}
     return (str(market).lower() == "spot" or str(scheduling.get("provisioningModel", "")).upper() == "SPOT"
             or bool(scheduling.get("preemptible")) or str(node_config.get("priority", "")).lower() == "spot")
-
-
-# ------------------------------------------------------------------ what a finished stage cost (stage records)
-
-
-def _float(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-@dataclass(frozen=True)
-class Cost:
-    accelerator_hours: float
-    """Device-hours held while training: GPU share (or CPUs) x workers x the epochs' time."""
-    usd: float
-    """accelerator_hours x the stage plan's price per device-hour; NaN when the price is unknown."""
-    saved_accelerator_hours: float
-    """Epochs the scheduler did not run x the trial's own measured device-hours per epoch."""
-    saved_usd: float
-
-
-def trial_cost(trial: Mapping[str, Any], stage: Mapping[str, Any]) -> Cost:
-    """A trial's cost from its stage record; what stopping it early saved (a trial stopped by ASHA / SHA)."""
-    hours = _float(trial.get("accelerator_hours") or 0.0)
-    price = _float((stage.get("plan") or {}).get("usd_per_device_hour"))
-    ran = int(trial.get("epochs") or 0) - int(trial.get("start_epoch") or 0)
-    saved = 0.0
-    if trial.get("status") == "stopped" and ran > 0 and stage.get("kind", "search") == "search":
-        saved = max(0, int(stage.get("max_epochs") or 0) - int(trial.get("epochs") or 0)) * hours / ran
-    return Cost(hours, hours * price, saved, saved * price)
-
-
-def stage_cost(stage: Mapping[str, Any]) -> Cost:
-    costs = [trial_cost(t, stage) for t in stage.get("trials", [])]
-    return Cost(*(sum(getattr(c, f.name) for c in costs) for f in fields(Cost)))
-
-
-def usd_text(value: float) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"${value:.2f}" if abs(value) >= 1 else f"${value:.4f}"

@@ -1,0 +1,346 @@
+"""Building shard sets, so training never parses labels or structures: records -> residue graphs -> Parquet.
+
+`prepare_records` (a labels file, optional structures) and `prepare_synthetic` (the embedded generator) turn their
+inputs into jobs; a *builder* runs a row function over the jobs and writes the shards: `LocalBuilder` in this
+machine's processes, or `protopo_ray.cluster.prepare_tasks.RayBuilder` in Ray Data tasks on a cluster (the
+entry point `python -m protopo_ray.prepare` chooses). Either way the set lands through `write_output`: a local
+`out` is written into `<out>.tmp-<pid>` beside it and renamed into place only once its manifest is written, so a
+crash never leaves a directory that looks complete, and overwriting replaces an existing set only once the new
+one is finished; on object storage (no rename) the old manifest goes first and the new one is written last.
+
+`ensure_data` is the one rule every entry point (tune, train, predict) follows for the embedded synthetic set.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyarrow import fs as pafs
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from protopo_ray.data import shards, storage, synthetic
+from protopo_ray.data.graphs import DEFAULT_K, build_graph
+from protopo_ray.data.records import ProteinRecord, read_records
+from protopo_ray.data.structures import load_aligned_ca
+
+GRAPH_BUILDER = "protopo_ray.data.graphs.build_graph"
+SYNTHETIC_MODULE = "protopo_ray.data.synthetic"
+_SHOWN_IDS = 5  # ids listed per fallback reason in the summary
+
+
+class OutputExists(ValueError):
+    """`out` already holds a complete shard set (or other files) and --overwrite was not given."""
+
+
+@dataclass(slots=True)
+class PrepareSummary:
+    out: str
+    num_read: int = 0
+    num_written: int = 0
+    num_structure: int = 0
+    num_sequence: int = 0
+    fallback: dict[str, list[str]] = field(default_factory=dict)
+    """Why proteins got a sequence graph: reason -> protein ids."""
+    skipped: list[str] = field(default_factory=list)
+    """Invalid records left out (--skip-invalid): one located message each."""
+    elapsed_s: float = 0.0
+    task_cpu_s: float | None = None
+    """CPU seconds the Ray tasks spent building and writing (--ray only): proteins / task_cpu_s is per core."""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proteins_per_s(self) -> float:
+        return self.num_written / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+    def format(self) -> str:
+        lines = [f"prepared {self.out}: {self.num_written} of {self.num_read} records written in "
+                 f"{self.elapsed_s:.1f} s ({self.proteins_per_s:.1f} proteins/s)",
+                 f"  graphs: {self.num_structure} from structure, {self.num_sequence} sequence fallback"]
+        if self.task_cpu_s:
+            lines.append(f"  Ray tasks: {self.task_cpu_s:.1f} CPU s ({self.num_written / self.task_cpu_s:.1f} "
+                         f"proteins per CPU second)")
+        if self.fallback:
+            parts = []
+            for reason, ids in sorted(self.fallback.items(), key=lambda item: -len(item[1])):
+                shown = ", ".join(ids[:_SHOWN_IDS]) + (", ..." if len(ids) > _SHOWN_IDS else "")
+                parts.append(f"{reason} ({len(ids)}: {shown})" if len(ids) <= _SHOWN_IDS else f"{reason} ({len(ids)})")
+            lines.append("  sequence fallback: " + ", ".join(parts))
+        if self.skipped:
+            lines.append(f"  invalid records skipped ({len(self.skipped)}):")
+            lines += [f"    {message}" for message in self.skipped]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ graph building
+
+
+def _fallback_reason(reason: str) -> str:
+    """Group structures.load_aligned_ca's per-protein messages into a few summary categories."""
+    if reason.startswith("no structure file"):
+        return "no structure file"
+    if reason.startswith("mismatch"):
+        return "structure mismatch"
+    if reason.startswith("unreadable"):
+        return "unreadable structure"
+    return reason
+
+
+#: A row function: (a chunk of jobs, *its args) -> (shard row, graph source or fallback reason) per job. It runs in
+#: worker processes or Ray tasks, so it is a module-level function, picklable by reference.
+RowFunction = Callable[..., list[tuple[dict, str]]]
+
+
+def record_rows(records: list[ProteinRecord], structures: str | None, k: int) -> list[tuple[dict, str]]:
+    """Rows of labelled records: a structure graph where `structures` holds an aligned model, else the sequence
+    window (and why)."""
+    out = []
+    for record in records:
+        ca, why = load_aligned_ca(structures, record) if structures else (None, "no --structures given")
+        graph = build_graph(record.sequence, ca, k=k)
+        out.append((shards.record_to_row(record, graph), "structure" if graph.graph_source == "structure" else why))
+    return out
+
+
+def synthetic_rows(jobs: list[tuple[int, str, str]], seed: int, k: int) -> list[tuple[dict, str]]:
+    """Rows of generated proteins: jobs are (index, protein type, fold)."""
+    out = []
+    for index, protein_type, fold in jobs:
+        record, ca = synthetic.generate_protein(index, protein_type, seed, fold)
+        out.append((shards.record_to_row(record, build_graph(record.sequence, ca, k=k)), "structure"))
+    return out
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def progress_bar(total: int, what: str):
+    """A rich progress bar on stderr, shown only on a terminal (logs and CI stay clean)."""
+    console = Console(stderr=True)
+    progress = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, disable=not console.is_terminal, transient=True)
+    return progress, progress.add_task(what, total=total)
+
+
+def count_row(summary: PrepareSummary, protein_id: str, source: str) -> None:
+    """Account one written protein: its graph came from a structure, or why it fell back to the sequence."""
+    if source == "structure":
+        summary.num_structure += 1
+    else:
+        summary.num_sequence += 1
+        summary.fallback.setdefault(_fallback_reason(source), []).append(protein_id)
+    summary.num_written += 1
+
+
+class LocalBuilder:
+    """Builds rows in `workers` local processes (1: this process) and writes shards as the rows come, in order."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def __call__(self, rows_of: RowFunction, jobs: list, args: tuple, target: str, summary: PrepareSummary, *,
+                 what: str, **write_args: Any) -> dict[str, Any]:
+        """Shards + manifest of `rows_of`'s rows over `jobs` under `target`; returns the manifest."""
+        return shards.write_shards(self._counted(self._rows(rows_of, jobs, args), summary, len(jobs), what), target,
+                                   **write_args)
+
+    def _rows(self, rows_of: RowFunction, jobs: list, args: tuple) -> Iterator[tuple[dict, str]]:
+        if self.workers <= 1 or len(jobs) < 2:
+            for chunk in _chunks(jobs, 64):
+                yield from rows_of(chunk, *args)
+            return
+        # Several chunks per worker balance long and short proteins; each chunk is one pickled task, not one per record.
+        size = max(1, min(64, math.ceil(len(jobs) / (self.workers * 8))))
+        with ProcessPoolExecutor(max_workers=self.workers) as pool:
+            for rows in pool.map(rows_of, _chunks(jobs, size), *[[a] * math.ceil(len(jobs) / size) for a in args]):
+                yield from rows
+
+    @staticmethod
+    def _counted(rows: Iterable[tuple[dict, str]], summary: PrepareSummary, total: int, what: str) -> Iterator[dict]:
+        progress, task = progress_bar(total, what)
+        with progress:
+            for row, source in rows:
+                count_row(summary, row["id"], source)
+                progress.advance(task)
+                yield row
+
+
+#: What builds a shard set: LocalBuilder, or protopo_ray.cluster.prepare_tasks.RayBuilder (same call).
+Builder = Callable[..., dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse (OutputExists) to write over a complete shard set or a non-empty directory without --overwrite."""
+    fs, root = storage.filesystem(str(out))
+    if overwrite or fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return
+    if fs.get_file_info(f"{root}/{shards.MANIFEST}").type == pafs.FileType.File:
+        try:
+            manifest = shards.read_manifest(out)
+        except ValueError:  # unreadable or another schema version: still a set we must not clobber silently
+            manifest = {}
+        raise OutputExists(f"{out} already holds a complete shard set ({manifest.get('num_proteins', '?')} proteins, "
+                           f"written {manifest.get('created_at', '?')}); pass --overwrite to replace it, or choose "
+                           f"another --out")
+    if fs.get_file_info(root).type != pafs.FileType.Directory or fs.get_file_info(pafs.FileSelector(root)):
+        raise OutputExists(f"{out} exists and is not a complete shard set; pass --overwrite to replace it, or "
+                           f"choose another --out")
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete `<out>.tmp-<pid>` directories left by killed runs (their process no longer exists)."""
+    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+def _write_atomic(write: Callable[[str], dict], out: Path, overwrite: bool) -> dict[str, Any]:
+    """`write(dir)` shards into a temp dir beside `out`, then rename it into place (replacing `out` only when
+    complete)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = write(str(tmp))
+        if out.exists():
+            check_out(out, overwrite)  # another run may have finished first
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite: bool) -> dict[str, Any]:
+    """Run `write(target)` for `out`: atomically via a temp dir when local; on object storage straight into
+    `out` after deleting an old set's manifest (first) and part files, the new manifest written last."""
+    if not storage.is_uri(out):
+        return _write_atomic(write, Path(out), overwrite)
+    check_out(out, overwrite)
+    shards.clear_shards(*storage.filesystem(str(out)))
+    return write(str(out))
+
+
+# --------------------------------------------------------------------------------------------- entry points
+
+
+def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, structures: str | os.PathLike | None = None,
+                    k: int = DEFAULT_K, skip_invalid: bool = False, overwrite: bool = False,
+                    builder: Builder | None = None) -> PrepareSummary:
+    """Read a labels file (.3line / .json / .fasta), build one graph per protein, write shards to `out` (a local
+    directory or an s3:// / gs:// URI) with `builder` (default: this process). With Ray tasks `structures` must be
+    a directory every node sees."""
+    start = time.perf_counter()
+    out, labels_path = out if storage.is_uri(out) else Path(out), Path(labels_path)
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    check_out(out, overwrite)
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{labels_path}: labels file not found")
+    if structures is not None and not Path(structures).is_dir():
+        raise FileNotFoundError(f"{structures}: structures directory not found")
+    result = read_records(labels_path, skip_invalid=skip_invalid, allow_empty=False)
+    summary = PrepareSummary(out=str(out), num_read=len(result.records) + len(result.skipped),
+                             skipped=[str(error) for error in result.skipped])
+    # Absolute: Ray tasks run in other working directories.
+    args = (str(Path(structures).resolve()) if structures else None, k)
+    extra = {"graph_builder": GRAPH_BUILDER, "labels_file": labels_path.name,
+             "structures": str(structures) if structures else None, "skipped": summary.skipped}
+    build = builder or LocalBuilder()
+    summary.manifest = write_output(
+        lambda target: build(record_rows, result.records, args, target, summary, what="graphs", k=k,
+                             sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra),
+        out, overwrite)
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int = DEFAULT_K, overwrite: bool = False,
+                      builder: Builder | None = None) -> PrepareSummary:
+    """Generate `n` synthetic proteins (protopo_ray.data.synthetic) with structure graphs and write shards to `out`
+    with `builder` (default: this process)."""
+    start = time.perf_counter()
+    out = out if storage.is_uri(out) else Path(out)
+    if n < 1:
+        raise ValueError(f"--synthetic must be >= 1, got {n}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    check_out(out, overwrite)
+    types = synthetic.allocate_types(n, seed)
+    jobs = list(zip(range(n), types, synthetic.assign_folds(types, seed)))
+    summary = PrepareSummary(out=str(out), num_read=n)
+    generator = {"module": SYNTHETIC_MODULE, "n": n, "seed": seed}
+    build = builder or LocalBuilder()
+    summary.manifest = write_output(
+        lambda target: build(synthetic_rows, jobs, (seed, k), target, summary, what="synthetic", k=k,
+                             sources={"synthetic": f"{SYNTHETIC_MODULE} n={n} seed={seed}"},
+                             extra={"graph_builder": GRAPH_BUILDER, "generator": generator}),
+        out, overwrite)
+    summary.elapsed_s = time.perf_counter() - start
+    return summary
+
+
+def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEFAULT_K) -> Path:
+    """The synthetic shard set at `out`, prepared only when no complete set exists there (the tuner's default)."""
+    out = Path(out)
+    for _ in range(2):
+        if (out / shards.MANIFEST).exists():
+            generator = shards.read_manifest(out).get("extra", {}).get("generator") or {}
+            # Sets made before the package moved into subpackages name the generator "protopo_ray.synthetic".
+            made_here = generator.get("module") in (SYNTHETIC_MODULE, "protopo_ray.synthetic")
+            if not made_here or (generator.get("n"), generator.get("seed")) != (n, seed):
+                raise OutputExists(f"{out} holds a different shard set ({generator or 'not synthetic'}), not "
+                                   f"synthetic n={n} seed={seed}; prepare it with --overwrite or use another path")
+            return out
+        try:
+            prepare_synthetic(n, out, seed=seed, k=k)
+            return out
+        except OutputExists:  # a concurrent caller finished first: use theirs (checked on the next pass)
+            continue
+    return out
+
+
+def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: int = DEFAULT_K) -> dict[str, Any]:
+    """The manifest of the shard set at `path`, preparing the embedded synthetic set there first when `path`
+    holds no shards and `synthetic` > 0 (an experiment's `[experiment] synthetic = N`, `seed`).
+
+    The one rule for every entry point (tune, train). Without shards and with `synthetic` = 0 it
+    raises read_manifest's FileNotFoundError, which says what to run; a set of another kind already at `path`
+    is used as it is.
+    """
+    try:
+        return shards.read_manifest(path)
+    except FileNotFoundError:
+        if synthetic < 1:
+            raise
+    if storage.is_uri(path):
+        raise FileNotFoundError(f"{path}: no shards there, and the embedded synthetic set is generated into local "
+                                f"directories only; run `python -m protopo_ray.prepare --synthetic {synthetic} "
+                                f"--seed {seed} --out DIR`, upload DIR to {path}, or point data.path at DIR")
+    print(f"preparing the embedded synthetic set ({synthetic} proteins, seed {seed}) at {path}", flush=True)
+    ensure_synthetic(path, synthetic, seed, k)
+    return shards.read_manifest(path)

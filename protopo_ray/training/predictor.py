@@ -1,0 +1,129 @@
+"""What `predict` and evaluation run: one checkpoint, or an ensemble of them (`load_predictor`).
+
+An ensemble directory holds `ensemble.json`, {"members": [checkpoint dirs, relative to it or absolute],
+"entry_penalty": float}, beside its members' checkpoints. `build_ensemble` makes one from fold-rotation members
+(each trained with a different validation fold) and chooses its entry penalty out of fold: every member decodes
+its own validation fold, which it never trained on, and the penalty with the best topo_mean over those pooled
+predictions (each rotated fold once) is kept. The members' averaged posteriors are a little softer than one
+member's, so this is a choice for one member applied to their mean: the one approximation of the rule
+(`protopo_ray.model.ensemble`), taken so that no protein is scored by a model that trained on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from protopo_ray.config import Config
+from protopo_ray.data import storage
+from protopo_ray.model.ensemble import Ensemble, choose_entry_penalty, mean_log_posteriors
+from protopo_ray.training import loop
+from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint
+from protopo_ray.training.splits import local_split
+
+ENSEMBLE_FILE = "ensemble.json"
+MEMBERS_DIR = "members"
+
+
+@dataclass(kw_only=True)
+class Predictor:
+    """A trained predictor ready to run: the module (a `TopologyModel` or an `Ensemble`), in eval mode."""
+
+    module: nn.Module
+    config: Config
+    """The config of the (first) member: its data, decoder and graph settings."""
+    inputs: ModelInputs
+    """How its input graphs must be built (graph k, features), the same for every member."""
+    path: Path
+
+
+def read_ensemble(directory: str | Path) -> tuple[list[Path], float]:
+    """(member checkpoint directories, entry penalty) of an ensemble directory."""
+    directory = Path(directory)
+    spec = json.loads((directory / ENSEMBLE_FILE).read_text())
+    members = [Path(m) if os.path.isabs(m) else directory / m for m in spec.get("members", [])]
+    if not members:
+        raise ValueError(f"{directory / ENSEMBLE_FILE}: 'members' lists no checkpoint directory")
+    return members, float(spec.get("entry_penalty", 0.0))
+
+
+def write_ensemble(directory: str | Path, members: list[str | Path], entry_penalty: float = 0.0) -> Path:
+    """Write `directory/ensemble.json` naming `members` (stored relative to `directory` where possible)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [os.path.relpath(Path(m).resolve(), directory.resolve()) for m in members]
+    path = directory / ENSEMBLE_FILE
+    path.write_text(json.dumps({"members": names, "entry_penalty": entry_penalty}, indent=1) + "\n")
+    return path
+
+
+def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Predictor:
+    """A checkpoint directory -> its model, decoding as its config says; an ensemble directory -> an `Ensemble`
+    of its members. Every checkpoint goes through `load_checkpoint`; members must agree on their inputs."""
+    path = Path(path)
+    if (path / ENSEMBLE_FILE).exists():
+        members, penalty = read_ensemble(path)
+        loaded = [load_checkpoint(member) for member in members]
+        inputs = loaded[0].meta.inputs
+        for checkpoint in loaded[1:]:
+            if (checkpoint.meta.inputs.graph_k, checkpoint.meta.inputs.node_features) != (inputs.graph_k,
+                                                                                          inputs.node_features):
+                raise CheckpointError(f"{path}: member {checkpoint.path} was trained on other inputs than "
+                                      f"{loaded[0].path} (graph k, node features); an ensemble needs one input")
+        module: nn.Module = Ensemble([checkpoint.model() for checkpoint in loaded], penalty)
+        config = loaded[0].config
+    elif (path / META_FILE).exists():
+        checkpoint = load_checkpoint(path)
+        module, config, inputs = checkpoint.model(), checkpoint.config, checkpoint.meta.inputs
+    else:
+        raise FileNotFoundError(f"{path}: neither a checkpoint ({META_FILE}) nor an ensemble ({ENSEMBLE_FILE})")
+    inputs.check_builds_here(str(path))
+    return Predictor(module=module.to(device).eval(), config=config, inputs=inputs, path=path)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnsembleMember:
+    fold: str
+    """Its validation fold (it trained on the other rotated folds)."""
+    trial_id: str
+    checkpoint: str
+    """Its checkpoint: a local path or a URI."""
+
+
+@dataclass(kw_only=True)
+class EnsembleChoice:
+    """What `build_ensemble` chose, and on what figures."""
+
+    entry_penalty: float
+    out_of_fold: dict[str, float] = field(default_factory=dict)
+    """Figures of the pooled out-of-fold predictions decoded at the chosen penalty."""
+    topo_mean_by_penalty: dict[float, float] = field(default_factory=dict)
+
+
+def build_ensemble(members: list[EnsembleMember], target: Path) -> EnsembleChoice:
+    """Copy each member's checkpoint to target/members/<fold>/, choose the entry penalty out of fold, write
+    target/ensemble.json."""
+    shutil.rmtree(target, ignore_errors=True)
+    batches, log_probs, grammar = [], [], None
+    for member in members:
+        local = target / MEMBERS_DIR / member.fold
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(storage.fetch_dir(member.checkpoint, Path(tmp) / "checkpoint"), local)
+        checkpoint = load_checkpoint(local)
+        model = checkpoint.model()
+        grammar = model.grammar
+        # The member's own validation fold: out of its fold by construction.
+        own = list(loop.collated(local_split(checkpoint.config, "val", mode="memory").eval_batches(0, 1), depth=0))
+        with torch.no_grad():
+            log_probs += [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in own]
+        batches += own
+    penalty, by_penalty, figures = choose_entry_penalty(batches, log_probs, grammar=grammar)
+    write_ensemble(target, [target / MEMBERS_DIR / m.fold for m in members], penalty)
+    return EnsembleChoice(entry_penalty=penalty, out_of_fold=figures, topo_mean_by_penalty=by_penalty)
