@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import groupby
+
 import pytest
 import torch
 
 from protopo_ray.data.alphabet import LABELS, encode_labels
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import build_grammar, default_grammar, segment_stats
+from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar, segment_stats
 
 TINY = build_grammar(segment_stats([("TM", "IMMOOMMMI"), ("SP", "SOO"), ("GLOBULAR", "II"), ("BETA", "SPBBOBBP")]))
 
@@ -101,9 +103,9 @@ def test_fixed_penalty_removes_weak_helices():
     probs[0, 40:60, 4] = probs[0, 70:90, 4] = 0.5
     probs[0, 60:70, 1] = 0.5
     logp, lengths = probs.log(), torch.tensor([120])
-    free = "".join(LABELS[i] for i in CRF.fixed(grammar, 0.0).decode(logp, lengths)[0].tolist())
+    free = "".join(LABELS[i] for i in CRF.fixed(grammar, Decoding(duration_weight=0.0)).decode(logp, lengths)[0].tolist())
     assert free == "I" * 40 + "M" * 20 + "O" * 10 + "M" * 20 + "I" * 30
-    penalised = "".join(LABELS[i] for i in CRF.fixed(grammar, 50.0).decode(logp, lengths)[0].tolist())
+    penalised = "".join(LABELS[i] for i in CRF.fixed(grammar, Decoding(entry_penalty=50.0, duration_weight=0.0)).decode(logp, lengths)[0].tolist())
     assert penalised == "I" * 120
 
 
@@ -113,3 +115,37 @@ def test_learned_transitions_get_gradients():
     nll, accepted = crf.nll(emissions, torch.tensor([3]), torch.tensor([encode_labels("SOO")]))
     nll.sum().backward()
     assert accepted.all() and crf.edge_scores.grad.abs().sum() > 0 and torch.isfinite(emissions.grad).all()
+
+
+def test_length_priors_widen_a_one_residue_loop_the_posteriors_barely_support():
+    """A 50-residue hydrophobic stretch (M favoured, I at 0.6 of M) is too long for one helix: with lengths free
+    the decoder splits it by the cheapest loop, one residue; with the training folds' length priors (one-residue
+    inner loops are 0.2 % of them) the loop it takes is longer."""
+    grammar = default_grammar()
+    logp = torch.full((1, 70, 6), -30.0)
+    logp[0, :10, 0] = logp[0, 60:, 0] = 0.0  # inside before and after: two helices, an outside loop between
+    logp[0, 10:60, 4], logp[0, 10:60, 1] = 0.0, -0.5
+    lengths = torch.tensor([70])
+
+    def loops(decoding: Decoding) -> list[int]:
+        labels = "".join(LABELS[i] for i in CRF.fixed(grammar, decoding).decode(logp, lengths)[0].tolist())
+        runs = [(k, len(list(g))) for k, g in groupby(labels)]
+        return [n for i, (k, n) in enumerate(runs[1:-1], 1) if k == "O" and runs[i - 1][0] == runs[i + 1][0] == "M"]
+
+    assert loops(Decoding(duration_weight=0.0)) == [1]
+    (widened,) = loops(Decoding(duration_weight=1.0))
+    assert widened > 1
+
+
+def test_beta_offset_moves_a_protein_into_the_beta_world():
+    grammar = default_grammar()
+    # A signal peptide, then stretches where B and M are about as likely (a weak barrel or weak helices).
+    logp = torch.full((1, 90, 6), -30.0)
+    logp[0, :20, 3] = 0.0
+    logp[0, 20:, 1] = logp[0, 20:, 2] = -1.0
+    for start in (30, 50, 70):
+        logp[0, start:start + 9, 5], logp[0, start:start + 9, 4] = -1.5, -0.3
+    lengths = torch.tensor([90])
+    plain = "".join(LABELS[i] for i in CRF.fixed(grammar, Decoding()).decode(logp, lengths)[0].tolist())
+    offset = "".join(LABELS[i] for i in CRF.fixed(grammar, Decoding(beta_offset=20.0)).decode(logp, lengths)[0].tolist())
+    assert "B" not in plain and "B" in offset

@@ -11,8 +11,8 @@ from torch_geometric.data import Batch, Data
 
 from protopo_ray.config import Config, ModelConfig
 from protopo_ray.data.alphabet import LABELS
-from protopo_ray.model.ensemble import Ensemble
-from protopo_ray.model.grammar import DEFAULT_STATS, SegmentStats, build_grammar, default_grammar
+from protopo_ray.model.ensemble import Ensemble, vote
+from protopo_ray.model.grammar import DEFAULT_STATS, Decoding, SegmentStats, build_grammar, default_grammar
 from protopo_ray.model.network import TopologyModel
 from protopo_ray.training.checkpoint import CheckpointError
 from protopo_ray.training.predictor import load_predictor, write_ensemble
@@ -53,14 +53,15 @@ def test_checkpoint_dir_gives_the_model_itself(checkpoint):
 def test_ensemble_averages_posteriors_and_decodes_grammatically(tmp_path, checkpoint):
     a, model_a = checkpoint("a", SMALL, 0)
     b, model_b = checkpoint("b", dataclasses.replace(SMALL, decoder="crf", feature_hydropathy=True), 1)
-    write_ensemble(tmp_path / "ens", [a, b], entry_penalty=1.5)
+    write_ensemble(tmp_path / "ens", [a, b], Decoding(entry_penalty=1.5))
     predictor = load_predictor(tmp_path / "ens")
     ensemble = predictor.module
-    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2 and ensemble.entry_penalty == 1.5
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2 and ensemble.decoding.entry_penalty == 1.5
     batch = Batch.from_data_list([protein(30, 0), protein(17, 1)])
     log_p = ensemble(batch)
-    expected = (model_a.eval()(batch).softmax(-1) + model_b.eval().label_posteriors(batch, model_b(batch))) / 2
-    assert torch.allclose(log_p.exp(), expected, atol=1e-5)
+    each = (model_a.eval()(batch).softmax(-1), model_b.eval().label_posteriors(batch, model_b(batch)))
+    assert torch.allclose(ensemble.label_posteriors(batch, log_p), (each[0] + each[1]) / 2, atol=1e-5)
+    assert torch.allclose(log_p[:, 1].exp(), each[0], atol=1e-5) and torch.allclose(log_p[:, 2].exp(), each[1], atol=1e-5)
     decoded = ensemble.decode(batch, log_p)
     for lo, hi in ((0, 30), (30, 47)):
         assert default_grammar().accepts("".join(LABELS[i] for i in decoded[lo:hi].tolist()))
@@ -83,3 +84,19 @@ def test_members_must_agree_on_inputs_and_grammar(tmp_path, checkpoint):
 def test_neither_checkpoint_nor_ensemble_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         load_predictor(tmp_path)
+
+
+def test_a_vote_takes_the_topology_most_members_agree_on():
+    """Three members' decodings of one protein: two agree (one helix, placed a little apart), one predicts two
+    helices; the vote returns one of the agreeing pair, the likelier under the mean posteriors."""
+    batch = Batch.from_data_list([protein(40, 0)])
+    one_a = "I" * 10 + "M" * 20 + "O" * 10
+    one_b = "I" * 12 + "M" * 20 + "O" * 8
+    two = "I" * 5 + "M" * 12 + "O" * 3 + "M" * 12 + "I" * 8
+    decoded = [torch.tensor([LABELS.index(c) for c in s]) for s in (two, one_a, one_b)]
+    log_probs = torch.full((40, 6), -5.0)
+    log_probs[torch.arange(40), decoded[2]] = -0.1  # the mean posteriors favour one_b
+    winner = "".join(LABELS[i] for i in vote(batch, log_probs, decoded).tolist())
+    assert winner == one_b
+    log_probs[torch.arange(40), decoded[0]] = 0.0  # likelier still, but outvoted two to one
+    assert "".join(LABELS[i] for i in vote(batch, log_probs, decoded).tolist()) == one_b

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
 from protopo_ray.config import GC_OPERATORS, ModelConfig
 from protopo_ray.data.alphabet import NUM_LABELS
+from protopo_ray.data.collate import records_to_batch
+from protopo_ray.data.graphs import build_graph
+from protopo_ray.data.records import ProteinRecord
 from protopo_ray.model.footprint import footprint
 from protopo_ray.model.network import TopologyModel, count_parameters, reverse_within_length
 
@@ -231,3 +235,21 @@ def test_crf_footprint_is_a_small_addition():
     crf = footprint(dataclasses.replace(SMALL, decoder="crf"), 8, 500)
     assert base.total_bytes < crf.total_bytes
     assert crf.num_parameters - base.num_parameters < 1000
+
+
+@pytest.mark.parametrize("operator", GC_OPERATORS)
+@pytest.mark.parametrize("k", [16, 4])
+def test_sequence_window_graphs_run_densely_with_the_same_outputs(operator, k):
+    """Batches of sequence-window graphs (collate sets their half-width) run the GC layers as window sums on the
+    padded tensor: the same function as message passing over the edges, lengths from 1 to longer than the window."""
+    rng = np.random.default_rng(0)
+    records = [ProteinRecord(id=f"p{i}", sequence="".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), n)))
+               for i, n in enumerate([1, 3, 9, 17, 40, 120])]
+    batch = records_to_batch(records, [build_graph(r.sequence, k=k) for r in records])
+    assert batch.window == k // 2
+    torch.manual_seed(0)
+    model = TopologyModel(ModelConfig(gc_size=16, gc_layers=2, gc_operator=operator, lstm_size=8, lstm_layers=1,
+                                      aa_embed_dim=4)).eval()
+    sparse = batch.clone()
+    sparse.window = -1
+    torch.testing.assert_close(model(batch), model(sparse), atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from protopo_ray.config import Config
+from protopo_ray.model.grammar import Decoding
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.search.results import (
     EnsembleRecord,
@@ -66,7 +67,8 @@ def test_trials_rank_by_the_stage_objective_with_missing_values_last():
 def test_records_round_trip_through_the_experiment_directory(tmp_path):
     exp = ExperimentDir(tmp_path / "exp")
     record = stage(TRIALS)
-    record.ensemble = EnsembleRecord(path="/e", members={"cv1": "t0"}, entry_penalty=16.0, out_of_fold={"topo_mean": 0.5})
+    record.ensemble = EnsembleRecord(path="/e", members={"cv1": "t0"}, out_of_fold={"topo_mean": 0.5},
+                                     decoding=Decoding(entry_penalty=16.0, beta_offset=4.0, rule="vote"))
     exp.save_stage(record)
     assert exp.load_stage("search") == record
     base = Config().replace({"name": "exp"})

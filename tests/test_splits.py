@@ -169,6 +169,22 @@ def test_stream_type_weights_resample_in_expectation(many_shards):
     assert counts["TM"] == pytest.approx(expected_tm, rel=0.2)
 
 
+def test_balance_by_type_in_memory_and_streamed(many_shards):
+    meta = Counter(shards.read_table(many_shards, folds=["train"], columns=["type"]).column("type").to_pylist())
+    memory = config_for(many_shards, batch_size=10, balance="type")
+    for table in splits.local_split(memory, "train").train_epoch(0, 0, 1)[1]:
+        assert max(Counter(table.column("type").to_pylist()).values()) - min(Counter(
+            table.column("type").to_pylist()).values()) <= 1 and len(set(table.column("type").to_pylist())) == len(meta)
+    streamed = config_for(many_shards, loading="stream", batch_size=8, balance="type")
+    split, counts = splits.local_split(streamed, "train"), Counter()
+    for epoch in range(20):
+        for table in split.train_epoch(epoch, 0, 1)[1]:
+            counts.update(table.column("type").to_pylist())
+    # An equal expected share per type over the epochs (Poisson draws), one draw per protein in all.
+    expected = 20 * sum(meta.values()) / len(meta)
+    assert all(counts[t] == pytest.approx(expected, rel=0.25) for t in meta), counts
+
+
 def test_loading_mode_auto_streams_above_the_threshold():
     manifest = {"k": 16, "node_features": ["a"] * 8, "num_proteins": 100, "num_residues": 10_000_000,
                 "counts": {"fold": {"train": 80, "val": 20}}}

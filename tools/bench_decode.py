@@ -19,7 +19,7 @@ from protopo_ray.data.alphabet import NUM_LABELS
 from protopo_ray.data.batching import eval_batches
 from protopo_ray.data.records import read_records
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.grammar import Decoding, default_grammar
 
 
 def run(lengths: np.ndarray, batch_size: int, crf: CRF, train: bool) -> float:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for r in read_records(args.labels).records if r.fold == args.fold]
     lengths = np.array([len(r.sequence) for r in records])
     grammar = default_grammar()
-    crf = CRF.fixed(grammar, 2.0)
+    crf = CRF.fixed(grammar, Decoding(entry_penalty=2.0))
     print(f"{len(records)} proteins of {args.fold} ({lengths.sum()} residues, mean {lengths.mean():.0f}), "
           f"grammar {grammar.num_states} states, batches of {args.batch_size}, 1 thread")
     for train in (False, True):

@@ -21,7 +21,7 @@ from protopo_ray.data.alphabet import LABELS, encode_labels, encode_sequence
 from protopo_ray.data.records import read_records
 from protopo_ray.model.crf import CRF
 from protopo_ray.model.features import SequenceFeatures, feature_groups
-from protopo_ray.model.grammar import default_grammar
+from protopo_ray.model.grammar import Decoding, default_grammar
 from protopo_ray.model.metrics import protein_metrics
 
 PENALTIES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -54,7 +54,7 @@ def fit(x, y, iterations: int = 60):
 
 
 def decode(log_p, lengths, penalty):
-    crf = CRF.fixed(default_grammar(), penalty)
+    crf = CRF.fixed(default_grammar(), Decoding(entry_penalty=penalty, duration_weight=0.0))
     out = []
     order = np.argsort(lengths.numpy())
     pieces = list(torch.split(log_p, lengths.tolist()))

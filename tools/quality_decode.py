@@ -23,6 +23,7 @@ import torch
 
 from protopo_ray.model import ensemble
 from protopo_ray.model.ensemble import mean_log_posteriors, score
+from protopo_ray.model.grammar import Decoding
 from protopo_ray.training import loop, splits
 from protopo_ray.training.checkpoint import checkpoint_epoch, find_checkpoints
 from protopo_ray.training.predictor import load_predictor
@@ -39,16 +40,17 @@ def outputs(model, batches: list) -> list[torch.Tensor]:
 
 
 def grammar_decode(batches: list, log_probs: list[torch.Tensor], penalty: float) -> tuple[list[torch.Tensor], float]:
-    """`ensemble.grammar_decode`, timed in CPU seconds."""
+    """`ensemble.grammar_decode` at an entry penalty (no length priors: the grammar these rows were measured with),
+    timed in CPU seconds."""
     start = time.process_time()
-    decoded = ensemble.grammar_decode(batches, log_probs, penalty)
+    decoded = ensemble.grammar_decode(batches, log_probs, Decoding(entry_penalty=penalty, duration_weight=0.0))
     return decoded, time.process_time() - start
 
 
-def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, dict[float, float]]:
+def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
     """The entry penalty with the best val topo_mean (ties: the smaller penalty)."""
-    penalty, by_penalty, _ = ensemble.choose_entry_penalty(batches, log_probs)
-    return penalty, by_penalty
+    choice = ensemble.choose_decoding(batches, log_probs, start=Decoding(duration_weight=0.0), beta_offsets=(0.0,))
+    return choice.decoding.entry_penalty, choice.topo_mean
 
 
 def run_rows(crf_dir: Path, ce_dir: Path) -> dict:

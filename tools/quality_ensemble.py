@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS, protein_type
-from protopo_ray.model.ensemble import choose_entry_penalty, mean_log_posteriors, score
+from protopo_ray.model.ensemble import mean_log_posteriors, score
 from protopo_ray.model.metrics import segments, topology_match
 from protopo_ray.training.checkpoint import checkpoint_epoch
 from protopo_ray.training.predictor import load_predictor, read_ensemble
-from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches
+from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches, tune_penalty
 
 LETTERS = np.array(list(LABELS))
 
@@ -77,7 +77,7 @@ def member_rows(member: Path, test: list) -> dict[str, dict]:
         val_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(val, outputs(model, val))]
         test_out = outputs(model, test)
         test_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(test, test_out)]
-    penalty, by_penalty, _ = choose_entry_penalty(val, val_lp)
+    penalty, by_penalty = tune_penalty(val, val_lp)
     decoded, seconds = grammar_decode(test, test_lp, penalty)
     fold = ",".join(config.data.val_folds)
     return {
@@ -93,10 +93,11 @@ def ensemble_row(path: Path, test: list) -> dict:
     predictor = load_predictor(path).module
     with torch.no_grad():
         start = time.process_time()
-        log_probs = outputs(predictor, test)
+        log_probs = [o[:, 0] for o in outputs(predictor, test)]  # the members' mean (protopo_ray.model.ensemble)
         forward_s = time.process_time() - start
-    decoded, seconds = grammar_decode(test, log_probs, predictor.entry_penalty)
-    return {**score(test, decoded), "entry_penalty": predictor.entry_penalty, "members": len(predictor.members),
+    penalty = predictor.decoding.entry_penalty
+    decoded, seconds = grammar_decode(test, log_probs, penalty)
+    return {**score(test, decoded), "entry_penalty": penalty, "members": len(predictor.members),
             "forward_cpu_s": forward_s, "decode_cpu_s": seconds, "membrane_errors": membrane_errors(test, decoded)}
 
 

@@ -46,6 +46,9 @@ class DataConfig:
     """Length bucketing: proteins are sorted by length inside windows of this many batches (1 = random)."""
     type_weights: dict[str, float] = field(default_factory=dict)
     """Per-type resampling weights for training, e.g. {"TM" = 2.0}; missing types weigh 1."""
+    balance: str = "none"
+    """none, or type: every protein type an equal share of every training batch (DeepTMHMM's sampler; rare types
+    repeat within an epoch, common ones are seen in part). Replaces type_weights."""
     max_proteins: int = 0
     """Use only the first N proteins of each split (0 = all); for quick runs and tests."""
     loading: str = "auto"
@@ -71,6 +74,9 @@ class DataConfig:
                "'memory' or 'auto', or leave max_proteins at 0")
         _check(self.stream_above_gib >= 0, "data.stream_above_gib must be >= 0")
         _check(self.shuffle_rows >= 0, "data.shuffle_rows must be >= 0 (0 = two windows)")
+        _check(self.balance in ("none", "type"), f"data.balance must be none or type, got {self.balance!r}")
+        _check(not (self.balance == "type" and self.type_weights),
+               "data.balance = 'type' draws every type equally; remove data.type_weights or set balance = 'none'")
         for name, weight in self.type_weights.items():
             _check(name in PROTEIN_TYPES, f"data.type_weights: unknown type {name!r}; known: {PROTEIN_TYPES}")
             _check(weight > 0, f"data.type_weights[{name!r}] must be > 0, got {weight}")
@@ -98,6 +104,12 @@ class ModelConfig:
     """argmax (per residue), viterbi (topology grammar over the softmax, fixed moves) or crf (learned grammar CRF)."""
     entry_penalty: float = 0.0
     """decoder = viterbi: log-score cost of entering an M or B segment (tune it on the validation fold)."""
+    duration_weight: float = 1.0
+    """decoder = viterbi: weight of the grammar's segment-length log-priors (helix, strand and signal lengths,
+    loops between them as the training folds have them); 0 = any length in range at no cost."""
+    beta_offset: float = 0.0
+    """decoder = viterbi: log-score added to every path through the beta world (a barrel's protein-level
+    evidence; tune it on the validation fold)."""
     feature_hydropathy: bool = False
     """Add Kyte-Doolittle hydropathy and its 7- and 19-residue window means to the residue inputs."""
     feature_charge: bool = False
@@ -116,6 +128,9 @@ class ModelConfig:
         _check(self.decoder in DECODERS, f"model.decoder must be one of {DECODERS}, got {self.decoder!r}")
         _check(self.entry_penalty >= 0 and math.isfinite(self.entry_penalty),
                f"model.entry_penalty must be a finite number >= 0, got {self.entry_penalty}")
+        _check(self.duration_weight >= 0 and math.isfinite(self.duration_weight),
+               f"model.duration_weight must be a finite number >= 0, got {self.duration_weight}")
+        _check(math.isfinite(self.beta_offset), f"model.beta_offset must be a finite number, got {self.beta_offset}")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -73,6 +73,75 @@ def plan_batches(
     return batches
 
 
+def plan_balanced(
+    lengths: Sequence[int] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    batch_size: int,
+    *,
+    max_residues: int = 0,
+    bucket_batches: int = 16,
+    seed: int = 0,
+    epoch: int = 0,
+    world_size: int = 1,
+) -> list[np.ndarray]:
+    """An epoch of (global) batches in which every group (protein type) has an equal share of every batch
+    (DeepTMHMM's sampler): as many batches as a plain epoch, each holding batch_size // G proteins of each of the
+    G groups present (the remainder going to groups in turn). Each group is drawn from its own shuffled
+    permutations, cycled, so a rare group repeats within an epoch and a common one is seen in part.
+
+    Length bucketing still holds within a window of `bucket_batches` batches: each group's draws for the window
+    are sorted by length and dealt out in order, so batch b takes every group's b-th slice (similar length
+    quantiles, little padding). `max_residues` then cuts a batch whose widest rank slice is over budget (its
+    groups stay mixed); every batch keeps >= `world_size` proteins.
+    """
+    if world_size > batch_size:
+        raise ValueError(f"data.batch_size={batch_size} is the global batch; it must be >= the {world_size} "
+                         "DDP workers that split it")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    groups = np.asarray(groups)
+    n = len(lengths)
+    if n == 0:
+        return []
+    if world_size > 1 and n < world_size:
+        raise ValueError(f"{n} proteins cannot give each of {world_size} DDP ranks a batch; use fewer workers or more data")
+    rng = np.random.default_rng([seed, epoch, 11])
+    names = sorted(set(groups.tolist()))
+    members = {g: np.flatnonzero(groups == g) for g in names}
+    num_batches = -(-n // batch_size)
+    # Slots per batch and group: an equal share, the remainder rotating over the groups from batch to batch.
+    slots = np.full((num_batches, len(names)), batch_size // len(names), dtype=np.int64)
+    for b in range(num_batches):
+        for k in range(batch_size % len(names)):
+            slots[b, (b + k) % len(names)] += 1
+
+    def draws(group: str, count: int) -> np.ndarray:
+        rounds = -(-count // len(members[group]))
+        return np.concatenate([rng.permutation(members[group]) for _ in range(rounds)])[:count]
+
+    pools = {g: draws(g, int(slots[:, k].sum())) for k, g in enumerate(names)}
+    taken = dict.fromkeys(names, 0)
+    batches: list[np.ndarray] = []
+    for start in range(0, num_batches, bucket_batches):
+        window = slots[start:start + bucket_batches]
+        parts: list[list[np.ndarray]] = [[] for _ in range(len(window))]
+        for k, g in enumerate(names):
+            count = int(window[:, k].sum())
+            chunk = pools[g][taken[g]:taken[g] + count]
+            taken[g] += count
+            if bucket_batches > 1:
+                chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            for b, piece in enumerate(np.split(chunk, np.cumsum(window[:-1, k]))):
+                parts[b].append(piece)
+        for pieces in parts:
+            batch = np.concatenate(pieces)
+            if max_residues > 0:
+                batches.extend(_cut(batch[np.argsort(lengths[batch], kind="stable")], lengths, len(batch), max_residues,
+                                    world_size))
+            else:
+                batches.append(batch)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _cut(chunk: np.ndarray, lengths: np.ndarray, batch_size: int, max_residues: int,
          world_size: int = 1) -> list[np.ndarray]:
     if max_residues <= 0:

@@ -77,24 +77,37 @@ def _batch_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
+def sequence_window(table: pa.Table, src: np.ndarray, dst: np.ndarray) -> int:
+    """The half-width of the batch's graphs when every one is a sequence window (`graphs.build_graph` without a
+    structure: each residue linked both ways to all residues within k // 2), else -1. The widest separation
+    present is exact for every graph: a protein shorter than the window is linked end to end either way."""
+    if not len(src):
+        return 0 if table.num_rows else -1
+    sources = pc.unique(table["graph_source"]).to_pylist()
+    return int(np.abs(src - dst).max()) if sources == ["sequence"] else -1
+
+
 def table_to_batch(table: pa.Table):
     """A `torch_geometric.data.Batch` of every row of `table` (vectorised, no per-protein Python).
 
     Fields: aa [N], x [N, F], edge_index [2, E] (batch-global node ids), edge_attr [E, len(EDGE_FEATURES)],
     y [N] (IGNORE_LABEL for unlabelled proteins), batch [N], ptr [B+1], lengths [B], protein_id / ptype / sequence
-    (lists of B strings); `num_graphs` = B. Slice bookkeeping matches `Batch.from_data_list`, so
+    (lists of B strings), window (`sequence_window`: what lets the model run its GC layers densely);
+    `num_graphs` = B. Slice bookkeeping matches `Batch.from_data_list`, so
     `to_data_list()`, `get_example(i)` and `.to(device)` work.
     """
     import torch
     from torch_geometric.data import Batch
 
     arrays = _batch_arrays(table)
+    src, dst = arrays["edge_index"]  # batch-global ids, but a separation is the same within a protein
+    window = sequence_window(table, src, dst)
     tensors = {name: torch.from_numpy(value) for name, value in arrays.items()}
     num_graphs = table.num_rows
     batch = Batch(aa=tensors["aa"], x=tensors["x"], edge_index=tensors["edge_index"],
                   edge_attr=tensors["edge_attr"], y=tensors["y"], lengths=tensors["lengths"],
                   protein_id=table["id"].to_pylist(), ptype=table["type"].to_pylist(),
-                  sequence=table["sequence"].to_pylist(), batch=tensors["batch"], ptr=tensors["ptr"])
+                  sequence=table["sequence"].to_pylist(), batch=tensors["batch"], ptr=tensors["ptr"], window=window)
     batch._num_graphs = num_graphs
     node_ptr, edge_ptr, row_ptr = tensors["ptr"], tensors["edge_ptr"], torch.arange(num_graphs + 1)
     zeros = torch.zeros(num_graphs, dtype=torch.long)

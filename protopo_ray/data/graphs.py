@@ -41,7 +41,7 @@ GRAPH_SOURCES = ("structure", "sequence")
 # Residues further than this from a chain end all look the same to the terminus features.
 _TERMINUS_CAP = 100
 # Sequence separations are log-scaled so that 1000 residues apart maps to 1.
-_SEPARATION_SCALE = float(np.log1p(1000.0))
+SEPARATION_SCALE = float(np.log1p(1000.0))
 _DISTANCE_SCALE_A = 10.0
 
 
@@ -219,5 +219,5 @@ def edge_features(edge_index: np.ndarray, edge_distance: np.ndarray | None) -> n
         features[:, 0] = np.where(has, distance, 0.0) / _DISTANCE_SCALE_A
         features[:, 2] = has
     separation = edge_index[1].astype(np.int64) - edge_index[0].astype(np.int64)
-    features[:, 1] = np.sign(separation) * np.log1p(np.abs(separation)) / _SEPARATION_SCALE
+    features[:, 1] = np.sign(separation) * np.log1p(np.abs(separation)) / SEPARATION_SCALE
     return features

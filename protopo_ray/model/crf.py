@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from protopo_ray.data.alphabet import NUM_LABELS
-from protopo_ray.model.grammar import Grammar
+from protopo_ray.model.grammar import Decoding, Grammar
 
 #: Score of what cannot happen. Finite, because logsumexp over all -inf has a NaN gradient; exp(-1e4) is 0 in fp32.
 NEG = -1e4
@@ -53,21 +53,35 @@ class CRF(nn.Module):
         self.register_buffer("pred_edge", torch.from_numpy(pred_edge), persistent=False)
         self.register_buffer("starts", torch.tensor(grammar.starts, dtype=torch.long), persistent=False)
         self.register_buffer("ends", torch.tensor(grammar.ends, dtype=torch.long), persistent=False)
-        for name, size in (("edge_scores", len(grammar.edges)), ("start_scores", len(grammar.starts)),
-                           ("end_scores", len(grammar.ends))):
+        # Learned scores start from the grammar's segment-length log-priors (0 where it has none).
+        initial = {"edge_scores": grammar.edge_priors or (0.0,) * len(grammar.edges),
+                   "start_scores": grammar.start_priors or (0.0,) * len(grammar.starts),
+                   "end_scores": (0.0,) * len(grammar.ends)}
+        for name, values in initial.items():
             if learn:
-                setattr(self, name, nn.Parameter(torch.zeros(size)))
+                setattr(self, name, nn.Parameter(torch.tensor(values, dtype=torch.float32)))
             else:
                 # fixed scores are derived from the config, not saved: a decode-only model loads any checkpoint
-                self.register_buffer(name, torch.zeros(size), persistent=False)
+                self.register_buffer(name, torch.zeros(len(values)), persistent=False)
 
     @classmethod
-    def fixed(cls, grammar: Grammar, entry_penalty: float = 0.0) -> CRF:
-        """Fixed transitions: 0 on every allowed move, -entry_penalty on entering an M or B segment."""
+    def fixed(cls, grammar: Grammar, decoding: Decoding | None = None) -> CRF:
+        """Fixed transitions: `duration_weight` x the grammar's segment-length log-priors on the moves that commit
+        to a length, -entry_penalty on entering an M or B segment, +beta_offset on starting a beta-world path,
+        0 on every other allowed move."""
+        decoding = decoding or Decoding()
         crf = cls(grammar, learn=False)
+
+        def scores(labels: tuple[str, ...], priors: tuple[float, ...], worlds: tuple[str, ...]) -> Tensor:
+            priors, worlds = priors or (0.0,) * len(labels), worlds or ("",) * len(labels)
+            return torch.tensor([decoding.duration_weight * p
+                                 - (decoding.entry_penalty if c and c in MEMBRANE_LABELS else 0.0)
+                                 + (decoding.beta_offset if w == "beta" else 0.0)
+                                 for c, p, w in zip(labels, priors, worlds)])
+
         with torch.no_grad():
-            for scores, labels in ((crf.edge_scores, grammar.edge_enters), (crf.start_scores, grammar.start_enters)):
-                scores.copy_(torch.tensor([-entry_penalty if c and c in MEMBRANE_LABELS else 0.0 for c in labels]))
+            crf.edge_scores.copy_(scores(grammar.edge_enters, grammar.edge_priors, ()))
+            crf.start_scores.copy_(scores(grammar.start_enters, grammar.start_priors, grammar.start_worlds))
         return crf
 
     def _scores(self) -> tuple[Tensor, Tensor, Tensor]:

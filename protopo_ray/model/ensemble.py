@@ -1,11 +1,13 @@
-"""The ensemble rule: several trained models predicting as one (`Ensemble`), and choosing its entry penalty.
+"""The ensemble rule: several trained models predicting as one (`Ensemble`), and choosing how it decodes.
 
-Ensemble rule: every member gives per-residue label posteriors (the softmax of a cross-entropy model, the
-marginals of a CRF model), the ensemble averages them and decodes the average with the topology grammar's
-Viterbi (fixed moves, `entry_penalty` on entering an M or B segment). Averaging posteriors rather than voting
-on whole topologies lets members that are each unsure about one helix agree on it, always yields a grammatical
-topology, and works for any mix of decoders; with one member it is that member's posteriors decoded by the
-grammar.
+Every member gives per-residue label posteriors (the softmax of a cross-entropy model, the marginals of a CRF
+model). Two rules turn them into one topology, both through the topology grammar's Viterbi with fixed scores
+(`grammar.Decoding`: entry penalty, segment-length priors, beta-world offset):
+- mean: decode the members' mean posteriors. Members that are each unsure about one helix can agree on it, and
+  any mix of decoders works; with one member it is that member's posteriors decoded by the grammar.
+- vote (DeepTMHMM's): every member decodes its own posteriors; the topology most members agree on wins, ties to
+  the likeliest under the mean posteriors. A member's confident mistake counts once, not in proportion to its
+  confidence.
 
 `Ensemble` quacks like a `TopologyModel` (forward -> log-posteriors, `decode`, `loss`), so
 `loop.predict_labels` / `loop.evaluate` and the predictor run it unchanged. The directory an ensemble is saved
@@ -14,27 +16,37 @@ in, and loading it, are `protopo_ray.training.predictor`'s.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import Grammar, default_grammar
-from protopo_ray.model.metrics import aggregate, protein_result
+from protopo_ray.model.grammar import Decoding, Grammar, default_grammar
+from protopo_ray.model.metrics import aggregate, protein_result, topology_match
 from protopo_ray.model.network import TopologyModel, pad_by_protein
 
-#: Entry penalties tried when one is chosen on validation data (the rule's one free number).
+#: Entry penalties tried when one is chosen on validation data.
 PENALTIES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+#: Beta-world offsets tried at the chosen penalty (0 first: a tie keeps the grammar as it is).
+BETA_OFFSETS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 _LETTERS = np.array(list(LABELS))
 #: Posteriors are clamped here before the log, so one member's certainty never makes a label impossible.
 MIN_PROBABILITY = 1e-6
 
 
 class Ensemble(nn.Module):
-    """Members' averaged label posteriors, decoded with the grammar (see the module docstring)."""
+    """Members predicting as one: their mean label posteriors decoded with the grammar (`decoding.rule` = mean), or
+    each member's own decoding put to a vote (rule = vote), see the module docstring.
 
-    def __init__(self, members: list[TopologyModel], entry_penalty: float = 0.0) -> None:
+    `forward` returns [N, 1 + members, NUM_LABELS]: the log of the members' mean posteriors, then each member's
+    log posteriors; `decode`, `loss` and `label_posteriors` read it, so it quacks like a `TopologyModel`.
+    """
+
+    def __init__(self, members: list[TopologyModel], decoding: Decoding | None = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member checkpoint")
@@ -42,25 +54,33 @@ class Ensemble(nn.Module):
         if any(m.grammar.stats != grammar.stats for m in members[1:]):
             raise ValueError("ensemble members were built with different topology grammars; they cannot decode as one")
         self.members = nn.ModuleList(members)
-        self.entry_penalty = entry_penalty
+        self.decoding = decoding or Decoding()
         self.grammar = grammar
-        self.crf = CRF.fixed(grammar, entry_penalty)
+        self.crf = CRF.fixed(grammar, self.decoding)
 
     def forward(self, batch) -> Tensor:
-        """log of the members' mean label posteriors [N, NUM_LABELS]."""
-        return mean_log_posteriors([m.label_posteriors(batch, m(batch).float()) for m in self.members])
+        posteriors = [m.label_posteriors(batch, m(batch).float()) for m in self.members]
+        each = torch.stack(posteriors, dim=1).clamp_min(MIN_PROBABILITY).log()
+        return torch.cat([mean_log_posteriors(posteriors)[:, None], each], dim=1)
 
     @torch.no_grad()
     def decode(self, batch, logits: Tensor) -> Tensor:
-        padded, lengths, index = pad_by_protein(logits.float(), batch)
+        if self.decoding.rule == "mean":
+            padded, lengths, index = pad_by_protein(logits[:, 0].float(), batch)
+            return self.crf.decode(padded, lengths)[index]
+        return vote(batch, logits[:, 0], [self._decode_one(batch, logits[:, 1 + k]) for k in range(len(self.members))])
+
+    def _decode_one(self, batch, log_probs: Tensor) -> Tensor:
+        padded, lengths, index = pad_by_protein(log_probs.float(), batch)
         return self.crf.decode(padded, lengths)[index]
 
     def loss(self, batch, logits: Tensor, loss_fn: nn.Module | None = None, reduction: str = "mean") -> Tensor:
         """Cross-entropy of the averaged posteriors (they are log-probabilities, so log_softmax leaves them)."""
-        return nn.functional.cross_entropy(logits.float(), batch.y, ignore_index=IGNORE_LABEL, reduction=reduction)
+        return nn.functional.cross_entropy(logits[:, 0].float(), batch.y, ignore_index=IGNORE_LABEL,
+                                           reduction=reduction)
 
     def label_posteriors(self, batch, logits: Tensor) -> Tensor:
-        return logits.float().exp()
+        return logits[:, 0].float().exp()
 
 
 def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:
@@ -68,10 +88,27 @@ def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:
     return torch.stack(posteriors).mean(0).clamp_min(MIN_PROBABILITY).log()
 
 
-def grammar_decode(batches: list, log_probs: list[Tensor], penalty: float,
+def vote(batch, mean_log_probs: Tensor, decoded: list[Tensor]) -> Tensor:
+    """Per protein, the members' decoded topologies put to a vote: a topology's votes are the members whose
+    prediction matches it (`metrics.topology_match`: same segments in order, each overlapping); the most votes
+    win, ties the likeliest under the mean posteriors. Returns the winning member's labels, flat like `batch.y`."""
+    ptr = batch.ptr.tolist()
+    out = decoded[0].clone()
+    for i in range(int(batch.num_graphs)):
+        lo, hi = ptr[i], ptr[i + 1]
+        candidates = [d[lo:hi] for d in decoded]
+        strings = ["".join(_LETTERS[c.numpy()]) for c in candidates]
+        votes = [sum(topology_match(a, b) for b in strings) for a in strings]
+        likelihood = [float(mean_log_probs[lo:hi].gather(1, c[:, None]).sum()) for c in candidates]
+        best = max(range(len(candidates)), key=lambda k: (votes[k], likelihood[k]))
+        out[lo:hi] = candidates[best]
+    return out
+
+
+def grammar_decode(batches: list, log_probs: list[Tensor], decoding: Decoding,
                    grammar: Grammar | None = None) -> list[Tensor]:
-    """Grammar Viterbi (fixed moves, `penalty` on entering M or B) of per-residue log-probabilities, batch by batch."""
-    crf = CRF.fixed(grammar or default_grammar(), penalty)
+    """Grammar Viterbi with fixed scores (`decoding`) of per-residue log-probabilities, batch by batch."""
+    crf = CRF.fixed(grammar or default_grammar(), decoding)
     decoded = []
     for batch, lp in zip(batches, log_probs):
         padded, lengths, index = pad_by_protein(lp, batch)
@@ -91,10 +128,34 @@ def score(batches: list, decoded: list[Tensor]) -> dict[str, float]:
     return aggregate(results)
 
 
-def choose_entry_penalty(batches: list, log_probs: list[Tensor], penalties: tuple[float, ...] = PENALTIES,
-                         grammar: Grammar | None = None) -> tuple[float, dict[float, float], dict[str, float]]:
-    """The penalty whose decoding has the best topo_mean on these (validation) batches, ties to the smaller one.
-    Returns (penalty, topo_mean by penalty, the chosen penalty's figures)."""
-    figures = {p: score(batches, grammar_decode(batches, log_probs, p, grammar)) for p in penalties}
-    chosen = max(penalties, key=lambda p: (figures[p]["topo_mean"], -p))
-    return chosen, {p: f["topo_mean"] for p, f in figures.items()}, figures[chosen]
+@dataclass(kw_only=True)
+class DecodingChoice:
+    """What `choose_decoding` chose, and the validation topo_mean of every setting it tried."""
+
+    decoding: Decoding
+    figures: dict[str, float]
+    """The chosen setting's metrics."""
+    topo_mean: dict[str, float] = field(default_factory=dict)
+    """"penalty=8 beta=0" -> topo_mean, for every setting tried."""
+
+
+def choose_decoding(batches: list, log_probs: list[Tensor], grammar: Grammar | None = None,
+                    start: Decoding | None = None, penalties: tuple[float, ...] = PENALTIES,
+                    beta_offsets: tuple[float, ...] = BETA_OFFSETS) -> DecodingChoice:
+    """The decoding with the best topo_mean on these (validation) batches: the entry penalty first (at no beta
+    offset), then the beta offset at that penalty; ties go to the smaller number. `start` gives the other
+    settings (duration weight, rule)."""
+    start = start or Decoding()
+    tried: dict[Decoding, dict[str, float]] = {}
+
+    def best(options: list[Decoding]) -> Decoding:
+        for option in options:
+            if option not in tried:
+                tried[option] = score(batches, grammar_decode(batches, log_probs, option, grammar))
+        return max(options, key=lambda d: (tried[d]["topo_mean"], -d.entry_penalty, -d.beta_offset))
+
+    penalty = best([dataclasses.replace(start, entry_penalty=p, beta_offset=0.0) for p in penalties])
+    chosen = best([dataclasses.replace(penalty, beta_offset=b) for b in beta_offsets])
+    return DecodingChoice(decoding=chosen, figures=tried[chosen],
+                          topo_mean={f"penalty={d.entry_penalty:g} beta={d.beta_offset:g}": f["topo_mean"]
+                                     for d, f in tried.items()})

@@ -5,11 +5,20 @@ The grammar is read off labelled proteins (`segment_stats`), not guessed: every 
 and B (the segments the metrics score with a minimum overlap) are *chains*: a segment of such a label is a run
 of chain states whose length lies in the range observed for that label in that world, with the label that comes
 before and after it as observed (I before M leads to O after it, O before M to I, P before B to O, ...). The
-other labels (I, O, P) are *flanks*: one self-looping state each per world, any length.
+other labels (I, O, P) are *flanks*, any length.
 
 A chain of maximum length n has states c_1..c_n; a segment of length L enters at c_(n-L+1) and leaves from
 c_n. Entering at different positions (rather than leaving from them) keeps every state's number of
 predecessors at <= 3, which is what keeps the CRF's forward pass cheap (`crf.py` gathers predecessors).
+
+Segment lengths are evidence too: the grammar scores every path by the log-probability of its segments'
+lengths as the training folds have them (`edge_priors`, `start_priors`; the decode-only CRF weighs them with
+`model.duration_weight`). A chain's length is its entry point's (add-one smoothed over the observed range). A
+flank between two chains (an inner loop) runs through duration states l_1..l_m entered the same way (lengths
+1..m exactly, m = `SegmentStats.loop_states`) or through a state l_> that loops with the geometric tail of
+longer loops; a flank that ends the protein is a free self-looping tail state, and one that begins it a free
+self-looping state: only the loops between membrane and signal segments carry lengths, so a hydrophobic
+stretch split by a one-residue "loop" (0.2 % of the training folds' inner loops) pays for it.
 
     python -m protopo_ray.model.grammar --labels ../shared/data/deeptmhmm/DeepTMHMM.partitions.json --folds cv0 cv3 cv4
 
@@ -20,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Any
 
 from protopo_ray.data.alphabet import LABEL_INDEX
 from protopo_ray.data.records import read_records
@@ -33,6 +44,8 @@ CHAIN_LABELS = "SMB"
 #: The world a protein type lives in; worlds share no state.
 WORLD_OF_TYPE = {"TM": "alpha", "SP+TM": "alpha", "SP": "alpha", "GLOBULAR": "globular", "BETA": "beta"}
 START, END = "^", "$"
+#: Inner loops of 1..LOOP_STATES residues get their own probability; longer ones share a geometric tail.
+LOOP_STATES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,29 +59,54 @@ class SegmentStats:
     flanks: frozenset[tuple[str, str, str]]
     """(world, before or ^, flank label): how flank segments are entered (a flank after a flank never occurs)."""
     flank_ends: frozenset[tuple[str, str, str]]
-    """(world, ^ or *, flank label) that ended a protein: ^ when the flank was the whole protein, * after a chain."""
+    """(world, ^ or the chain label before it, flank label) that ended a protein: ^ when the flank was the whole
+    protein (statistics recorded before chains were told apart have * for "after any chain")."""
+    chain_counts: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
+    """(world, chain label) -> {length: segments of that length}."""
+    loop_counts: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
+    """(world, flank label) -> {length: inner loops of that length} for lengths 1..loop_states (a flank between two
+    chains: I between helices, P and O between strands, O between a signal peptide and a helix)."""
+    loop_tails: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    """(world, flank label) -> (inner loops longer than loop_states, their residues beyond loop_states in all)."""
+    loop_states: int = LOOP_STATES
+    """Without counts (statistics recorded before lengths were evidence) the grammar has no length scores."""
 
     def to_json(self) -> dict[str, list[list]]:
         """Plain lists, sorted (a checkpoint records the grammar its model was built with)."""
+        def counts(table: dict[tuple[str, str], dict[int, int]]) -> list[list]:
+            return [[w, c, sorted(map(list, lengths.items()))] for (w, c), lengths in sorted(table.items())]
+
         return {"lengths": [[world, label, lo, hi] for (world, label), (lo, hi) in sorted(self.lengths.items())],
                 "contexts": sorted(map(list, self.contexts)), "flanks": sorted(map(list, self.flanks)),
-                "flank_ends": sorted(map(list, self.flank_ends))}
+                "flank_ends": sorted(map(list, self.flank_ends)), "chain_counts": counts(self.chain_counts),
+                "loop_counts": counts(self.loop_counts),
+                "loop_tails": [[w, c, n, excess] for (w, c), (n, excess) in sorted(self.loop_tails.items())],
+                "loop_states": self.loop_states}
 
     @classmethod
     def from_json(cls, values: dict[str, list[list]]) -> SegmentStats:
+        def counts(rows: list[list]) -> dict[tuple[str, str], dict[int, int]]:
+            return {(w, c): {int(length): int(n) for length, n in lengths} for w, c, lengths in rows}
+
         return cls(lengths={(world, label): (lo, hi) for world, label, lo, hi in values["lengths"]},
                    contexts=frozenset(map(tuple, values["contexts"])), flanks=frozenset(map(tuple, values["flanks"])),
-                   flank_ends=frozenset(map(tuple, values["flank_ends"])))
+                   flank_ends=frozenset(map(tuple, values["flank_ends"])),
+                   chain_counts=counts(values.get("chain_counts", [])), loop_counts=counts(values.get("loop_counts", [])),
+                   loop_tails={(w, c): (int(n), int(e)) for w, c, n, e in values.get("loop_tails", [])},
+                   loop_states=int(values.get("loop_states", LOOP_STATES)))
 
 
 def _runs(labels: str) -> list[tuple[str, int]]:
     return [(letter, sum(1 for _ in group)) for letter, group in groupby(labels)]
 
 
-def segment_stats(proteins: Iterable[tuple[str, str]]) -> SegmentStats:
+def segment_stats(proteins: Iterable[tuple[str, str]], loop_states: int = LOOP_STATES) -> SegmentStats:
     """Statistics of (protein type, label string) pairs, e.g. from the training folds' records."""
     lengths: dict[tuple[str, str], tuple[int, int]] = {}
     contexts, flanks, flank_ends = set(), set(), set()
+    chain_counts: dict[tuple[str, str], dict[int, int]] = {}
+    loop_counts: dict[tuple[str, str], dict[int, int]] = {}
+    loop_tails: dict[tuple[str, str], tuple[int, int]] = {}
     for protein_type, labels in proteins:
         world = WORLD_OF_TYPE[protein_type]
         runs = _runs(labels)
@@ -79,12 +117,51 @@ def segment_stats(proteins: Iterable[tuple[str, str]]) -> SegmentStats:
                 lo, hi = lengths.get((world, letter), (length, length))
                 lengths[(world, letter)] = (min(lo, length), max(hi, length))
                 contexts.add((world, before, letter, after))
+                counts = chain_counts.setdefault((world, letter), {})
+                counts[length] = counts.get(length, 0) + 1
             else:
                 flanks.add((world, before, letter))
                 if after == END:
-                    flank_ends.add((world, START if before == START else "*", letter))
+                    flank_ends.add((world, before, letter))
+                elif before != START:  # an inner loop: between two chains
+                    if length <= loop_states:
+                        counts = loop_counts.setdefault((world, letter), {})
+                        counts[length] = counts.get(length, 0) + 1
+                    else:
+                        n, excess = loop_tails.get((world, letter), (0, 0))
+                        loop_tails[(world, letter)] = (n + 1, excess + length - loop_states)
     return SegmentStats(lengths=lengths, contexts=frozenset(contexts), flanks=frozenset(flanks),
-                        flank_ends=frozenset(flank_ends))
+                        flank_ends=frozenset(flank_ends), chain_counts=chain_counts, loop_counts=loop_counts,
+                        loop_tails=loop_tails, loop_states=loop_states)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Decoding:
+    """The decode-only grammar Viterbi's free numbers (`crf.CRF.fixed`), chosen on validation folds."""
+
+    entry_penalty: float = 0.0
+    """Log-score cost of entering an M or B segment."""
+    duration_weight: float = 1.0
+    """Weight of the segment-length log-priors (0: any length in range at no cost)."""
+    beta_offset: float = 0.0
+    """Log-score added once to every path through the beta world: protein-level evidence for a barrel that
+    per-residue posteriors, dominated by the alpha and globular proteins they were trained on, underweigh."""
+    rule: str = "mean"
+    """Ensembles: mean (decode the members' mean posteriors) or vote (each member decodes; the topology most
+    members agree on wins, ties to the likeliest under the mean posteriors)."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("mean", "vote"):
+            raise ValueError(f"decoding rule must be mean or vote, got {self.rule!r}")
+
+    def to_json(self) -> dict[str, float | str]:
+        return {"entry_penalty": self.entry_penalty, "duration_weight": self.duration_weight,
+                "beta_offset": self.beta_offset, "rule": self.rule}
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> Decoding:
+        names = ("entry_penalty", "duration_weight", "beta_offset")
+        return cls(**{k: float(values[k]) for k in names if k in values}, rule=str(values.get("rule", "mean")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +182,12 @@ class Grammar:
     """For each start, the chain label whose segment it begins ('' for a flank)."""
     ends: tuple[int, ...]
     """States a protein may end in."""
+    edge_priors: tuple[float, ...] = ()
+    """For each edge, the log-probability of the segment length it commits to (0 for the others)."""
+    start_priors: tuple[float, ...] = ()
+    """For each start, the same for a protein that begins with a chain."""
+    start_worlds: tuple[str, ...] = ()
+    """For each start, the world its paths belong to."""
     stats: SegmentStats | None = field(default=None, compare=False)
 
     @property
@@ -116,14 +199,24 @@ class Grammar:
         return _Acceptor.of(self).accepts(labels)
 
 
+def _log_probs(counts: dict[int, int], outcomes: Iterable[int]) -> dict[int, float]:
+    """Add-one smoothed log-probabilities of `outcomes` from their counts."""
+    outcomes = list(outcomes)
+    total = sum(counts.get(o, 0) for o in outcomes) + len(outcomes)
+    return {o: math.log((counts.get(o, 0) + 1) / total) for o in outcomes}
+
+
 def build_grammar(stats: SegmentStats) -> Grammar:
     """The state space for `stats` (see the module docstring)."""
     names: list[str] = []
     labels: list[int] = []
     edges: list[tuple[int, int]] = []
     enters: list[str] = []
+    priors: list[float] = []
     starts: list[int] = []
     start_enters: list[str] = []
+    start_priors: list[float] = []
+    start_worlds: list[str] = []
     ends: list[int] = []
 
     def add_state(name: str, label: str) -> int:
@@ -131,41 +224,87 @@ def build_grammar(stats: SegmentStats) -> Grammar:
         labels.append(LABEL_INDEX[label])
         return len(names) - 1
 
-    # A flank that begins a protein is its own state ('alpha:^I'), apart from the same flank after a chain
-    # ('alpha:I'): it may end the protein only where a protein was that flank alone (globular), so no path
-    # through the alpha world can be all I or all O (an INVALID type).
-    flank_state: dict[tuple[str, str, bool], int] = {}
+    def add_edge(a: int, b: int, enter: str = "", prior: float = 0.0) -> None:
+        edges.append((a, b))
+        enters.append(enter)
+        priors.append(prior)
+
+    # A flank that begins a protein is its own state ('alpha:^I'), apart from the same flank after a chain: it
+    # may end the protein only where a protein was that flank alone (globular), so no path through the alpha world
+    # can be all I or all O (an INVALID type). After a chain a flank is an inner loop (duration states, leading to
+    # the next chain) or the protein's tail (free, ending it); without loop counts, one state that is both.
+    first_state: dict[tuple[str, str], int] = {}
+    loop_exit: dict[tuple[str, str], int] = {}  # the state an inner loop leaves from towards the next chain
+    loop_entries: dict[tuple[str, str], list[tuple[int, float]]] = {}  # (state, log-prior) a chain end enters
+    tail_state: dict[tuple[str, str], tuple[int, set[str]]] = {}  # (tail state, chains it may follow)
+    m = stats.loop_states
     for world, before, letter in sorted(stats.flanks):
-        first = before == START
-        if (world, letter, first) in flank_state:
-            continue
-        state = flank_state[(world, letter, first)] = add_state(f"{world}:{'^' if first else ''}{letter}", letter)
-        edges.append((state, state))
-        enters.append("")
-        if first:
+        key = (world, letter)
+        if before == START:
+            if key in first_state:
+                continue
+            state = first_state[key] = add_state(f"{world}:^{letter}", letter)
+            add_edge(state, state)
             starts.append(state)
             start_enters.append("")
-        if (world, START if first else "*", letter) in stats.flank_ends:
-            ends.append(state)
+            start_priors.append(0.0)
+            start_worlds.append(world)
+            if (world, START, letter) in stats.flank_ends:
+                ends.append(state)
+            continue
+        if key in loop_entries:
+            continue
+        # The chains this flank ended a protein after (a beta protein's periplasmic tail follows a strand, never
+        # its signal peptide): a free tail state entered from those only.
+        ends_after = {b for w, b, f in stats.flank_ends if (w, f) == key and b != START}
+        if not stats.chain_counts:  # statistics recorded without lengths: one free state, loop and tail
+            state = add_state(f"{world}:{letter}", letter)
+            add_edge(state, state)
+            if ends_after:
+                ends.append(state)
+            loop_exit[key], loop_entries[key] = state, [(state, 0.0)]
+            continue
+        loop_entries[key] = []
+        if ends_after:
+            tail = add_state(f"{world}:{letter}$", letter)
+            add_edge(tail, tail)
+            ends.append(tail)
+            tail_state[key] = (tail, ends_after)
+        if key not in stats.loop_counts and key not in stats.loop_tails:  # never between two chains: a tail only
+            continue
+        # Inner loop: l_1..l_m entered at l_(m-L+1) for a loop of L <= m residues, or l_> (a geometric number of
+        # residues, the tail's mean) then l_1..l_m for longer ones; it leaves from l_m.
+        counts, (longer, excess) = stats.loop_counts.get(key, {}), stats.loop_tails.get(key, (0, 0))
+        logp = _log_probs({**counts, m + 1: longer}, range(1, m + 2))
+        stay = 1.0 - 1.0 / max(excess / longer, 1.0) if longer else 0.5
+        chain = [add_state(f"{world}:{letter}~{k + 1}", letter) for k in range(m)]
+        over = add_state(f"{world}:{letter}~>", letter)
+        for a, b in zip(chain, chain[1:]):
+            add_edge(a, b)
+        add_edge(over, over, prior=math.log(max(stay, 1e-6)))
+        add_edge(over, chain[0], prior=math.log(max(1.0 - stay, 1e-6)))
+        loop_exit[key] = chain[-1]
+        loop_entries[key] = [(chain[k], logp[m - k]) for k in range(m)] + [(over, logp[m + 1])]
 
     # One chain per (world, before, chain label): its last state leads to every label observed after it.
     chains = sorted({(w, b, c) for w, b, c, _ in stats.contexts})
     for world, before, letter in chains:
         lo, hi = stats.lengths[(world, letter)]
+        counts = stats.chain_counts.get((world, letter))
+        logp = _log_probs(counts, range(lo, hi + 1)) if counts else dict.fromkeys(range(lo, hi + 1), 0.0)
         chain = [add_state(f"{world}:{before}>{letter}:{k + 1}", letter) for k in range(hi)]
-        entries = chain[: hi - lo + 1]  # entering at position j gives a segment of hi - j + 1 residues
         for a, b in zip(chain, chain[1:]):
-            edges.append((a, b))
-            enters.append("")
-        for entry in entries:
+            add_edge(a, b)
+        for j, entry in enumerate(chain[: hi - lo + 1]):  # entering at position j gives a segment of hi - j residues
             if before == START:
                 starts.append(entry)
                 start_enters.append(letter)
-            else:
-                for first in (True, False):
-                    if (world, before, first) in flank_state:
-                        edges.append((flank_state[(world, before, first)], entry))
-                        enters.append(letter)
+                start_priors.append(logp[hi - j])
+                start_worlds.append(world)
+                continue
+            for source in (first_state.get((world, before)), loop_exit.get((world, before))):
+                if source is not None:
+                    add_edge(source, entry, letter, logp[hi - j])
         for w, b, c, after in sorted(stats.contexts):
             if (w, b, c) != (world, before, letter):
                 continue
@@ -175,10 +314,15 @@ def build_grammar(stats: SegmentStats) -> Grammar:
                 raise ValueError(f"{world}: a {letter} segment followed directly by a {after} segment; the grammar "
                                  f"only joins chains through a flank (I, O or P)")
             else:
-                edges.append((chain[-1], flank_state[(world, after, False)]))
-                enters.append("")
+                for state, prior in loop_entries[(world, after)]:
+                    add_edge(chain[-1], state, prior=prior)
+                tail, ends_after = tail_state.get((world, after), (None, set()))
+                if tail is not None and (letter in ends_after or "*" in ends_after):
+                    add_edge(chain[-1], tail)
     return Grammar(names=tuple(names), labels=tuple(labels), edges=tuple(edges), edge_enters=tuple(enters),
-                   starts=tuple(starts), start_enters=tuple(start_enters), ends=tuple(sorted(set(ends))), stats=stats)
+                   starts=tuple(starts), start_enters=tuple(start_enters), ends=tuple(sorted(set(ends))),
+                   edge_priors=tuple(priors), start_priors=tuple(start_priors), start_worlds=tuple(start_worlds),
+                   stats=stats)
 
 
 class _Acceptor:
@@ -236,7 +380,26 @@ DEFAULT_STATS = SegmentStats(
         ("alpha", START, "I"), ("alpha", START, "O"), ("alpha", "M", "I"), ("alpha", "M", "O"), ("alpha", "S", "O"),
         ("beta", "S", "P"), ("beta", "B", "P"), ("beta", "B", "O"), ("globular", START, "I"),
     }),
-    flank_ends=frozenset({("alpha", "*", "I"), ("alpha", "*", "O"), ("beta", "*", "P"), ("globular", START, "I")}),
+    flank_ends=frozenset({("alpha", "M", "I"), ("alpha", "M", "O"), ("alpha", "S", "O"), ("beta", "B", "P"),
+                          ("globular", START, "I")}),
+    chain_counts={
+        ("alpha", "M"): {10: 1, 12: 7, 13: 8, 14: 18, 15: 24, 16: 72, 17: 52, 18: 80, 19: 91, 20: 101, 21: 691, 22: 180,
+                         23: 118, 24: 60, 25: 56, 26: 53, 27: 24, 28: 15, 29: 9, 30: 7},
+        ("alpha", "S"): {12: 2, 14: 6, 15: 13, 16: 22, 17: 25, 18: 38, 19: 59, 20: 54, 21: 51, 22: 48, 23: 46, 24: 50,
+                         25: 40, 26: 27, 27: 29, 28: 23, 29: 14, 30: 21, 31: 8, 32: 17, 33: 10, 34: 12, 35: 10, 36: 5,
+                         37: 3, 38: 5, 39: 6, 40: 4, 41: 2, 42: 3, 43: 4, 45: 1, 46: 2, 47: 4},
+        ("beta", "B"): {5: 7, 6: 34, 7: 111, 8: 148, 9: 165, 10: 109, 11: 68, 12: 48, 13: 34, 14: 10, 15: 8},
+        ("beta", "S"): {13: 1, 19: 4, 20: 7, 21: 4, 22: 3, 23: 4, 24: 4, 25: 4, 26: 2, 27: 3, 28: 1, 29: 4, 32: 2, 33: 1,
+                        34: 1, 35: 1, 37: 1, 48: 1, 52: 1},
+    },
+    loop_counts={
+        ("alpha", "I"): {1: 1, 2: 6, 3: 15, 4: 16, 5: 17, 6: 27, 7: 18, 8: 16},
+        ("alpha", "O"): {1: 10, 2: 6, 3: 27, 4: 29, 5: 32, 6: 31, 7: 22, 8: 29},
+        ("beta", "O"): {1: 2, 2: 2, 3: 7, 4: 6, 5: 8, 6: 5, 7: 14, 8: 10},
+        ("beta", "P"): {1: 4, 2: 5, 3: 37, 4: 22, 5: 47, 6: 55, 7: 46, 8: 38},
+    },
+    loop_tails={("alpha", "I"): (522, 14589), ("alpha", "O"): (611, 42359), ("beta", "O"): (317, 5630),
+                ("beta", "P"): (117, 6832)},
 )
 
 
@@ -250,7 +413,7 @@ def format_stats(stats: SegmentStats) -> str:
     rows = [f"{w} {c}: length {lo}-{hi}" for (w, c), (lo, hi) in sorted(stats.lengths.items())]
     rows += [f"{w}: {b} -> [{c}] -> {a}" for w, b, c, a in sorted(stats.contexts)]
     rows += [f"{w}: {b} -> {f} (flank)" for w, b, f in sorted(stats.flanks)]
-    rows += [f"{w}: may end in {f} ({'as the whole protein' if b == START else 'after a segment'})"
+    rows += [f"{w}: may end in {f} ({'as the whole protein' if b == START else f'after {b}'})"
              for w, b, f in sorted(stats.flank_ends)]
     return "\n".join(rows)
 

@@ -171,8 +171,10 @@ def stage_section(stage: StageRecord, plots: dict[str, str]) -> list[str]:
     if stage.ensemble is not None:
         ensemble = stage.ensemble
         members = ", ".join(f"{fold}: `{trial}`" for fold, trial in ensemble.members.items())
-        lines.append(f"- ensemble `{ensemble.path}` (members by validation fold: {members}); entry penalty "
-                     f"{_fmt(ensemble.entry_penalty, 1)}, chosen out of fold (pooled topo_mean "
+        d = ensemble.decoding
+        lines.append(f"- ensemble `{ensemble.path}` (members by validation fold: {members}; rule {d.rule}); entry "
+                     f"penalty {_fmt(d.entry_penalty, 1)}, beta offset {_fmt(d.beta_offset, 1)}, duration weight "
+                     f"{_fmt(d.duration_weight, 1)}, chosen out of fold (pooled topo_mean "
                      f"{_fmt(ensemble.out_of_fold.get('topo_mean'))}, overlap acc "
                      f"{_fmt(ensemble.out_of_fold.get('overlap_acc'))})")
     lines.append("")

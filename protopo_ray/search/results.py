@@ -28,6 +28,7 @@ from typing import Any
 from protopo_ray.config import Config, Objective
 from protopo_ray.config.objective import finite
 from protopo_ray.data import storage
+from protopo_ray.model.grammar import Decoding
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.training.layout import best_or_latest
 
@@ -154,14 +155,23 @@ class EnsembleRecord:
     """EXP/ensemble: ensemble.json and members/<val fold>/ (each member's best checkpoint)."""
     members: dict[str, str] = field(default_factory=dict)
     """validation fold -> the trial id whose best checkpoint is that member."""
-    entry_penalty: float = 0.0
+    decoding: Decoding = field(default_factory=Decoding)
+    """How it decodes: entry penalty, duration weight, beta offset (chosen out of fold), rule."""
     out_of_fold: dict[str, float] = field(default_factory=dict)
-    """Figures of the pooled out-of-fold predictions decoded at the chosen penalty."""
-    topo_mean_by_penalty: dict[str, float] = field(default_factory=dict)
+    """Figures of the pooled out-of-fold predictions decoded with the chosen settings."""
+    topo_mean_by_setting: dict[str, float] = field(default_factory=dict)
+    """Out-of-fold topo_mean of every setting tried."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "decoding": self.decoding.to_json()}
 
     @classmethod
     def from_json(cls, values: dict[str, Any] | None) -> EnsembleRecord | None:
-        return cls(**_fields(cls, values)) if values else None
+        if not values:
+            return None
+        # Records written before the decoding had more than one number held its entry penalty alone.
+        decoding = values.get("decoding") or {"entry_penalty": values.get("entry_penalty", 0.0), "duration_weight": 0.0}
+        return cls(**{**_fields(cls, values), "decoding": Decoding.from_json(decoding)})
 
 
 @dataclass(kw_only=True)
@@ -204,7 +214,8 @@ class StageRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "plan": self.plan.to_json() if self.plan else None,
-                "trials": [t.to_json() for t in self.trials]}
+                "trials": [t.to_json() for t in self.trials],
+                "ensemble": self.ensemble.to_json() if self.ensemble else None}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str = "stage") -> StageRecord:
@@ -240,7 +251,8 @@ class WinnerRecord:
     ensemble: EnsembleRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "config": self.config.to_dict()}
+        return {**dataclasses.asdict(self), "config": self.config.to_dict(),
+                "ensemble": self.ensemble.to_json() if self.ensemble else None}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str = "winner") -> WinnerRecord:

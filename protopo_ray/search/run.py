@@ -166,8 +166,7 @@ def pick_winner(record: StageRecord, exp: ExperimentDir) -> WinnerRecord | None:
         trial, source = record.trials[0], record.ensemble.path
         shutil.copytree(source, target)
         val = record.ensemble.out_of_fold
-        winner_id, params = "ensemble", {"members": record.ensemble.members,
-                                         "entry_penalty": record.ensemble.entry_penalty}
+        winner_id, params = "ensemble", {"members": record.ensemble.members, **record.ensemble.decoding.to_json()}
     else:
         trial = record.best()
         source = trial.best_checkpoint() if trial is not None else None

@@ -363,6 +363,14 @@ class EnsembleStage(Stage):
     """Each member's validation fold (default: every train and val fold of the base config in turn). Member k
     validates on folds[k] and trains on the rest of the base config's train + val folds; test folds never rotate
     in. Members do not compete: every one runs to the full budget."""
+    rule: str = "mean"
+    """How the members decode as one: mean (their mean posteriors through the grammar) or vote (each decodes;
+    the topology most agree on wins). protopo_ray.model.ensemble."""
+
+    def __post_init__(self) -> None:
+        Stage.__post_init__(self)
+        if self.rule not in ("mean", "vote"):
+            _fail(self.name, f"rule must be mean or vote, got {self.rule!r}")
 
     @staticmethod
     def rotation_pool(base: Config) -> tuple[str, ...]:
@@ -415,11 +423,10 @@ class EnsembleStage(Stage):
                                    f"has no checkpoint ({trial.status}: {trial.error or 'no epoch finished'}); "
                                    f"rerun the stage with --resume")
             members.append(EnsembleMember(fold=fold, trial_id=trial.trial_id, checkpoint=checkpoint))
-        choice = build_ensemble(members, exp.ensemble_dir)
+        choice = build_ensemble(members, exp.ensemble_dir, rule=self.rule)
         record.ensemble = EnsembleRecord(path=str(exp.ensemble_dir), members={m.fold: m.trial_id for m in members},
-                                         entry_penalty=choice.entry_penalty, out_of_fold=choice.out_of_fold,
-                                         topo_mean_by_penalty={str(p): v for p, v in
-                                                               choice.topo_mean_by_penalty.items()})
+                                         decoding=choice.decoding, out_of_fold=choice.figures,
+                                         topo_mean_by_setting=choice.topo_mean)
 
 
 STAGE_KINDS: dict[str, type[Stage]] = {cls.kind: cls for cls in (SearchStage, PromotionStage, EnsembleStage)}

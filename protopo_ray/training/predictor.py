@@ -1,12 +1,14 @@
 """What `predict` and evaluation run: one checkpoint, or an ensemble of them (`load_predictor`).
 
 An ensemble directory holds `ensemble.json`, {"members": [checkpoint dirs, relative to it or absolute],
-"entry_penalty": float}, beside its members' checkpoints. `build_ensemble` makes one from fold-rotation members
-(each trained with a different validation fold) and chooses its entry penalty out of fold: every member decodes
-its own validation fold, which it never trained on, and the penalty with the best topo_mean over those pooled
-predictions (each rotated fold once) is kept. The members' averaged posteriors are a little softer than one
-member's, so this is a choice for one member applied to their mean: the one approximation of the rule
-(`protopo_ray.model.ensemble`), taken so that no protein is scored by a model that trained on it.
+"decoding": {entry_penalty, duration_weight, beta_offset, rule}}, beside its members' checkpoints.
+`build_ensemble` makes one from fold-rotation members (each trained with a different validation fold) and chooses
+its decoding out of fold: every member decodes its own validation fold, which it never trained on, and the
+settings with the best topo_mean over those pooled predictions (each rotated fold once) are kept. The members'
+averaged posteriors are a little softer than one member's, so this is a choice for one member applied to their
+mean: the one approximation of the rule (`protopo_ray.model.ensemble`), taken so that no protein is scored by a
+model that trained on it. For the same reason the rule itself (mean or vote) cannot be chosen out of fold on a
+fold rotation (every protein has one member that did not train on it): it is the stage's setting.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,8 @@ from torch import nn
 
 from protopo_ray.config import Config
 from protopo_ray.data import storage
-from protopo_ray.model.ensemble import Ensemble, choose_entry_penalty, mean_log_posteriors
+from protopo_ray.model.ensemble import DecodingChoice, Ensemble, choose_decoding, mean_log_posteriors
+from protopo_ray.model.grammar import Decoding
 from protopo_ray.training import loop
 from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint
 from protopo_ray.training.splits import local_split
@@ -44,23 +47,25 @@ class Predictor:
     path: Path
 
 
-def read_ensemble(directory: str | Path) -> tuple[list[Path], float]:
-    """(member checkpoint directories, entry penalty) of an ensemble directory."""
+def read_ensemble(directory: str | Path) -> tuple[list[Path], Decoding]:
+    """(member checkpoint directories, decoding) of an ensemble directory."""
     directory = Path(directory)
     spec = json.loads((directory / ENSEMBLE_FILE).read_text())
     members = [Path(m) if os.path.isabs(m) else directory / m for m in spec.get("members", [])]
     if not members:
         raise ValueError(f"{directory / ENSEMBLE_FILE}: 'members' lists no checkpoint directory")
-    return members, float(spec.get("entry_penalty", 0.0))
+    # Ensembles written before the decoding had more than one number held its entry penalty alone.
+    decoding = spec.get("decoding") or {"entry_penalty": spec.get("entry_penalty", 0.0), "duration_weight": 0.0}
+    return members, Decoding.from_json(decoding)
 
 
-def write_ensemble(directory: str | Path, members: list[str | Path], entry_penalty: float = 0.0) -> Path:
+def write_ensemble(directory: str | Path, members: list[str | Path], decoding: Decoding | None = None) -> Path:
     """Write `directory/ensemble.json` naming `members` (stored relative to `directory` where possible)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     names = [os.path.relpath(Path(m).resolve(), directory.resolve()) for m in members]
     path = directory / ENSEMBLE_FILE
-    path.write_text(json.dumps({"members": names, "entry_penalty": entry_penalty}, indent=1) + "\n")
+    path.write_text(json.dumps({"members": names, "decoding": (decoding or Decoding()).to_json()}, indent=1) + "\n")
     return path
 
 
@@ -69,7 +74,7 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
     of its members. Every checkpoint goes through `load_checkpoint`; members must agree on their inputs."""
     path = Path(path)
     if (path / ENSEMBLE_FILE).exists():
-        members, penalty = read_ensemble(path)
+        members, decoding = read_ensemble(path)
         loaded = [load_checkpoint(member) for member in members]
         inputs = loaded[0].meta.inputs
         for checkpoint in loaded[1:]:
@@ -77,7 +82,7 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
                                                                                           inputs.node_features):
                 raise CheckpointError(f"{path}: member {checkpoint.path} was trained on other inputs than "
                                       f"{loaded[0].path} (graph k, node features); an ensemble needs one input")
-        module: nn.Module = Ensemble([checkpoint.model() for checkpoint in loaded], penalty)
+        module: nn.Module = Ensemble([checkpoint.model() for checkpoint in loaded], decoding)
         config = loaded[0].config
     elif (path / META_FILE).exists():
         checkpoint = load_checkpoint(path)
@@ -97,19 +102,9 @@ class EnsembleMember:
     """Its checkpoint: a local path or a URI."""
 
 
-@dataclass(kw_only=True)
-class EnsembleChoice:
-    """What `build_ensemble` chose, and on what figures."""
-
-    entry_penalty: float
-    out_of_fold: dict[str, float] = field(default_factory=dict)
-    """Figures of the pooled out-of-fold predictions decoded at the chosen penalty."""
-    topo_mean_by_penalty: dict[float, float] = field(default_factory=dict)
-
-
-def build_ensemble(members: list[EnsembleMember], target: Path) -> EnsembleChoice:
-    """Copy each member's checkpoint to target/members/<fold>/, choose the entry penalty out of fold, write
-    target/ensemble.json."""
+def build_ensemble(members: list[EnsembleMember], target: Path, rule: str = "mean") -> DecodingChoice:
+    """Copy each member's checkpoint to target/members/<fold>/, choose the decoding out of fold (the ensemble
+    decodes by `rule`), write target/ensemble.json."""
     shutil.rmtree(target, ignore_errors=True)
     batches, log_probs, grammar = [], [], None
     for member in members:
@@ -124,6 +119,6 @@ def build_ensemble(members: list[EnsembleMember], target: Path) -> EnsembleChoic
         with torch.no_grad():
             log_probs += [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in own]
         batches += own
-    penalty, by_penalty, figures = choose_entry_penalty(batches, log_probs, grammar=grammar)
-    write_ensemble(target, [target / MEMBERS_DIR / m.fold for m in members], penalty)
-    return EnsembleChoice(entry_penalty=penalty, out_of_fold=figures, topo_mean_by_penalty=by_penalty)
+    choice = choose_decoding(batches, log_probs, grammar=grammar, start=Decoding(rule=rule))
+    write_ensemble(target, [target / MEMBERS_DIR / m.fold for m in members], choice.decoding)
+    return choice

@@ -16,6 +16,7 @@ Which path a run takes is one rule, `loading_mode`: "auto" streams a split estim
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -115,11 +116,17 @@ class MemorySplit:
 
     def train_epoch(self, epoch: int, rank: int, world_size: int) -> tuple[int, Iterator[pa.Table]]:
         """(steps, this rank's batches): its slice of every batch of the seeded global plan."""
-        data = self.config.data
-        weights = type_weights(self.table.column("type"), self.config)
-        plan = batching.plan_batches(self.lengths, data.batch_size, max_residues=data.max_residues_per_batch,
-                                     bucket_batches=data.bucket_batches, seed=self.config.train.seed, epoch=epoch,
-                                     weights=weights, world_size=world_size)
+        data, types = self.config.data, self.table.column("type")
+        if data.balance == "type":
+            plan = batching.plan_balanced(self.lengths, types.to_numpy(zero_copy_only=False), data.batch_size,
+                                          max_residues=data.max_residues_per_batch, bucket_batches=data.bucket_batches,
+                                          seed=self.config.train.seed, epoch=epoch, world_size=world_size)
+        else:
+            table = type_weight_table(types, self.config)
+            weights = None if table is None else np.array([table[t] for t in types.to_pylist()], dtype=np.float64)
+            plan = batching.plan_batches(self.lengths, data.batch_size, max_residues=data.max_residues_per_batch,
+                                         bucket_batches=data.bucket_batches, seed=self.config.train.seed, epoch=epoch,
+                                         weights=weights, world_size=world_size)
         plan = batching.shard_batches(plan, self.lengths, rank, world_size)
         return len(plan), (self.table.take(pa.array(idx)) for idx in plan)
 
@@ -134,13 +141,19 @@ class StreamSplit:
     """This rank's stream of a split: rows from `source`, windows bucketed by length, nothing held whole.
 
     `metadata` (length and type of every protein of the whole split) gives the epoch's step estimate for the
-    LR schedule and the normaliser of type weights; it is 8 bytes a protein, not the split.
+    LR schedule and the normaliser of type weights; it is 8 bytes a protein, not the split. A stream draws each
+    row a Poisson number of times (the in-memory path's multinomial draws, independently); with
+    `data.balance = "type"` the draws give every type an equal share of the epoch (the in-memory path's plan
+    balances every batch; a stream cannot hold a rare type back to place it).
     """
 
     def __init__(self, source: RowSource, metadata: pa.Table, config: Config) -> None:
         self.source, self.config = source, config
         self.lengths = metadata.column("length").to_numpy()
-        self.weights = type_weights(metadata.column("type"), config)
+        self.weight_of = type_weight_table(metadata.column("type"), config)
+        if self.weight_of is not None:  # the expected draws of an epoch: one per protein
+            counts = Counter(metadata.column("type").to_pylist())
+            self.scale = metadata.num_rows / sum(self.weight_of[t] * n for t, n in counts.items())
         self.num_proteins = metadata.num_rows
 
     def train_epoch(self, epoch: int, rank: int, world_size: int) -> tuple[int, Iterator[pa.Table]]:
@@ -151,9 +164,10 @@ class StreamSplit:
                                           epoch=epoch, world_size=world_size))
         rng = np.random.default_rng([self.config.train.seed, epoch, rank])
         repeat = None
-        if self.weights is not None:  # multinomial draws of the in-memory path, as independent Poisson counts
-            scale = len(self.weights) / self.weights.sum()
-            repeat = lambda table: rng.poisson(type_weights(table.column("type"), self.config) * scale)  # noqa: E731
+        if self.weight_of is not None:
+            def repeat(table: pa.Table) -> np.ndarray:
+                means = np.array([self.weight_of[t] for t in table.column("type").to_pylist()]) * self.scale
+                return rng.poisson(means)
         batch_size = -(-data.batch_size // world_size)  # this rank's part of each global batch
         window = batch_size * data.bucket_batches
         pool_rows = data.shuffle_rows or 2 * window
@@ -173,10 +187,17 @@ class StreamSplit:
 Split = MemorySplit | StreamSplit
 
 
-def type_weights(types: pa.ChunkedArray | pa.Array, config: Config) -> np.ndarray | None:
-    if not config.data.type_weights:
+def type_weight_table(types: pa.ChunkedArray | pa.Array, config: Config) -> dict[str, float] | None:
+    """Relative draw weight of a protein by its type: `data.type_weights` (missing types 1), or with
+    `data.balance = "type"` 1 / the type's count in the split (every type the same expected share); None for
+    plain shuffling."""
+    data = config.data
+    counts = Counter(types.to_pylist())
+    if data.balance == "type":
+        return {t: 1.0 / n for t, n in counts.items()}
+    if not data.type_weights:
         return None
-    return np.array([config.data.type_weights.get(t, 1.0) for t in types.to_pylist()], dtype=np.float64)
+    return {t: data.type_weights.get(t, 1.0) for t in counts}
 
 
 # ---- stream kernels -------------------------------------------------------------------------------------------
