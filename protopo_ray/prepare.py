@@ -21,6 +21,7 @@ from protopo_ray.config import describe_keys
 from protopo_ray.data.build import LocalBuilder, prepare_records, prepare_synthetic
 from protopo_ray.data.graphs import DEFAULT_K
 from protopo_ray.data.records import RecordError
+from protopo_ray.data.synthetic import check_mix
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="shard directory to write: a local path or s3:// / gs:// URI")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="nearest neighbours per residue (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed for --synthetic")
+    parser.add_argument("--mix", metavar="TYPE=SHARE,...", help="protein types of --synthetic, relative shares, "
+                        "e.g. TM=25,SP+TM=10,SP=15,GLOBULAR=35,BETA=15 (default: DeepTMHMM's proportions)")
     parser.add_argument("--skip-invalid", action="store_true", help="leave out invalid records (reported)")
     parser.add_argument("--workers", type=int, help="processes building graphs (default 1); with --ray the most "
                         "Ray tasks at once (default: all the cluster's CPUs)")
@@ -47,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """"TM=2,BETA=1" -> {"TM": 2.0, "BETA": 1.0} (checked by the generator)."""
+    mix = {}
+    for item in text.split(","):
+        name, sep, share = item.partition("=")
+        try:
+            mix[name.strip()] = float(share)
+        except ValueError:
+            raise ValueError(f"--mix {text!r}: expected TYPE=SHARE,..., e.g. TM=2,BETA=1") from None
+        if not sep:
+            raise ValueError(f"--mix {text!r}: expected TYPE=SHARE,..., e.g. TM=2,BETA=1")
+    return check_mix(mix, "--mix")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     use_ray = args.ray or args.ray_address is not None
@@ -56,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--workers must be >= 1, got {args.workers}")
         if args.synthetic is not None and (args.structures or args.skip_invalid):
             raise ValueError("--structures and --skip-invalid apply to --labels, not --synthetic")
+        if args.mix and args.synthetic is None:
+            raise ValueError("--mix applies to --synthetic")
+        mix = parse_mix(args.mix) if args.mix else None
         if use_ray:
             # Deferred on purpose: Ray is only imported (and a cluster joined) when --ray asks for it.
             from protopo_ray.cluster import prepare_tasks
@@ -66,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             builder = LocalBuilder(args.workers or 1)
         if args.synthetic is not None:
             summary = prepare_synthetic(args.synthetic, args.out, seed=args.seed, k=args.k,
-                                        overwrite=args.overwrite, builder=builder)
+                                        overwrite=args.overwrite, builder=builder, mix=mix)
         else:
             summary = prepare_records(args.labels, args.out, structures=args.structures, k=args.k,
                                       skip_invalid=args.skip_invalid, overwrite=args.overwrite, builder=builder)

@@ -15,7 +15,6 @@ import logging
 import sys
 
 from protopo_ray.config import Config, ExperimentSettings, describe_keys, load_config, parse_overrides, save_config
-from protopo_ray.data.build import ensure_data
 from protopo_ray.training.fit import fit, validate_data
 from protopo_ray.training.session import LocalSession
 
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve(args)
         settings = ExperimentSettings.of_file(args.config)
-        ensure_data(config.data.path, settings.synthetic, settings.seed)
+        settings.ensure_data(config.data.path)
         if args.local:
             validate_data(config)
             session = LocalSession(config, resume=args.resume)

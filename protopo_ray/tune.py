@@ -23,7 +23,6 @@ from protopo_ray.cluster.connect import ray_init
 from protopo_ray.cluster.logs import quiet_output
 from protopo_ray.config import describe_keys, parse_overrides
 from protopo_ray.data import storage
-from protopo_ray.data.build import ensure_data
 from protopo_ray.reporting.markdown import write_report
 from protopo_ray.search.console import SearchConsole
 from protopo_ray.search.experiment import Experiment, load_experiment
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.resume or args.dry_run or args.stages):
             raise FileExistsError(f"{exp.root} holds an experiment already; --resume continues it, "
                                   f"--set name=... starts another")
-        ensure_data(experiment.base.data.path, experiment.settings.synthetic, experiment.settings.seed)
+        experiment.settings.ensure_data(experiment.base.data.path)
         validate_data(experiment.base)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -201,3 +201,14 @@ def test_object_store_output_without_ray(tmp_path):
         prepare_synthetic(6, uri, seed=0)
     assert prepare_synthetic(2, uri, seed=0, overwrite=True).manifest["num_proteins"] == 2
     assert shards.read_table(uri).num_rows == 2
+
+
+def test_ensure_data_makes_the_named_mix_and_refuses_a_set_of_another_mix(tmp_path):
+    mix = {"TM": 1.0, "BETA": 1.0}
+    manifest = build.ensure_data(tmp_path / "syn", synthetic=10, seed=2, mix=mix)
+    assert manifest["counts"]["type"] == {"BETA": 5, "TM": 5}
+    assert manifest["extra"]["generator"]["mix"] == {"TM": 0.5, "BETA": 0.5}
+    assert build.ensure_synthetic(tmp_path / "syn", 10, 2, mix=mix) == tmp_path / "syn"
+    with pytest.raises(OutputExists, match="not synthetic n=10 seed=2 mix="):
+        build.ensure_synthetic(tmp_path / "syn", 10, 2, mix={"TM": 1.0})
+    assert prepare.main(["--synthetic", "5", "--mix", "TM=two", "--out", str(tmp_path / "x")]) == 2

@@ -116,3 +116,15 @@ def test_context_makes_it_learnable(proteins):
 
     best_window = max(f1(window > threshold) for threshold in np.arange(0.4, 0.95, 0.05))
     assert best_window > 2 * f1(single)
+
+
+def test_a_type_mix_sets_the_proportions_and_bad_mixes_are_named():
+    from protopo_ray.data.synthetic import check_mix
+
+    types = allocate_types(400, seed=0, mix={"TM": 25, "SP+TM": 10, "SP": 15, "GLOBULAR": 35, "BETA": 15})
+    counts = {t: types.count(t) for t in set(types)}
+    assert counts == {"TM": 100, "SP+TM": 40, "SP": 60, "GLOBULAR": 140, "BETA": 60}
+    with pytest.raises(ValueError, match="shares > 0 for types among"):
+        check_mix({"TM": 1, "ALPHA": 1})
+    with pytest.raises(ValueError, match="shares > 0"):
+        check_mix({"TM": 0})

@@ -9,6 +9,7 @@ import torch
 
 from protopo_ray import predict, train
 from protopo_ray.data import collate, shards
+from protopo_ray.model.grammar import segment_stats
 from protopo_ray.model.metrics import protein_type
 from protopo_ray.training.checkpoint import ModelInputs, find_checkpoints, load_checkpoint, load_latest_valid
 from protopo_ray.training.evaluation import evaluate_checkpoint
@@ -55,6 +56,9 @@ def test_checkpoint_load_gives_identical_predictions_and_describes_its_inputs(sm
     # What new proteins need to be built like the training ones, from the shards' manifest, not from a guess.
     assert loaded.meta.inputs == ModelInputs.of_manifest(shards.read_manifest(smoke_shards))
     assert loaded.meta.inputs.graph_k == 16 and loaded.meta.inputs.graph_sources == {"structure": 60}
+    # Its grammar is its training folds' (the synthetic set's segments and lengths, not DeepTMHMM's).
+    train = shards.read_table(smoke_shards, folds=["train"], columns=["type", "labels"])
+    assert loaded.meta.grammar == segment_stats(zip(train["type"].to_pylist(), train["labels"].to_pylist()))
 
 
 def test_corrupt_checkpoint_is_skipped_for_the_previous_one(smoke_shards, tmp_path, caplog):

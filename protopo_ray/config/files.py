@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import json
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import tomllib
 
 from protopo_ray.config import run
 from protopo_ray.config.run import SECTIONS, Config, set_dotted
+from protopo_ray.data.build import ensure_data
+from protopo_ray.data.synthetic import check_mix
 
 #: Tables an experiment file carries beside the run config: read by `ExperimentSettings` and
 #: `protopo_ray.search.experiment`, ignored by a plain run (`load_config`), so one file serves both.
@@ -30,8 +32,14 @@ class ExperimentSettings:
     """Prepare the embedded synthetic set with this many proteins where data.path holds no shards (0 = never)."""
     seed: int = 0
     """Seed of that synthetic set and of HyperOpt."""
+    synthetic_mix: dict[str, float] = field(default_factory=dict)
+    """Protein types of that synthetic set, relative shares, e.g. {TM = 2, BETA = 1} (empty: DeepTMHMM's)."""
     wandb_project: str = "protopo_ray"
     """W&B project the search's trials are logged to."""
+
+    def ensure_data(self, path: str) -> dict[str, Any]:
+        """The manifest at `path`, the synthetic set these settings name prepared there first if it holds none."""
+        return ensure_data(path, self.synthetic, self.seed, mix=self.synthetic_mix or None)
 
     @classmethod
     def from_table(cls, values: Any, where: str) -> ExperimentSettings:
@@ -48,6 +56,8 @@ class ExperimentSettings:
                 raise ValueError(f"{where}: [experiment] {key} must be an integer >= 0, got {value!r}")
         if not isinstance(values.get("wandb_project", ""), str):
             raise ValueError(f"{where}: [experiment] wandb_project must be a string, got {values['wandb_project']!r}")
+        if "synthetic_mix" in values:
+            check_mix(values["synthetic_mix"], f"{where}: [experiment] synthetic_mix")
         return cls(**values)
 
     @classmethod

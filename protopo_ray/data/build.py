@@ -280,9 +280,9 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
 
 
 def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int = DEFAULT_K, overwrite: bool = False,
-                      builder: Builder | None = None) -> PrepareSummary:
-    """Generate `n` synthetic proteins (protopo_ray.data.synthetic) with structure graphs and write shards to `out`
-    with `builder` (default: this process)."""
+                      builder: Builder | None = None, mix: dict[str, float] | None = None) -> PrepareSummary:
+    """Generate `n` synthetic proteins (protopo_ray.data.synthetic; types in DeepTMHMM's proportions or `mix`) with
+    structure graphs and write shards to `out` with `builder` (default: this process)."""
     start = time.perf_counter()
     out = out if storage.is_uri(out) else Path(out)
     if n < 1:
@@ -290,10 +290,10 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     check_out(out, overwrite)
-    types = synthetic.allocate_types(n, seed)
+    types = synthetic.allocate_types(n, seed, mix)
     jobs = list(zip(range(n), types, synthetic.assign_folds(types, seed)))
     summary = PrepareSummary(out=str(out), num_read=n)
-    generator = {"module": SYNTHETIC_MODULE, "n": n, "seed": seed}
+    generator = {"module": SYNTHETIC_MODULE, "n": n, "seed": seed, **({"mix": synthetic.check_mix(mix)} if mix else {})}
     build = builder or LocalBuilder()
     summary.manifest = write_output(
         lambda target: build(synthetic_rows, jobs, (seed, k), target, summary, what="synthetic", k=k,
@@ -304,7 +304,8 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     return summary
 
 
-def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEFAULT_K) -> Path:
+def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEFAULT_K,
+                     mix: dict[str, float] | None = None) -> Path:
     """The synthetic shard set at `out`, prepared only when no complete set exists there (the tuner's default)."""
     out = Path(out)
     for _ in range(2):
@@ -312,21 +313,24 @@ def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEF
             generator = shards.read_manifest(out).get("extra", {}).get("generator") or {}
             # Sets made before the package moved into subpackages name the generator "protopo_ray.synthetic".
             made_here = generator.get("module") in (SYNTHETIC_MODULE, "protopo_ray.synthetic")
-            if not made_here or (generator.get("n"), generator.get("seed")) != (n, seed):
+            wanted = (n, seed, synthetic.check_mix(mix) if mix else None)
+            if not made_here or (generator.get("n"), generator.get("seed"), generator.get("mix")) != wanted:
                 raise OutputExists(f"{out} holds a different shard set ({generator or 'not synthetic'}), not "
-                                   f"synthetic n={n} seed={seed}; prepare it with --overwrite or use another path")
+                                   f"synthetic n={n} seed={seed}" + (f" mix={mix}" if mix else "")
+                                   + "; prepare it with --overwrite or use another path")
             return out
         try:
-            prepare_synthetic(n, out, seed=seed, k=k)
+            prepare_synthetic(n, out, seed=seed, k=k, mix=mix)
             return out
         except OutputExists:  # a concurrent caller finished first: use theirs (checked on the next pass)
             continue
     return out
 
 
-def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: int = DEFAULT_K) -> dict[str, Any]:
+def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: int = DEFAULT_K,
+                mix: dict[str, float] | None = None) -> dict[str, Any]:
     """The manifest of the shard set at `path`, preparing the embedded synthetic set there first when `path`
-    holds no shards and `synthetic` > 0 (an experiment's `[experiment] synthetic = N`, `seed`).
+    holds no shards and `synthetic` > 0 (an experiment's `[experiment] synthetic = N`, `seed`, `synthetic_mix`).
 
     The one rule for every entry point (tune, train). Without shards and with `synthetic` = 0 it
     raises read_manifest's FileNotFoundError, which says what to run; a set of another kind already at `path`
@@ -342,5 +346,5 @@ def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: i
                                 f"directories only; run `python -m protopo_ray.prepare --synthetic {synthetic} "
                                 f"--seed {seed} --out DIR`, upload DIR to {path}, or point data.path at DIR")
     print(f"preparing the embedded synthetic set ({synthetic} proteins, seed {seed}) at {path}", flush=True)
-    ensure_synthetic(path, synthetic, seed, k)
+    ensure_synthetic(path, synthetic, seed, k, mix)
     return shards.read_manifest(path)

@@ -362,15 +362,25 @@ def _coordinates(rng, segments: list[tuple]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- proteins
 
 
-def allocate_types(n: int, seed: int = 0) -> list[str]:
-    """Protein types for n proteins in DeepTMHMM proportions (largest remainder, at least one of each type
-    when n >= 5), in a seeded random order."""
-    quotas = {t: n * f for t, f in TYPE_FRACTIONS.items()}
+def check_mix(mix: dict[str, float], where: str = "synthetic mix") -> dict[str, float]:
+    """A type mix as fractions summing to 1 (the values are relative); unknown types or shares <= 0 are errors."""
+    unknown = sorted(set(mix) - set(PROTEIN_TYPES))
+    if unknown or not mix or any(not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 for v in mix.values()):
+        raise ValueError(f"{where}: expected shares > 0 for types among {', '.join(PROTEIN_TYPES)}, got {mix!r}")
+    total = sum(mix.values())
+    return {t: mix[t] / total for t in PROTEIN_TYPES if t in mix}
+
+
+def allocate_types(n: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[str]:
+    """Protein types for n proteins in DeepTMHMM proportions, or in `mix` (largest remainder, at least one of each
+    type when n allows), in a seeded random order."""
+    fractions = check_mix(mix) if mix else TYPE_FRACTIONS
+    quotas = {t: n * f for t, f in fractions.items()}
     counts = {t: int(q) for t, q in quotas.items()}
     for t in sorted(quotas, key=lambda t: quotas[t] - counts[t], reverse=True)[: n - sum(counts.values())]:
         counts[t] += 1
-    if n >= len(TYPE_FRACTIONS):
-        for t in TYPE_FRACTIONS:
+    if n >= len(fractions):
+        for t in fractions:
             if counts[t] == 0:  # take one from the largest class
                 counts[max(counts, key=counts.get)] -= 1
                 counts[t] = 1

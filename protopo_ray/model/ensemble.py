@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import Decoding, Grammar, default_grammar
+from protopo_ray.model.grammar import Decoding, Grammar, build_grammar, default_grammar
 from protopo_ray.model.metrics import aggregate, protein_result, topology_match
 from protopo_ray.model.network import TopologyModel, pad_by_protein
 
@@ -50,9 +50,8 @@ class Ensemble(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member checkpoint")
-        grammar = members[0].grammar
-        if any(m.grammar.stats != grammar.stats for m in members[1:]):
-            raise ValueError("ensemble members were built with different topology grammars; they cannot decode as one")
+        # Members trained on other folds read other grammars off them: the ensemble decodes with all they saw.
+        grammar = ensemble_grammar(members)
         self.members = nn.ModuleList(members)
         self.decoding = decoding or Decoding()
         self.grammar = grammar
@@ -81,6 +80,14 @@ class Ensemble(nn.Module):
 
     def label_posteriors(self, batch, logits: Tensor) -> Tensor:
         return logits[:, 0].float().exp()
+
+
+def ensemble_grammar(members: list[TopologyModel]) -> Grammar:
+    """The grammar of the members' segment statistics together (the first member's when one has none)."""
+    stats = [m.grammar.stats for m in members]
+    if any(s is None for s in stats) or all(s == stats[0] for s in stats):
+        return members[0].grammar
+    return build_grammar(stats[0].merged(*stats[1:]))
 
 
 def mean_log_posteriors(posteriors: list[Tensor]) -> Tensor:

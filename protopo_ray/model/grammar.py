@@ -71,6 +71,38 @@ class SegmentStats:
     loop_states: int = LOOP_STATES
     """Without counts (statistics recorded before lengths were evidence) the grammar has no length scores."""
 
+    def merged(self, *others: SegmentStats) -> SegmentStats:
+        """The statistics of all their proteins together (e.g. ensemble members trained on different folds)."""
+        if any(o.loop_states != self.loop_states for o in others):
+            raise ValueError("segment statistics with different loop_states cannot be merged")
+        lengths = dict(self.lengths)
+        for other in others:
+            for key, (lo, hi) in other.lengths.items():
+                old = lengths.get(key, (lo, hi))
+                lengths[key] = (min(old[0], lo), max(old[1], hi))
+
+        def summed(tables: list[dict[tuple[str, str], dict[int, int]]]) -> dict[tuple[str, str], dict[int, int]]:
+            out: dict[tuple[str, str], dict[int, int]] = {}
+            for table in tables:
+                for key, counts in table.items():
+                    into = out.setdefault(key, {})
+                    for length, n in counts.items():
+                        into[length] = into.get(length, 0) + n
+            return out
+
+        tails: dict[tuple[str, str], tuple[int, int]] = {}
+        for stats in (self, *others):
+            for key, (n, excess) in stats.loop_tails.items():
+                old_n, old_excess = tails.get(key, (0, 0))
+                tails[key] = (old_n + n, old_excess + excess)
+        everything = (self, *others)
+        return SegmentStats(lengths=lengths, contexts=frozenset().union(*(s.contexts for s in everything)),
+                            flanks=frozenset().union(*(s.flanks for s in everything)),
+                            flank_ends=frozenset().union(*(s.flank_ends for s in everything)),
+                            chain_counts=summed([s.chain_counts for s in everything]),
+                            loop_counts=summed([s.loop_counts for s in everything]), loop_tails=tails,
+                            loop_states=self.loop_states)
+
     def to_json(self) -> dict[str, list[list]]:
         """Plain lists, sorted (a checkpoint records the grammar its model was built with)."""
         def counts(table: dict[tuple[str, str], dict[int, int]]) -> list[list]:

@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protopo_ray.config import Objective
+from protopo_ray.model.metrics import TYPE_KEYS
 from protopo_ray.search.results import StageRecord, WinnerRecord
 from protopo_ray.search.stages import CONTINUE_KEY, Stage
 
@@ -351,6 +352,10 @@ class SearchConsole:
                 if "n_proteins" in winner.test:
                     parts.append(f"on {int(winner.test['n_proteins'])} proteins")
                 rows.append(("test", ", ".join(parts)))
+                per_type = [f"{name} {format_value(winner.test[f'topo_{key}'])} ({int(winner.test.get(f'n_{key}', 0))})"
+                            for name, key in TYPE_KEYS.items() if f"topo_{key}" in winner.test]
+                if per_type:
+                    rows.append(("topology", ", ".join(per_type) + "  (per type, test proteins in brackets)"))
             rows.append(("checkpoint", winner.checkpoint))
         else:
             rows.append(("winner", "none (no trial finished with a checkpoint)"))

@@ -21,7 +21,7 @@ import torch
 from protopo_ray.config import Config
 from protopo_ray.config.objective import finite
 from protopo_ray.data import shards, storage
-from protopo_ray.model.grammar import build_grammar, default_grammar
+from protopo_ray.model.grammar import Grammar, build_grammar, default_grammar, segment_stats
 from protopo_ray.model.metrics import METRIC_KEYS
 from protopo_ray.model.network import TopologyModel
 from protopo_ray.training import loop
@@ -87,6 +87,16 @@ class EpochLog:
         return np.unique(np.concatenate(self.keys)) if self.keys else np.zeros(0, dtype=np.uint64)
 
 
+def training_grammar(config: Config) -> Grammar:
+    """The topology grammar of the run's training folds: their segments, contexts and length distributions (the
+    labels column only; DeepTMHMM's cv0 + cv3 + cv4 give `grammar.DEFAULT_STATS`)."""
+    table = shards.read_table(config.data.path, folds=config.data.train_folds, columns=["id", "type", "labels"])
+    if config.data.max_proteins:  # the same proteins `splits.MemorySplit` trains on
+        table = table.sort_by("id").slice(0, config.data.max_proteins)
+    labelled = [(t, labels) for t, labels in zip(table["type"].to_pylist(), table["labels"].to_pylist()) if labels]
+    return build_grammar(segment_stats(labelled)) if labelled else default_grammar()
+
+
 def continuation(config: Config) -> Checkpoint | None:
     """The checkpoint a run continues from when it has none of its own: `train.init_checkpoint` (local or a URI)."""
     source = config.train.init_checkpoint
@@ -111,8 +121,9 @@ def fit(config: Config, session: Session) -> dict[str, float]:
 
     own = session.resume_state()
     start = own or continuation(config)
-    # A run continues with the grammar its checkpoint was built with (a CRF's transitions are per grammar state).
-    grammar = build_grammar(start.meta.grammar) if start is not None else default_grammar()
+    # A run continues with the grammar its checkpoint was built with (a CRF's transitions are per grammar state);
+    # a new one reads its grammar off its training folds.
+    grammar = build_grammar(start.meta.grammar) if start is not None else training_grammar(config)
     model = session.prepare_model(TopologyModel(config.model, grammar).to(device), device)
     optimizer = loop.build_optimizer(model, cfg)
     loss_fn = loop.build_loss(cfg)

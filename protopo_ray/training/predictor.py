@@ -25,7 +25,13 @@ from torch import nn
 
 from protopo_ray.config import Config
 from protopo_ray.data import storage
-from protopo_ray.model.ensemble import DecodingChoice, Ensemble, choose_decoding, mean_log_posteriors
+from protopo_ray.model.ensemble import (
+    DecodingChoice,
+    Ensemble,
+    choose_decoding,
+    ensemble_grammar,
+    mean_log_posteriors,
+)
 from protopo_ray.model.grammar import Decoding
 from protopo_ray.training import loop
 from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint
@@ -106,19 +112,19 @@ def build_ensemble(members: list[EnsembleMember], target: Path, rule: str = "mea
     """Copy each member's checkpoint to target/members/<fold>/, choose the decoding out of fold (the ensemble
     decodes by `rule`), write target/ensemble.json."""
     shutil.rmtree(target, ignore_errors=True)
-    batches, log_probs, grammar = [], [], None
+    batches, log_probs, models = [], [], []
     for member in members:
         local = target / MEMBERS_DIR / member.fold
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(storage.fetch_dir(member.checkpoint, Path(tmp) / "checkpoint"), local)
         checkpoint = load_checkpoint(local)
         model = checkpoint.model()
-        grammar = model.grammar
+        models.append(model)
         # The member's own validation fold: out of its fold by construction.
         own = list(loop.collated(local_split(checkpoint.config, "val", mode="memory").eval_batches(0, 1), depth=0))
         with torch.no_grad():
             log_probs += [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in own]
         batches += own
-    choice = choose_decoding(batches, log_probs, grammar=grammar, start=Decoding(rule=rule))
+    choice = choose_decoding(batches, log_probs, grammar=ensemble_grammar(models), start=Decoding(rule=rule))
     write_ensemble(target, [target / MEMBERS_DIR / m.fold for m in members], choice.decoding)
     return choice
