@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import groupby
 
 import pytest
@@ -135,6 +136,42 @@ def test_length_priors_widen_a_one_residue_loop_the_posteriors_barely_support():
     assert loops(Decoding(duration_weight=0.0)) == [1]
     (widened,) = loops(Decoding(duration_weight=1.0))
     assert widened > 1
+
+
+def test_min_loop_floors_helix_loops_where_the_posteriors_are_weakest():
+    """Two helices whose M posterior runs on through a 4-residue turn (M at 0.9 there): the length priors alone
+    cut the stretch with a one-residue loop; a floor of 4 puts the whole turn back, at the least M-like residues."""
+    grammar = default_grammar()
+    logp = torch.full((1, 70, 6), -30.0)
+    logp[0, :10, 0] = logp[0, 56:, 0] = 0.0
+    logp[0, 10:56, 4] = 0.0
+    logp[0, 10:56, 1] = -6.0
+    logp[0, 31:35, 4], logp[0, 31:35, 1] = math.log(0.9), math.log(0.1)
+    logp[0, 32, 4], logp[0, 32, 1] = math.log(0.8), math.log(0.2)
+    lengths = torch.tensor([70])
+
+    def labels(decoding: Decoding) -> str:
+        return "".join(LABELS[i] for i in CRF.fixed(grammar, decoding).decode(logp, lengths)[0].tolist())
+
+    def loops(decoding: Decoding) -> list[tuple[int, int]]:
+        """(start, length) of the loops between two helices."""
+        runs, at = [], 0
+        for k, g in groupby(labels(decoding)):
+            runs.append((k, at, len(list(g))))
+            at += runs[-1][2]
+        return [(s, n) for i, (k, s, n) in enumerate(runs[1:-1], 1) if runs[i - 1][0] == runs[i + 1][0] == "M"]
+
+    assert loops(Decoding()) == [(32, 1)]
+    assert loops(Decoding(min_loop=4)) == [(31, 4)]
+
+
+def test_min_loop_leaves_beta_turns_and_signal_peptides_alone():
+    grammar = default_grammar()
+    loops = [n for n, e in zip(grammar.edge_helix_loops, grammar.edges) if n]
+    assert set(loops) == set(range(1, grammar.stats.loop_states + 2))
+    for n, (a, _) in zip(grammar.edge_helix_loops, grammar.edges):
+        if n:
+            assert grammar.names[a].startswith("alpha:") and LABELS[grammar.labels[a]] == "M"
 
 
 def test_beta_offset_moves_a_protein_into_the_beta_world():

@@ -90,7 +90,7 @@ def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(
     assert by_fold["train"].config.data.train_folds == ("val",)
     assert record.ensemble.members == {f: t.trial_id for f, t in by_fold.items()}
     assert record.ensemble.decoding.entry_penalty in PENALTIES and record.ensemble.decoding.rule == "mean"
-    assert {f"penalty={p:g} beta=0" for p in PENALTIES} <= set(record.ensemble.topo_mean_by_setting)
+    assert {f"penalty={p:g} loop=1 beta=0" for p in PENALTIES} <= set(record.ensemble.topo_mean_by_setting)
     spec = json.loads((exp_dir / "ensemble" / ENSEMBLE_FILE).read_text())
     assert sorted(spec["members"]) == ["members/train", "members/val"]
     winner = exp.load_winner()

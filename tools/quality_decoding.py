@@ -1,9 +1,10 @@
-"""Decoding levers on one trained checkpoint, on and off: segment-length priors, the beta-world offset.
+"""Decoding levers on one trained checkpoint, on and off: segment-length priors, a floor on helix-helix loops,
+the beta-world offset.
 
     .venv/bin/python -m tools.quality_decoding --checkpoint runs/q/RUN/best [--out benchmarks/quality_decoding.json]
 
 The checkpoint's posteriors on its validation fold are decoded with the grammar Viterbi under each setting; every
-free number (entry penalty, beta offset) is chosen on that validation fold (`model.ensemble.choose_decoding`),
+free number (entry penalty, loop floor, beta offset) is chosen on that validation fold (`model.ensemble.choose_decoding`),
 and the test fold is decoded once per setting with what the validation fold chose. Each row also counts the
 inner loops of one residue between two membrane segments in the predictions (the issue's split helices).
 """
@@ -27,10 +28,12 @@ from protopo_ray.training.checkpoint import load_checkpoint
 from protopo_ray.training.splits import local_split
 
 LETTERS = np.array(list(LABELS))
+#: name -> (start, what choose_decoding may vary: {} = its defaults; (x,) = held at x)
 SETTINGS = {
-    "uniform lengths (today)": (Decoding(duration_weight=0.0), (0.0,)),
-    "length priors": (Decoding(duration_weight=1.0), (0.0,)),
-    "length priors + beta offset": (Decoding(duration_weight=1.0), None),
+    "uniform lengths (today)": (Decoding(duration_weight=0.0), {"beta_offsets": (0.0,), "min_loops": (1,)}),
+    "length priors": (Decoding(duration_weight=1.0), {"beta_offsets": (0.0,), "min_loops": (1,)}),
+    "length priors + helix-loop floor": (Decoding(duration_weight=1.0), {"beta_offsets": (0.0,)}),
+    "length priors + floor + beta offset": (Decoding(duration_weight=1.0), {}),
 }
 
 
@@ -75,10 +78,9 @@ def main() -> int:
                                    "val_folds": list(config.data.val_folds), "test_folds": list(config.data.test_folds),
                                    "true_short_loops_val": true_short_loops(val),
                                    "true_short_loops_test": true_short_loops(test)}}
-    for name, (start, betas) in SETTINGS.items():
+    for name, (start, held) in SETTINGS.items():
         began = time.process_time()
-        choice = choose_decoding(val, val_lp, grammar, start=start,
-                                 **({"beta_offsets": betas} if betas is not None else {}))
+        choice = choose_decoding(val, val_lp, grammar, start=start, **held)
         decoded = grammar_decode(test, test_lp, choice.decoding, grammar)
         rows[name] = {"decoding": choice.decoding.to_json(), "val": choice.figures, "test": score(test, decoded),
                       "short_loops_val": short_loops(val, grammar_decode(val, val_lp, choice.decoding, grammar)),

@@ -110,6 +110,9 @@ class ModelConfig:
     beta_offset: float = 0.0
     """decoder = viterbi: log-score added to every path through the beta world (a barrel's protein-level
     evidence; tune it on the validation fold)."""
+    min_loop: int = 1
+    """decoder = viterbi: shortest loop allowed between two membrane helices (1 = no floor; beta turns stay
+    free). Tune it on the validation fold."""
     feature_hydropathy: bool = False
     """Add Kyte-Doolittle hydropathy and its 7- and 19-residue window means to the residue inputs."""
     feature_charge: bool = False
@@ -131,6 +134,7 @@ class ModelConfig:
         _check(self.duration_weight >= 0 and math.isfinite(self.duration_weight),
                f"model.duration_weight must be a finite number >= 0, got {self.duration_weight}")
         _check(math.isfinite(self.beta_offset), f"model.beta_offset must be a finite number, got {self.beta_offset}")
+        _check(self.min_loop >= 1, f"model.min_loop must be >= 1, got {self.min_loop}")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -68,7 +68,7 @@ class CRF(nn.Module):
     def fixed(cls, grammar: Grammar, decoding: Decoding | None = None) -> CRF:
         """Fixed transitions: `duration_weight` x the grammar's segment-length log-priors on the moves that commit
         to a length, -entry_penalty on entering an M or B segment, +beta_offset on starting a beta-world path,
-        0 on every other allowed move."""
+        NEG (forbidden) on entering a helix-helix loop shorter than `min_loop`, 0 on every other allowed move."""
         decoding = decoding or Decoding()
         crf = cls(grammar, learn=False)
 
@@ -79,8 +79,12 @@ class CRF(nn.Module):
                                  + (decoding.beta_offset if w == "beta" else 0.0)
                                  for c, p, w in zip(labels, priors, worlds)])
 
+        edge_scores = scores(grammar.edge_enters, grammar.edge_priors, ())
+        if decoding.min_loop > 1 and grammar.edge_helix_loops:
+            loops = torch.tensor(grammar.edge_helix_loops)
+            edge_scores[(loops > 0) & (loops < decoding.min_loop)] = NEG
         with torch.no_grad():
-            crf.edge_scores.copy_(scores(grammar.edge_enters, grammar.edge_priors, ()))
+            crf.edge_scores.copy_(edge_scores)
             crf.start_scores.copy_(scores(grammar.start_enters, grammar.start_priors, grammar.start_worlds))
         return crf
 

@@ -33,6 +33,8 @@ from protopo_ray.model.network import TopologyModel, pad_by_protein
 PENALTIES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 #: Beta-world offsets tried at the chosen penalty (0 first: a tie keeps the grammar as it is).
 BETA_OFFSETS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+#: Floors on helix-helix loops tried at the chosen penalty (1: no floor).
+MIN_LOOPS = (1, 2, 3, 4, 5)
 _LETTERS = np.array(list(LABELS))
 #: Posteriors are clamped here before the log, so one member's certainty never makes a label impossible.
 MIN_PROBABILITY = 1e-6
@@ -143,15 +145,17 @@ class DecodingChoice:
     figures: dict[str, float]
     """The chosen setting's metrics."""
     topo_mean: dict[str, float] = field(default_factory=dict)
-    """"penalty=8 beta=0" -> topo_mean, for every setting tried."""
+    """"penalty=8 loop=3 beta=0" -> topo_mean, for every setting tried."""
 
 
 def choose_decoding(batches: list, log_probs: list[Tensor], grammar: Grammar | None = None,
                     start: Decoding | None = None, penalties: tuple[float, ...] = PENALTIES,
-                    beta_offsets: tuple[float, ...] = BETA_OFFSETS) -> DecodingChoice:
-    """The decoding with the best topo_mean on these (validation) batches: the entry penalty first (at no beta
-    offset), then the beta offset at that penalty; ties go to the smaller number. `start` gives the other
-    settings (duration weight, rule)."""
+                    beta_offsets: tuple[float, ...] = BETA_OFFSETS,
+                    min_loops: tuple[int, ...] = MIN_LOOPS) -> DecodingChoice:
+    """The decoding with the best topo_mean on these (validation) batches, one number at a time: the entry
+    penalty (at no beta offset), the helix-loop floor at that penalty, the penalty again at that floor, then
+    the beta offset; ties go to the smaller number. `start` gives the other settings (duration weight, rule);
+    pass a one-value tuple to hold a number fixed."""
     start = start or Decoding()
     tried: dict[Decoding, dict[str, float]] = {}
 
@@ -159,10 +163,15 @@ def choose_decoding(batches: list, log_probs: list[Tensor], grammar: Grammar | N
         for option in options:
             if option not in tried:
                 tried[option] = score(batches, grammar_decode(batches, log_probs, option, grammar))
-        return max(options, key=lambda d: (tried[d]["topo_mean"], -d.entry_penalty, -d.beta_offset))
+        return max(options, key=lambda d: (tried[d]["topo_mean"], -d.entry_penalty, -d.min_loop, -d.beta_offset))
 
-    penalty = best([dataclasses.replace(start, entry_penalty=p, beta_offset=0.0) for p in penalties])
-    chosen = best([dataclasses.replace(penalty, beta_offset=b) for b in beta_offsets])
+    start = dataclasses.replace(start, beta_offset=0.0, min_loop=min_loops[0])
+    chosen = best([dataclasses.replace(start, entry_penalty=p) for p in penalties])
+    if len(min_loops) > 1:
+        chosen = best([dataclasses.replace(chosen, min_loop=n) for n in min_loops])
+        chosen = best([dataclasses.replace(chosen, entry_penalty=p) for p in penalties])
+    chosen = best([dataclasses.replace(chosen, beta_offset=b) for b in beta_offsets])
     return DecodingChoice(decoding=chosen, figures=tried[chosen],
-                          topo_mean={f"penalty={d.entry_penalty:g} beta={d.beta_offset:g}": f["topo_mean"]
+                          topo_mean={f"penalty={d.entry_penalty:g} loop={d.min_loop} beta={d.beta_offset:g}":
+                                     f["topo_mean"]
                                      for d, f in tried.items()})

@@ -178,6 +178,10 @@ class Decoding:
     beta_offset: float = 0.0
     """Log-score added once to every path through the beta world: protein-level evidence for a barrel that
     per-residue posteriors, dominated by the alpha and globular proteins they were trained on, underweigh."""
+    min_loop: int = 1
+    """Shortest loop allowed between two membrane helices (alpha world; beta turns stay free). A hard floor
+    beside the soft length priors: an over-confident M posterior through a short helix-helix turn outweighs the
+    prior against a one-residue loop, and a floor places the turn where the model least believes M instead."""
     rule: str = "mean"
     """Ensembles: mean (decode the members' mean posteriors) or vote (each member decodes; the topology most
     members agree on wins, ties to the likeliest under the mean posteriors)."""
@@ -188,12 +192,13 @@ class Decoding:
 
     def to_json(self) -> dict[str, float | str]:
         return {"entry_penalty": self.entry_penalty, "duration_weight": self.duration_weight,
-                "beta_offset": self.beta_offset, "rule": self.rule}
+                "beta_offset": self.beta_offset, "min_loop": self.min_loop, "rule": self.rule}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> Decoding:
         names = ("entry_penalty", "duration_weight", "beta_offset")
-        return cls(**{k: float(values[k]) for k in names if k in values}, rule=str(values.get("rule", "mean")))
+        return cls(**{k: float(values[k]) for k in names if k in values}, min_loop=int(values.get("min_loop", 1)),
+                   rule=str(values.get("rule", "mean")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +225,9 @@ class Grammar:
     """For each start, the same for a protein that begins with a chain."""
     start_worlds: tuple[str, ...] = ()
     """For each start, the world its paths belong to."""
+    edge_helix_loops: tuple[int, ...] = ()
+    """For each edge, the length of the loop between two membrane helices it commits to (loop_states + 1 for the
+    longer ones; 0 for every other edge): what `Decoding.min_loop` forbids."""
     stats: SegmentStats | None = field(default=None, compare=False)
 
     @property
@@ -245,6 +253,7 @@ def build_grammar(stats: SegmentStats) -> Grammar:
     edges: list[tuple[int, int]] = []
     enters: list[str] = []
     priors: list[float] = []
+    helix_loops: list[int] = []
     starts: list[int] = []
     start_enters: list[str] = []
     start_priors: list[float] = []
@@ -256,10 +265,11 @@ def build_grammar(stats: SegmentStats) -> Grammar:
         labels.append(LABEL_INDEX[label])
         return len(names) - 1
 
-    def add_edge(a: int, b: int, enter: str = "", prior: float = 0.0) -> None:
+    def add_edge(a: int, b: int, enter: str = "", prior: float = 0.0, helix_loop: int = 0) -> None:
         edges.append((a, b))
         enters.append(enter)
         priors.append(prior)
+        helix_loops.append(helix_loop)
 
     # A flank that begins a protein is its own state ('alpha:^I'), apart from the same flank after a chain: it
     # may end the protein only where a protein was that flank alone (globular), so no path through the alpha world
@@ -267,7 +277,7 @@ def build_grammar(stats: SegmentStats) -> Grammar:
     # the next chain) or the protein's tail (free, ending it); without loop counts, one state that is both.
     first_state: dict[tuple[str, str], int] = {}
     loop_exit: dict[tuple[str, str], int] = {}  # the state an inner loop leaves from towards the next chain
-    loop_entries: dict[tuple[str, str], list[tuple[int, float]]] = {}  # (state, log-prior) a chain end enters
+    loop_entries: dict[tuple[str, str], list[tuple[int, float, int]]] = {}  # (state, log-prior, length) to enter
     tail_state: dict[tuple[str, str], tuple[int, set[str]]] = {}  # (tail state, chains it may follow)
     m = stats.loop_states
     for world, before, letter in sorted(stats.flanks):
@@ -294,7 +304,7 @@ def build_grammar(stats: SegmentStats) -> Grammar:
             add_edge(state, state)
             if ends_after:
                 ends.append(state)
-            loop_exit[key], loop_entries[key] = state, [(state, 0.0)]
+            loop_exit[key], loop_entries[key] = state, [(state, 0.0, 0)]
             continue
         loop_entries[key] = []
         if ends_after:
@@ -316,7 +326,7 @@ def build_grammar(stats: SegmentStats) -> Grammar:
         add_edge(over, over, prior=math.log(max(stay, 1e-6)))
         add_edge(over, chain[0], prior=math.log(max(1.0 - stay, 1e-6)))
         loop_exit[key] = chain[-1]
-        loop_entries[key] = [(chain[k], logp[m - k]) for k in range(m)] + [(over, logp[m + 1])]
+        loop_entries[key] = [(chain[k], logp[m - k], m - k) for k in range(m)] + [(over, logp[m + 1], m + 1)]
 
     # One chain per (world, before, chain label): its last state leads to every label observed after it.
     chains = sorted({(w, b, c) for w, b, c, _ in stats.contexts})
@@ -346,15 +356,15 @@ def build_grammar(stats: SegmentStats) -> Grammar:
                 raise ValueError(f"{world}: a {letter} segment followed directly by a {after} segment; the grammar "
                                  f"only joins chains through a flank (I, O or P)")
             else:
-                for state, prior in loop_entries[(world, after)]:
-                    add_edge(chain[-1], state, prior=prior)
+                for state, prior, length in loop_entries[(world, after)]:
+                    add_edge(chain[-1], state, prior=prior, helix_loop=length if letter == "M" else 0)
                 tail, ends_after = tail_state.get((world, after), (None, set()))
                 if tail is not None and (letter in ends_after or "*" in ends_after):
                     add_edge(chain[-1], tail)
     return Grammar(names=tuple(names), labels=tuple(labels), edges=tuple(edges), edge_enters=tuple(enters),
                    starts=tuple(starts), start_enters=tuple(start_enters), ends=tuple(sorted(set(ends))),
                    edge_priors=tuple(priors), start_priors=tuple(start_priors), start_worlds=tuple(start_worlds),
-                   stats=stats)
+                   edge_helix_loops=tuple(helix_loops), stats=stats)
 
 
 class _Acceptor:
