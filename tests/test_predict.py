@@ -138,3 +138,25 @@ def test_an_ensemble_directory_predicts_like_its_members(checkpoint, tmp_path):
     lines = (tmp_path / "out" / "predicted.3line").read_text().splitlines()
     assert [line.split("|")[0] for line in lines[::3]] == [">P1", ">P2"]
     assert all(set(labels) <= set("IOPSMB") for labels in lines[2::3])
+
+
+def test_a_viterbi_checkpoint_writes_only_topologies_its_grammar_accepts(tmp_path_factory, write_checkpoint, tmp_path):
+    """The embedded default's winner decodes with the grammar: whatever its (here untrained, so arbitrary)
+    posteriors say, every written topology is one a protein can have. An argmax checkpoint gives no such promise
+    (the untrained one writes some the grammar refuses)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    sequences = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), size=n)) for n in (30, 75, 140, 260, 9)]
+    source = write(tmp_path, "in.fasta", "".join(f">p{i}\n{s}\n" for i, s in enumerate(sequences)))
+    written = {}
+    for decoder in ("argmax", "viterbi"):
+        root = tmp_path_factory.mktemp(decoder)
+        config = Config.from_dict({"data": {"path": str(root / "gone")}, "model": {**TINY, "decoder": decoder}})
+        path = write_checkpoint(root / "checkpoint", config, graph_k=4, graph_sources={"sequence": 100})
+        out = tmp_path / f"{decoder}.3line"
+        assert predict.main(["--checkpoint", str(path), "--input", str(source), "--out", str(out)]) == 0
+        written[decoder] = out.read_text().splitlines()[2::3]
+    grammar = load_predictor(path).module.grammar
+    assert len(written["viterbi"]) == len(sequences)
+    assert all(grammar.accepts(labels) for labels in written["viterbi"])
+    assert not all(grammar.accepts(labels) for labels in written["argmax"])

@@ -75,10 +75,12 @@ def test_records_round_trip_through_the_experiment_directory(tmp_path):
     exp.save_experiment(ExperimentRecord(name="exp", source="x.toml", stages=["search"], base=base))
     assert exp.load_experiment().base == base and exp.load_stages() == [record]
     winner = WinnerRecord(stage="search", trial_id="t1", params={}, config=base, val={"val_loss": 0.4},
-                          test={"loss": math.nan}, checkpoint=str(exp.winner_checkpoint), source="/t1/best")
+                          test={"loss": math.nan}, checkpoint=str(exp.winner_checkpoint), source="/t1/best",
+                          decoding=Decoding(entry_penalty=4.0, min_loop=3))
     exp.save_winner(winner)
     loaded = exp.load_winner()
     assert loaded.config == base and math.isnan(loaded.test["loss"])  # NaN: a type absent from the fold
+    assert loaded.decoding == Decoding(entry_penalty=4.0, min_loop=3)
 
 
 def test_stages_load_in_the_experiment_order_then_by_name(tmp_path):

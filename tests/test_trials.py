@@ -11,6 +11,7 @@ from pyarrow import fs as pafs
 from ray.tune import Checkpoint, Result
 
 from protopo_ray.config import Config
+from protopo_ray.model.ensemble import MIN_LOOPS, PENALTIES
 from protopo_ray.search import trials
 from protopo_ray.search.inventory import GIB, Inventory, node_from_resources
 from protopo_ray.search.plan import plan_promotion, plan_search
@@ -18,6 +19,7 @@ from protopo_ray.search.results import ExperimentDir, StageRecord, TrialRecord
 from protopo_ray.search.run import pick_winner
 from protopo_ray.search.stages import CONTINUE_KEY, PromotionStage, SearchStage, Stage
 from protopo_ray.training.fit import fit
+from protopo_ray.training.predictor import load_predictor
 from protopo_ray.training.session import LocalSession
 
 SEARCH = SearchStage(name="architecture", metric="val_loss", mode="min", max_epochs=4,
@@ -135,3 +137,27 @@ def test_pick_winner_takes_the_runs_best_checkpoint_and_beats_the_untrained_mode
     # Two epochs on 40 proteins already fit better than the same model untrained, on the held-out test split.
     assert winner.test["n_proteins"] == untrained_figures(config)["n_proteins"] > 0
     assert winner.test["loss"] < untrained_figures(config)["loss"]
+
+
+def test_a_viterbi_winner_decodes_with_numbers_chosen_on_validation(smoke_shards, tmp_path):
+    ctx = context(SEARCH, str(tmp_path / "train"))
+    config = trials.trial_config(ctx, {"model.lstm_size": 8}, "v").replace(
+        {"data.path": str(smoke_shards), "train.epochs": 1, "train.device": "cpu", "resources.gpus_per_worker": 0.0,
+         "resources.accelerator_type": "", "data.train_folds": ["train"], "data.val_folds": ["val"],
+         "data.test_folds": ["test"], "model.decoder": "viterbi", "model.entry_penalty": 3.0})
+    fit(config, LocalSession(config))
+    run_dir = tmp_path / "train" / "architecture_v"
+    record = StageRecord(stage="architecture", kind="search", scheduler="asha", metric="val_loss", mode="min",
+                         max_epochs=1, best_trial="v")
+    record.trials.append(TrialRecord(trial_id="v", params={}, config=config, status="completed", epochs=1,
+                                     best={"val_loss": 0.5}, checkpoint=str(run_dir / "checkpoint_epoch_0001")))
+    exp = ExperimentDir(tmp_path / "exp")
+    winner = pick_winner(record, exp)
+    chosen = winner.decoding
+    # One of the values choose_decoding tries (3.0 is not), recorded, and what the winner checkpoint decodes with.
+    assert chosen is not None and chosen.entry_penalty in PENALTIES and chosen.min_loop in MIN_LOOPS
+    assert exp.load_winner().decoding == chosen
+    model = load_predictor(exp.winner_checkpoint).module
+    assert model.decoding == chosen and winner.config.model.entry_penalty == chosen.entry_penalty
+    # The run's own checkpoint is left as it was trained.
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["config"]["model"]["entry_penalty"] == 3.0

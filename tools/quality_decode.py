@@ -49,7 +49,8 @@ def grammar_decode(batches: list, log_probs: list[torch.Tensor], penalty: float)
 
 def tune_penalty(batches: list, log_probs: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
     """The entry penalty with the best val topo_mean (ties: the smaller penalty)."""
-    choice = ensemble.choose_decoding(batches, log_probs, start=Decoding(duration_weight=0.0), beta_offsets=(0.0,))
+    choice = ensemble.choose_decoding(batches, log_probs, start=Decoding(duration_weight=0.0), beta_offsets=(0.0,),
+                                      min_loops=(1,))
     return choice.decoding.entry_penalty, choice.topo_mean
 
 

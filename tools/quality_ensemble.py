@@ -6,10 +6,11 @@
 Rows, each member from its `best/` checkpoint (chosen by the member's own validation metric), nothing tuned on
 the test fold:
 - each member alone, argmax;
-- each member alone, grammar Viterbi with the entry penalty that maximises topo_mean on its own validation fold
-  (the single-model predictor; member cv1 is the reference split: train cv0+cv3+cv4, validate cv1);
-- the ensemble (`winner/checkpoint`: mean posteriors, grammar Viterbi, out-of-fold entry penalty), decoded here
-  again so its decoding time is measured on the same footing.
+- each member alone, grammar Viterbi (its training folds' length priors) with the entry penalty, helix-loop floor
+  and beta offset that maximise topo_mean on its own validation fold (`model.ensemble.choose_decoding`; the
+  single-model predictor; member cv1 is the reference split: train cv0+cv3+cv4, validate cv1);
+- the ensemble (`winner/checkpoint`: its rule, merged grammar and out-of-fold decoding), decoded here again so its
+  decoding time is measured on the same footing.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import numpy as np
 import torch
 
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABELS, protein_type
+from protopo_ray.model import ensemble
 from protopo_ray.model.ensemble import mean_log_posteriors, score
+from protopo_ray.model.grammar import Decoding, Grammar
 from protopo_ray.model.metrics import segments, topology_match
 from protopo_ray.training.checkpoint import checkpoint_epoch
 from protopo_ray.training.predictor import load_predictor, read_ensemble
-from tools.quality_decode import TABLE_KEYS, grammar_decode, outputs, split_batches, tune_penalty
+from tools.quality_decode import TABLE_KEYS, outputs, split_batches
 
 LETTERS = np.array(list(LABELS))
 
@@ -69,6 +72,13 @@ def labelled_strings(batches: list, decoded: list[torch.Tensor]):
                 yield "".join(LETTERS[y[lo:hi]]), "".join(LETTERS[pred[lo:hi]])
 
 
+def decode_timed(batches: list, log_probs: list[torch.Tensor], decoding: Decoding,
+                 grammar: Grammar) -> tuple[list[torch.Tensor], float]:
+    start = time.process_time()
+    decoded = ensemble.grammar_decode(batches, log_probs, decoding, grammar)
+    return decoded, time.process_time() - start
+
+
 def member_rows(member: Path, test: list) -> dict[str, dict]:
     predictor = load_predictor(member)
     model, config = predictor.module, predictor.config
@@ -77,14 +87,14 @@ def member_rows(member: Path, test: list) -> dict[str, dict]:
         val_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(val, outputs(model, val))]
         test_out = outputs(model, test)
         test_lp = [mean_log_posteriors([model.label_posteriors(b, o)]) for b, o in zip(test, test_out)]
-    penalty, by_penalty = tune_penalty(val, val_lp)
-    decoded, seconds = grammar_decode(test, test_lp, penalty)
+    choice = ensemble.choose_decoding(val, val_lp, model.grammar)
+    decoded, seconds = decode_timed(test, test_lp, choice.decoding, model.grammar)
     fold = ",".join(config.data.val_folds)
     return {
         f"member_{fold}_argmax": {**score(test, [o.argmax(-1) for o in test_out]), "val_fold": fold},
-        f"member_{fold}_viterbi": {**score(test, decoded), "val_fold": fold, "entry_penalty": penalty,
+        f"member_{fold}_viterbi": {**score(test, decoded), "val_fold": fold, "decoding": choice.decoding.to_json(),
                                    "membrane_errors": membrane_errors(test, decoded),
-                                   "val_topo_mean_by_penalty": by_penalty, "decode_cpu_s": seconds,
+                                   "val_topo_mean_by_setting": choice.topo_mean, "decode_cpu_s": seconds,
                                    "best_epoch": checkpoint_epoch(member)},
     }
 
@@ -93,30 +103,36 @@ def ensemble_row(path: Path, test: list) -> dict:
     predictor = load_predictor(path).module
     with torch.no_grad():
         start = time.process_time()
-        log_probs = [o[:, 0] for o in outputs(predictor, test)]  # the members' mean (protopo_ray.model.ensemble)
+        outs = outputs(predictor, test)
         forward_s = time.process_time() - start
-    penalty = predictor.decoding.entry_penalty
-    decoded, seconds = grammar_decode(test, log_probs, penalty)
-    return {**score(test, decoded), "entry_penalty": penalty, "members": len(predictor.members),
+    start = time.process_time()
+    decoded = [predictor.decode(b, o) for b, o in zip(test, outs)]  # its own rule, grammar and decoding
+    seconds = time.process_time() - start
+    return {**score(test, decoded), "decoding": predictor.decoding.to_json(), "members": len(predictor.members),
             "forward_cpu_s": forward_s, "decode_cpu_s": seconds, "membrane_errors": membrane_errors(test, decoded)}
 
 
-def markdown_rows(rows: dict, what: str) -> list[str]:
+def describe(decoding: dict) -> str:
+    return (f"entry penalty {decoding['entry_penalty']:g}, helix loops >= {decoding.get('min_loop', 1)}, beta offset "
+            f"{decoding['beta_offset']:g}")
+
+
+def markdown_rows(rows: dict, what: str, tag: str = "ensemble") -> list[str]:
     out = []
     for key, m in rows.items():
         if not isinstance(m, dict) or "overlap_acc" not in m or key == "winner_test":
             continue
         if key == "ensemble":
-            name = f"ensemble of {m['members']} fold rotations (mean posteriors, grammar Viterbi, entry penalty " \
-                   f"{m['entry_penalty']:g} chosen out of fold)"
+            name = (f"ensemble of {m['members']} fold rotations ({m['decoding']['rule']} rule, grammar Viterbi with "
+                    f"length priors, {describe(m['decoding'])} chosen out of fold)")
         else:
             run, _, key = key.rpartition(":")
             who = run or f"member validated on {m['val_fold']} alone"
             name = (f"{who}, argmax" if key.endswith("_argmax") else
-                    f"{who} (best epoch {m['best_epoch']}), grammar Viterbi (entry penalty {m['entry_penalty']:g}, "
-                    f"tuned on {m['val_fold']})")
+                    f"{who} (best epoch {m['best_epoch']}), grammar Viterbi with length priors ({describe(m['decoding'])}, "
+                    f"chosen on {m['val_fold']})")
         out.append(f"| {what}: {name} | {int(m['n_proteins'])} | " + " | ".join(f"{m[k]:.3f}" for k in TABLE_KEYS)
-                   + " <!-- QUALITY:ensemble --> |")
+                   + f" <!-- QUALITY:{tag} --> |")
     return out
 
 
@@ -128,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", nargs="+", metavar="DIR",
                         help="instead of --exp: the single-model rows of these checkpoints (e.g. a with/without-features pair)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--label", default="deeptmhmm_ensemble (GC 64, LSTM 64 x 2 bi, 15 CPU epochs, features, "
-                        "seq-window graphs, test cv2)")
+    parser.add_argument("--tag", default="ensemble", help="the rows' QUALITY tag in docs/benchmarks.md")
+    parser.add_argument("--label", default="deeptmhmm_ensemble (GC 64, LSTM 64 x 2 bi, 24 CPU epochs, features, "
+                        "type-balanced batches, seq-window graphs, test cv2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -147,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rows": rows, "wall_s": time.time() - started}
     Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
     print(json.dumps(result, indent=1, default=float))
-    print("\n".join(markdown_rows(rows, args.label)))
+    print("\n".join(markdown_rows(rows, args.label, args.tag)))
     return 0
 
 

@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from protopo_ray.config import Objective
+from protopo_ray.model.grammar import Decoding
 from protopo_ray.model.metrics import TYPE_KEYS
 from protopo_ray.search.results import StageRecord, WinnerRecord
 from protopo_ray.search.stages import CONTINUE_KEY, Stage
@@ -294,6 +295,12 @@ def _error_file(trial) -> str | None:
         return None
 
 
+def describe_decoding(decoding: Decoding) -> str:
+    """'entry penalty 4, helix loops >= 3, beta offset 0, length priors x1, rule mean'."""
+    return (f"entry penalty {decoding.entry_penalty:g}, helix loops >= {decoding.min_loop}, beta offset "
+            f"{decoding.beta_offset:g}, length priors x{decoding.duration_weight:g}, rule {decoding.rule}")
+
+
 class SearchConsole:
     """The search's console: stage headers, a `StageView` per stage, stage results and the final summary."""
 
@@ -356,6 +363,9 @@ class SearchConsole:
                             for name, key in TYPE_KEYS.items() if f"topo_{key}" in winner.test]
                 if per_type:
                     rows.append(("topology", ", ".join(per_type) + "  (per type, test proteins in brackets)"))
+            decoding = winner.ensemble.decoding if winner.ensemble else winner.decoding
+            if decoding is not None:
+                rows.append(("decoding", describe_decoding(decoding) + "  (grammar Viterbi, chosen on validation)"))
             rows.append(("checkpoint", winner.checkpoint))
         else:
             rows.append(("winner", "none (no trial finished with a checkpoint)"))

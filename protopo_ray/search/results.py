@@ -249,16 +249,22 @@ class WinnerRecord:
     """Where it was copied from."""
     promoted_from: str | None = None
     ensemble: EnsembleRecord | None = None
+    decoding: Decoding | None = None
+    """A single decoder = viterbi checkpoint: the decoding chosen on its validation folds after the search
+    (`training.predictor.choose_checkpoint_decoding`), written into the winner checkpoint's config."""
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "config": self.config.to_dict(),
-                "ensemble": self.ensemble.to_json() if self.ensemble else None}
+                "ensemble": self.ensemble.to_json() if self.ensemble else None,
+                "decoding": self.decoding.to_json() if self.decoding else None}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str = "winner") -> WinnerRecord:
         try:
+            decoding = values.get("decoding")
             return cls(**{**_fields(cls, values), "config": Config.from_dict(values["config"], where=f"{where} config"),
-                          "ensemble": EnsembleRecord.from_json(values.get("ensemble"))})
+                          "ensemble": EnsembleRecord.from_json(values.get("ensemble")),
+                          "decoding": Decoding.from_json(decoding) if decoding else None})
         except (KeyError, TypeError, ValueError) as error:
             raise ExperimentError(f"{where}: malformed winner record ({type(error).__name__}: {error})") from None
 

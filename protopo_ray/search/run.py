@@ -31,7 +31,9 @@ from protopo_ray.search.plan import driver_resources, format_plan
 from protopo_ray.search.results import ExperimentDir, ExperimentRecord, StageRecord, WinnerRecord
 from protopo_ray.search.stages import PromotionStage, SearchStage, Stage
 from protopo_ray.search.tracking import wandb_callbacks
+from protopo_ray.training.checkpoint import load_checkpoint
 from protopo_ray.training.evaluation import evaluate_checkpoint
+from protopo_ray.training.predictor import choose_checkpoint_decoding
 
 
 def longest_protein(config: Config) -> int:
@@ -159,7 +161,8 @@ def _datasets_of(config: Config) -> tuple:
 
 def pick_winner(record: StageRecord, exp: ExperimentDir) -> WinnerRecord | None:
     """Copy the stage's result to winner/ and evaluate it once on the held-out test folds: its ensemble when it
-    made one, else its best trial's best epoch (that run's best/, else its latest checkpoint)."""
+    made one, else its best trial's best epoch (that run's best/, else its latest checkpoint), whose decoding
+    (decoder = viterbi) is first chosen on the validation folds."""
     target = exp.winner_checkpoint
     shutil.rmtree(target, ignore_errors=True)
     if record.ensemble is not None:
@@ -175,13 +178,17 @@ def pick_winner(record: StageRecord, exp: ExperimentDir) -> WinnerRecord | None:
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(storage.fetch_dir(source, Path(tmp) / "checkpoint"), target)
         val, winner_id, params = trial.best, trial.trial_id, trial.params
+    run_config, decoding = trial.config, None
+    if record.ensemble is None and run_config.model.decoder == "viterbi":
+        decoding = choose_checkpoint_decoding(target).decoding
+        run_config = load_checkpoint(target).config
     # Every ensemble member has the same test folds; the whole test split, never the capped quick-run one.
-    config = trial.config.replace({"data.max_proteins": 0})
+    config = run_config.replace({"data.max_proteins": 0})
     test = evaluate_checkpoint(target, config, split="test") if config.data.test_folds else {}
-    winner = WinnerRecord(stage=record.stage, trial_id=winner_id, params=params, config=trial.config, val=val,
+    winner = WinnerRecord(stage=record.stage, trial_id=winner_id, params=params, config=run_config, val=val,
                           test=test, checkpoint=str(target), source=source,
                           promoted_from=trial.promoted_from if record.ensemble is None else None,
-                          ensemble=record.ensemble)
+                          ensemble=record.ensemble, decoding=decoding)
     exp.save_winner(winner)
     return winner
 

@@ -174,8 +174,13 @@ def save_checkpoint(directory: str | Path, meta: CheckpointMeta, state: TrainSta
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(dataclasses.asdict(state), directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=1, default=float))
+    write_meta(directory, meta)
     return directory
+
+
+def write_meta(directory: str | Path, meta: CheckpointMeta) -> None:
+    """Rewrite a checkpoint's meta.json (its weights untouched), e.g. with the decoding chosen after training."""
+    (Path(directory) / META_FILE).write_text(json.dumps(meta.to_json(), indent=1, default=float))
 
 
 def read_meta(directory: str | Path) -> CheckpointMeta:

@@ -1,7 +1,7 @@
 """What `predict` and evaluation run: one checkpoint, or an ensemble of them (`load_predictor`).
 
 An ensemble directory holds `ensemble.json`, {"members": [checkpoint dirs, relative to it or absolute],
-"decoding": {entry_penalty, duration_weight, beta_offset, rule}}, beside its members' checkpoints.
+"decoding": {entry_penalty, duration_weight, beta_offset, min_loop, rule}}, beside its members' checkpoints.
 `build_ensemble` makes one from fold-rotation members (each trained with a different validation fold) and chooses
 its decoding out of fold: every member decodes its own validation fold, which it never trained on, and the
 settings with the best topo_mean over those pooled predictions (each rotated fold once) are kept. The members'
@@ -13,6 +13,7 @@ fold rotation (every protein has one member that did not train on it): it is the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from protopo_ray.model.ensemble import (
 )
 from protopo_ray.model.grammar import Decoding
 from protopo_ray.training import loop
-from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint
+from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint, write_meta
 from protopo_ray.training.splits import local_split
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -128,3 +129,26 @@ def build_ensemble(members: list[EnsembleMember], target: Path, rule: str = "mea
     choice = choose_decoding(batches, log_probs, grammar=ensemble_grammar(models), start=Decoding(rule=rule))
     write_ensemble(target, [target / MEMBERS_DIR / m.fold for m in members], choice.decoding)
     return choice
+
+
+def choose_checkpoint_decoding(path: str | Path) -> DecodingChoice:
+    """Choose a decoder = viterbi checkpoint's free decoding numbers (entry penalty, helix-loop floor, beta
+    offset) on its own validation folds, as an ensemble's are chosen out of fold, and write them into the
+    checkpoint's config (model.entry_penalty, model.min_loop, model.beta_offset): predict and evaluation then
+    decode with them. The training run decoded validation with the config's values; those only ranked epochs."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config.model.decoder != "viterbi":
+        raise ValueError(f"{path}: decoder {checkpoint.config.model.decoder!r} has no free decoding numbers "
+                         f"(only decoder = viterbi decodes with chosen ones)")
+    model = checkpoint.model()
+    split = local_split(checkpoint.config.replace({"data.max_proteins": 0}), "val", mode="memory")
+    batches = list(loop.collated(split.eval_batches(0, 1), depth=0))
+    with torch.no_grad():
+        log_probs = [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in batches]
+    choice = choose_decoding(batches, log_probs, grammar=model.grammar, start=model.decoding)
+    chosen = choice.decoding
+    config = checkpoint.config.replace({"model.entry_penalty": chosen.entry_penalty, "model.min_loop": chosen.min_loop,
+                                        "model.beta_offset": chosen.beta_offset})
+    write_meta(path, dataclasses.replace(checkpoint.meta, config=config))
+    return choice
+
