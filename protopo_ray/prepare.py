@@ -7,8 +7,10 @@
 Graphs are built in `--workers` local processes, or with `--ray` in Ray Data tasks on a cluster (one task per
 batch of up to 512 inputs, each writing its own shard files; protopo_ray.cluster.prepare_tasks). `--out` is a
 local directory or an object-store URI (s3://, gs://). A local set appears only once complete, and
-`--overwrite` replaces an existing set only once the new one is finished (protopo_ray.data.build). Exit codes:
-0 ok, 2 bad input (message, no traceback), which includes a labels file without a single valid record.
+`--overwrite` replaces an existing set only once the new one is finished (protopo_ray.data.build). A structure
+file that cannot be read (truncated, corrupt, empty, ...) costs only its protein's structure graph: the protein
+gets the sequence graph and the summary names the file and what is wrong. Exit codes: 0 ok, 2 bad input
+(message, no traceback), which includes a labels file without a single valid record.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from protopo_ray import prepare
 from protopo_ray.data import build, shards
 from protopo_ray.data.build import LocalBuilder, OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
+from protopo_ray.data.structures import THREE_TO_ONE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +82,55 @@ def test_invalid_record_is_reported_or_fails_with_location(subset, tmp_path):
     assert "invalid records skipped (1)" in skipped.stdout and bad_id in skipped.stdout
     manifest = shards.read_manifest(tmp_path / "b")
     assert manifest["num_proteins"] == 99 and len(manifest["extra"]["skipped"]) == 1
+
+
+SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+
+
+def pdb_text(sequence: str = SEQUENCE) -> str:
+    """N, CA, C of each residue on a straight line, 3.8 A apart: enough for a structure graph."""
+    three = {one: three for three, one in THREE_TO_ONE.items() if three not in ("MSE",)}
+    return "".join(f"ATOM  {3 * i + j + 1:>5}  {name:<3} {three[aa]} A{i + 1:>4}    {3.8 * i + j:8.3f}{0:8.3f}{0:8.3f}"
+                   f"  1.00 90.00           {name[0]}\n"
+                   for i, aa in enumerate(sequence) for j, name in enumerate(("N", "CA", "C"))) + "END\n"
+
+
+def bad_structures(directory: Path) -> tuple[Path, dict[str, str]]:
+    """A labels file of 8 proteins and `directory/structures`: two good files, five bad ones, one missing.
+    Returns the labels and the bad file of each protein that must fall back -> what its reason says."""
+    structures = directory / "structures"
+    structures.mkdir()
+    good = gzip.compress(pdb_text().encode())
+    (structures / "GOOD1.pdb").write_text(pdb_text())
+    (structures / "AF-GOOD2-F1-model_v4.pdb.gz").write_bytes(good)
+    (structures / "AF-TRUNC-F1-model_v4.pdb.gz").write_bytes(good[: len(good) // 2])
+    (structures / "CORRUPT.pdb.gz").write_bytes(good[:20] + b"\x00junk" * 40 + good[-8:])
+    (structures / "EMPTY.pdb").write_bytes(b"")
+    (structures / "FOLDER.pdb").mkdir()
+    (structures / "GARBAGE.cif").write_text("not an mmCIF file\n")
+    bad = {"TRUNC": "AF-TRUNC-F1-model_v4.pdb.gz: truncated", "CORRUPT": "CORRUPT.pdb.gz: corrupt compressed data",
+           "EMPTY": "EMPTY.pdb: empty file", "FOLDER": "FOLDER.pdb: a directory", "GARBAGE": "GARBAGE.cif: cannot parse"}
+    labels = directory / "eight.3line"
+    labels.write_text("".join(f">{protein_id}\n{SEQUENCE}\n{'I' * len(SEQUENCE)}\n"
+                              for protein_id in ["GOOD1", "GOOD2", *bad, "NOFILE"]))
+    return labels, bad
+
+
+def test_bad_structure_files_fall_back_and_are_named(tmp_path, capsys):
+    labels, bad = bad_structures(tmp_path)
+    assert prepare.main(["--labels", str(labels), "--structures", str(tmp_path / "structures"),
+                         "--out", str(tmp_path / "out"), "--workers", "2"]) == 0  # the process pool
+    printed = capsys.readouterr().out
+    manifest = shards.read_manifest(tmp_path / "out")
+    assert manifest["num_proteins"] == 8 and manifest["counts"]["graph_source"] == {"structure": 2, "sequence": 6}
+    table = shards.read_table(tmp_path / "out")
+    assert dict(zip(table["id"].to_pylist(), table["graph_source"].to_pylist())) == {
+        "GOOD1": "structure", "GOOD2": "structure", **{protein_id: "sequence" for protein_id in [*bad, "NOFILE"]}}
+    assert "8 of 8 records written" in printed and "unreadable structure files (5;" in printed
+    for protein_id, says in bad.items():  # one line per bad file: protein, file, what is wrong, what to do
+        line = next(line for line in printed.splitlines() if line.strip().startswith(f"{protein_id}: "))
+        assert f"{tmp_path / 'structures'}/{says}" in line and "download it again or remove it" in line
+    assert "NOFILE" not in printed.split("unreadable structure files")[1]  # a missing file is not a bad one
 
 
 def test_missing_labels_file_is_bad_input(tmp_path):

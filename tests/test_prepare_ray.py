@@ -15,6 +15,7 @@ from protopo_ray.cluster import prepare_tasks
 from protopo_ray.cluster.prepare_tasks import RayBuilder
 from protopo_ray.data import shards
 from protopo_ray.data.build import (
+    LocalBuilder,
     OutputExists,
     PrepareSummary,
     prepare_records,
@@ -22,6 +23,7 @@ from protopo_ray.data.build import (
     synthetic_rows,
     write_output,
 )
+from tests.test_prepare import bad_structures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +71,18 @@ def test_ray_records_with_structures_equal_the_process_pool(tmp_path, ray_cluste
     assert summary.fallback.keys() == {"no structure file"} and len(summary.fallback["no structure file"]) == 5
     assert shards.read_table("ray").equals(shards.read_table("pool"))
     assert same_manifest(summary.manifest, pool.manifest)
+
+
+def test_ray_bad_structure_files_fall_back_and_are_named_as_in_the_process_pool(tmp_path, ray_cluster):
+    labels, bad = bad_structures(tmp_path)
+    pool = prepare_records(labels, tmp_path / "pool", structures=tmp_path / "structures", builder=LocalBuilder(2))
+    summary = prepare_records(labels, tmp_path / "ray", structures=tmp_path / "structures", builder=RayBuilder(2))
+    assert summary.num_written == 8 and summary.manifest["counts"]["graph_source"] == {"structure": 2, "sequence": 6}
+    assert shards.read_table(tmp_path / "ray").equals(shards.read_table(tmp_path / "pool"))
+    assert summary.unreadable == pool.unreadable and [m.split(":")[0] for m in summary.unreadable] == list(bad)
+    for message, says in zip(summary.unreadable, bad.values()):
+        assert f"{tmp_path / 'structures'}/{says}" in message
+    assert "unreadable structure files (5;" in summary.format()
 
 
 def test_a_failing_task_leaves_the_previous_set_intact(tmp_path, ray_cluster):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from protopo_ray.data.records import ProteinRecord
 from protopo_ray.data.structures import (
     READERS,
     StructureMismatch,
+    UnreadableStructure,
     align_to_sequence,
     find_structure,
     load_aligned_ca,
@@ -199,6 +202,70 @@ def test_load_aligned_ca(tmp_path):
     assert ca is None and reason.startswith("mismatch:") and "P2.pdb" in reason
     assert load_aligned_ca(tmp_path, ProteinRecord("P3", SEQUENCE))[1].startswith("unreadable:")
     assert load_aligned_ca(tmp_path, ProteinRecord("P4", SEQUENCE)) == (None, f"no structure file for P4 in {tmp_path}")
+
+
+# ---- bad files: each costs its protein's structure graph, named with what is wrong --------------------------------
+
+GOOD_GZ = gzip.compress(pdb_text().encode())
+BAD_FILES = {  # file name -> (how to make it, what the reason says after the file name)
+    "truncated.pdb.gz": (lambda path: path.write_bytes(GOOD_GZ[: len(GOOD_GZ) // 2]), "truncated: the compressed"),
+    "corrupt.pdb.gz": (lambda path: path.write_bytes(GOOD_GZ[:20] + b"\x00junk" * 40 + GOOD_GZ[-8:]),
+                       "corrupt compressed data"),
+    "plain.pdb.gz": (lambda path: path.write_text(pdb_text()), "not gzip data although named .gz"),
+    "empty.pdb": (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
+    "empty.cif.gz": (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
+    "folder.pdb": (lambda path: path.mkdir(), "a directory, not a structure file"),
+    "cut.pdb": (lambda path: path.write_text(pdb_text()[:2000]), "line 26"),  # cut mid-line
+    "latin1.pdb": (lambda path: path.write_bytes(pdb_text().encode().replace(b"ALA", b"\xc4LA")), "not a text file"),
+    "binary.pdb": (lambda path: path.write_bytes(bytes(range(256)) * 20), ""),
+    "noatoms.cif.gz": (lambda path: path.write_bytes(gzip.compress(b"data_x\nloop_\n_atom_site.id\n1\n")), ""),
+    # (biopython's parser refuses the last two, gemmi's reads no atoms: the reasons differ by reader)
+    "garbage.cif": (lambda path: path.write_text("this is not mmCIF\n"), "cannot parse"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+@pytest.mark.parametrize("reader", READERS)
+def test_a_bad_file_is_unreadable_with_its_name_and_reason(tmp_path, reader, name):
+    make, says = BAD_FILES[name]
+    make(tmp_path / name)
+    protein_id = name.split(".")[0]
+    with pytest.raises(UnreadableStructure, match=f"^{re.escape(str(tmp_path / name))}: .*{re.escape(says)}"):
+        read_structure(tmp_path / name, reader=reader)
+    ca, reason = load_aligned_ca(tmp_path, ProteinRecord(protein_id, SEQUENCE), reader=reader)
+    assert ca is None and reason.startswith(f"unreadable: {tmp_path / name}: ") and says in reason
+    assert reason.endswith(f"download it again or remove it (until then {protein_id} gets the sequence graph)")
+    assert "\n" not in reason  # one line in the prepare summary
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_a_file_without_read_permission_is_unreadable(tmp_path):
+    path = write(tmp_path / "P1.pdb", pdb_text())
+    path.chmod(0)
+    for reader in READERS:
+        ca, reason = load_aligned_ca(tmp_path, ProteinRecord("P1", SEQUENCE), reader=reader)
+        assert ca is None and reason.startswith(f"unreadable: {path}: permission denied"), reader
+
+
+def test_a_read_the_system_refuses_is_unreadable(tmp_path, monkeypatch):
+    """What a user other than root meets on a chmod 000 file, simulated so the test also runs as root."""
+    from protopo_ray.data import structures
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(structures, "_read_bytes", refuse)
+    path = write(tmp_path / "P1.pdb", pdb_text())
+    ca, reason = load_aligned_ca(tmp_path, ProteinRecord("P1", SEQUENCE))
+    assert ca is None and reason.startswith(f"unreadable: {path}: permission denied (make it readable: chmod a+r)")
+
+
+def test_a_file_cut_anywhere_never_raises(tmp_path):
+    for cut in range(0, len(GOOD_GZ), 37):
+        for name, payload in (("P1.pdb.gz", GOOD_GZ[:cut]), ("P2.pdb", pdb_text().encode()[: cut * 5])):
+            (tmp_path / name).write_bytes(payload)
+            reason = load_aligned_ca(tmp_path, ProteinRecord(name.split(".")[0], SEQUENCE))[1]
+            assert reason.split(":")[0] in ("structure", "unreadable", "mismatch"), (name, cut)
 
 
 # ---- the real AlphaFold model ----------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class PrepareSummary:
     num_sequence: int = 0
     fallback: dict[str, list[str]] = field(default_factory=dict)
     """Why proteins got a sequence graph: reason -> protein ids."""
+    unreadable: list[str] = field(default_factory=list)
+    """Structure files that could not be read, "<id>: <file>: <what is wrong>; <what to do>" each; those proteins
+    got the sequence graph."""
     skipped: list[str] = field(default_factory=list)
     """Invalid records left out (--skip-invalid): one located message each."""
     elapsed_s: float = 0.0
@@ -74,6 +77,9 @@ class PrepareSummary:
                 shown = ", ".join(ids[:_SHOWN_IDS]) + (", ..." if len(ids) > _SHOWN_IDS else "")
                 parts.append(f"{reason} ({len(ids)}: {shown})" if len(ids) <= _SHOWN_IDS else f"{reason} ({len(ids)})")
             lines.append("  sequence fallback: " + ", ".join(parts))
+        if self.unreadable:
+            lines.append(f"  unreadable structure files ({len(self.unreadable)}; those proteins got the sequence graph):")
+            lines += [f"    {message}" for message in self.unreadable]
         if self.skipped:
             lines.append(f"  invalid records skipped ({len(self.skipped)}):")
             lines += [f"    {message}" for message in self.skipped]
@@ -138,6 +144,8 @@ def count_row(summary: PrepareSummary, protein_id: str, source: str) -> None:
     else:
         summary.num_sequence += 1
         summary.fallback.setdefault(_fallback_reason(source), []).append(protein_id)
+        if source.startswith("unreadable: "):  # every bad file by name: the user has to replace each one
+            summary.unreadable.append(f"{protein_id}: {source.removeprefix('unreadable: ')}")
     summary.num_written += 1
 
 

@@ -12,13 +12,21 @@ from an ATOM record counts if it has any backbone atom, one from a HETATM record
 MSE) only if it has all of N, CA and C, which excludes waters, ions (calcium is also named "CA") and ligands;
 the first alternate location of an atom wins. gemmi and biopython are imported lazily so this module imports
 without them.
+
+A file that cannot be read (missing, a directory, empty, truncated or corrupt compression, not text, not parseable)
+raises UnreadableStructure naming the file and what is wrong; `.gz` files are decompressed here for every reader, so
+all three report a broken archive the same way. load_aligned_ca turns it into a fallback reason: one bad file costs
+its protein's structure graph, never the prepare run.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import re
+import stat
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +61,10 @@ class StructureMismatch(ValueError):
     """The structure does not belong to the sequence closely enough to transfer coordinates."""
 
 
+class UnreadableStructure(ValueError):
+    """The file holds no readable structure: missing, not a file, empty, corrupt, truncated or not parseable."""
+
+
 # ---- extraction: every reader returns the backbone atoms of the first model as parallel arrays ---------------
 # (het: bool, chain, residue number, insertion code, residue name, atom index into BACKBONE_ATOMS, xyz float64).
 
@@ -62,10 +74,43 @@ _PDB_WIDTH = 54  # columns up to the end of z
 
 
 def _read_bytes(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
-    return path.read_bytes()
+    # In one call rather than streamed through gzip.open: faster, and the same errors for a damaged archive.
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+#: What reading one file may raise: I/O and permissions (OSError, incl. gzip.BadGzipFile), a compressed stream cut
+#: short (EOFError) or damaged (zlib.error), bytes that are not text (UnicodeDecodeError).
+_READ_ERRORS = (OSError, EOFError, zlib.error, UnicodeDecodeError)
+
+
+def _describe(error: BaseException) -> str:
+    """What went wrong reading a file, in words (the exception's own text kept)."""
+    if isinstance(error, gzip.BadGzipFile) and str(error).startswith("Not a gzipped file"):
+        return f"not gzip data although named .gz ({error})"
+    if isinstance(error, EOFError):
+        return f"truncated: the compressed data ends early ({error})"
+    if isinstance(error, (zlib.error, gzip.BadGzipFile)):  # bad deflate data, CRC or length
+        return f"corrupt compressed data ({error})"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not a text file (byte {error.object[error.start]:#04x} is not {error.encoding})"
+    if isinstance(error, PermissionError):
+        return "permission denied (make it readable: chmod a+r)"
+    return (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+
+
+def _check_file(path: Path) -> None:
+    """UnreadableStructure unless `path` is a regular, non-empty file (checked before any parser sees it: gemmi
+    reads a directory as an empty structure)."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise UnreadableStructure(f"{path}: {_describe(error)}") from error
+    if stat.S_ISDIR(info.st_mode):
+        raise UnreadableStructure(f"{path}: a directory, not a structure file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UnreadableStructure(f"{path}: not a regular file")
+    if info.st_size == 0:
+        raise UnreadableStructure(f"{path}: empty file (0 bytes)")
 
 
 def _parse_fixed_decimal(field: np.ndarray) -> np.ndarray:
@@ -87,12 +132,24 @@ def _parse_fixed_decimal(field: np.ndarray) -> np.ndarray:
     return np.where((field == 45).any(axis=1), -1.0, 1.0) * (mantissa / 10.0**decimals)
 
 
+def _pdb_lines(path: Path, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes as uint8, line starts, line ends) of PDB text; UnreadableStructure if a coordinate record is shorter
+    than the z column: a file cut off mid-line (gemmi refuses it too)."""
+    buf = np.frombuffer(data + b"\n", dtype=np.uint8)
+    newlines = np.flatnonzero(buf == 10)
+    starts = np.concatenate(([0], newlines[:-1] + 1))
+    short = np.flatnonzero((newlines - starts >= 4) & (newlines - starts < _PDB_WIDTH))
+    head = buf[starts[short, None] + np.arange(4)].view("S4").ravel()
+    if (cut := short[np.isin(head, (b"ATOM", b"HETA"))]).size:
+        raise UnreadableStructure(f"{path}: truncated: line {cut[0] + 1} is a coordinate record of "
+                                  f"{newlines[cut[0]] - starts[cut[0]]} columns, fewer than {_PDB_WIDTH}")
+    return buf, starts, newlines
+
+
 def _extract_pdb_fast(path: Path):
     data = _read_bytes(path)
     end = data.find(b"\nENDMDL")  # first model only
-    buf = np.frombuffer(data[: end if end >= 0 else len(data)] + b"\n", dtype=np.uint8)
-    newlines = np.flatnonzero(buf == 10)
-    starts = np.concatenate(([0], newlines[:-1] + 1))
+    buf, starts, newlines = _pdb_lines(path, data[: end if end >= 0 else len(data)])
     starts = starts[newlines - starts >= _PDB_WIDTH]
     # Look at the record and atom-name columns of every line first, then gather only backbone lines into a
     # fixed-width matrix [n, 54] and cut fields out of it by column.
@@ -130,8 +187,19 @@ def _from_lists(atoms: list[tuple]):
 def _extract_gemmi(path: Path):
     import gemmi
 
+    try:
+        if path.suffix == ".gz":  # decompressed here: gemmi reads a damaged archive as an empty or short file
+            fmt = gemmi.CoorFormat.Pdb if _format(path) == "pdb" else gemmi.CoorFormat.Mmcif
+            structure = gemmi.read_structure_string(_read_bytes(path), format=fmt)
+        else:
+            structure = gemmi.read_structure(str(path))
+    except UnicodeDecodeError:
+        raise  # read_structure says "not a text file"
+    except (RuntimeError, ValueError) as error:  # gemmi's parse errors: "<path or 'string'>:<line>...: what"
+        message = re.sub(rf"^({re.escape(str(path))}|string):", "line ", str(error))
+        raise UnreadableStructure(f"{path}: cannot parse: {' '.join(message.split())}") from error
     atoms = []
-    for chain in gemmi.read_structure(str(path))[0]:
+    for chain in structure[0] if len(structure) else ():
         for residue in chain:
             key = (residue.het_flag == "H", chain.name, residue.seqid.num, residue.seqid.icode.strip(), residue.name)
             for index, name in enumerate(BACKBONE_ATOMS):
@@ -143,15 +211,19 @@ def _extract_gemmi(path: Path):
 
 def _extract_biopython(path: Path):
     from Bio.PDB import MMCIFParser, PDBParser
+    from Bio.PDB.PDBExceptions import PDBConstructionException
 
     parser = MMCIFParser(QUIET=True) if _format(path) == "cif" else PDBParser(QUIET=True)
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt") as handle:
-            structure = parser.get_structure(path.name, handle)
-    else:
-        structure = parser.get_structure(path.name, str(path))
+    data = _read_bytes(path)
+    if _format(path) == "pdb":  # the other readers' rule for a file cut off mid-line
+        _pdb_lines(path, data)
+    text = data.decode()
+    try:
+        structure = parser.get_structure(path.name, io.StringIO(text))
+    except (ValueError, KeyError, IndexError, PDBConstructionException) as error:  # Bio.PDB's parse errors
+        raise UnreadableStructure(f"{path}: cannot parse: {type(error).__name__}: {error}") from error
     atoms = []
-    for chain in next(iter(structure)):
+    for chain in next(iter(structure), ()):
         for residue in chain:
             hetfield, number, icode = residue.id
             key = (hetfield.startswith("H_"), chain.id, number, icode.strip(), residue.get_resname())
@@ -179,7 +251,7 @@ def _format(path: Path) -> str:
 
 def _assemble(path: Path, het, chain, number, icode, resname, atom, coords, chain_id: str | None) -> Backbone:
     if len(atom) == 0:
-        raise ValueError(f"{path}: no protein residues (no N/CA/C atoms) in the first model")
+        raise UnreadableStructure(f"{path}: no protein residues (no N/CA/C atoms) in the first model")
     keys = np.empty(len(atom), dtype=[("chain", chain.dtype), ("number", np.int64), ("icode", icode.dtype)])
     keys["chain"], keys["number"], keys["icode"] = chain, number, icode
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
@@ -195,7 +267,7 @@ def _assemble(path: Path, het, chain, number, icode, resname, atom, coords, chai
     keep = ~het[first] | present.all(axis=1)
     chains = list(dict.fromkeys(chain[first][keep].tolist()))
     if not chains:
-        raise ValueError(f"{path}: no protein residues (no N/CA/C atoms) in the first model")
+        raise UnreadableStructure(f"{path}: no protein residues (no N/CA/C atoms) in the first model")
     if chain_id is None:
         chain_id = chains[0]
     elif chain_id not in chains:
@@ -221,7 +293,12 @@ def read_structure(path: str | Path, chain: str | None = None, reader: str = "fa
         extract = _extract_biopython
     else:
         raise ValueError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
-    return _assemble(path, *extract(path), chain_id=chain)
+    _check_file(path)
+    try:
+        atoms = extract(path)
+    except _READ_ERRORS as error:
+        raise UnreadableStructure(f"{path}: {_describe(error)}") from error
+    return _assemble(path, *atoms, chain_id=chain)
 
 
 # ---- locating files ------------------------------------------------------------------------------------------------
@@ -330,9 +407,11 @@ def align_to_sequence(
 
 
 def load_aligned_ca(directory: str | Path, record, reader: str = "fast") -> tuple[np.ndarray | None, str]:
-    """(CA coordinates [L, 3] aligned to record.sequence, "structure"), or (None, why not) for the prepare summary.
+    """(CA coordinates [L, 3] aligned to record.sequence, "structure"), or (None, why not) for the prepare summary:
+    "no structure file ...", "mismatch: <file>: ..." or "unreadable: <file>: <what is wrong>; <what to do>".
 
-    `record` is a records.ProteinRecord (anything with `.id` and `.sequence`)."""
+    `record` is a records.ProteinRecord (anything with `.id` and `.sequence`). This is the one place a protein's
+    file is read, so a bad file costs that protein its structure graph, never the run."""
     path = find_structure(directory, record.id)
     if path is None:
         return None, f"no structure file for {record.id} in {directory}"
@@ -341,6 +420,7 @@ def load_aligned_ca(directory: str | Path, record, reader: str = "fast") -> tupl
         coords = align_to_sequence(backbone, record.sequence, path=path, protein_id=record.id)
     except StructureMismatch as error:
         return None, f"mismatch: {error}"
-    except (OSError, ValueError) as error:  # a corrupt file costs one protein, not the whole prepare run
-        return None, f"unreadable: {path}: {error}"
+    except UnreadableStructure as error:
+        return None, f"unreadable: {error}; download it again or remove it (until then {record.id} gets the " \
+                     f"sequence graph)"
     return coords[:, 1], "structure"
