@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+# The image every node of cluster.yaml and cluster-gcp.yaml runs: Ray's own GPU image at the Ray release pyproject
+# pins, plus torch's CUDA 12 build and the rest of protopo_ray's dependencies at requirements.lock's versions, so a
+# node (every spot replacement too) starts in the time it takes to pull the image instead of reinstalling gigabytes.
+#
+# tag: protopo-ray:ray2.60.0-torch2.13.0-cu128
+#
+# Build and push from the repository root (docs/cloud.md, step 3); REGISTRY is yours, e.g.
+# 123456789012.dkr.ecr.us-west-2.amazonaws.com or us-central1-docker.pkg.dev/PROJECT/protopo-ray:
+#   docker build --platform linux/amd64 -t $REGISTRY/protopo-ray:ray2.60.0-torch2.13.0-cu128 .
+#   docker push $REGISTRY/protopo-ray:ray2.60.0-torch2.13.0-cu128
+# The search's own code travels with each job (`ray job submit --working-dir .`), so rebuild only when
+# requirements.lock, torch or Ray change, and then give it a new tag here and in both cluster YAMLs.
+FROM rayproject/ray:2.60.0-py311-gpu
+
+# torch at the version requirements.lock pins (the Makefile installs the CPU build of it locally), here the CUDA
+# 12.8 build: it needs an NVIDIA driver >= 570 on the host, which the machine images in the YAMLs carry.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+WORKDIR /home/ray/protopo_ray
+# 1000:100 is the image's `ray` user and `users` group: pip installs into its /home/ray/anaconda3.
+COPY --chown=1000:100 requirements.lock pyproject.toml ./
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# The dependencies alone (read from pyproject.toml), so that a code change does not reinstall them. Ray is
+# already 2.60.0 here; boto3 (AWS) and google-api-python-client (GCP) serve the head's autoscaler and
+# deploy/wandb_netrc.py, installed here so that no node installs anything at start.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt boto3 "google-api-python-client>=2,<3" \
+ && python -c "import torch, ray; assert torch.__version__.startswith('${TORCH_VERSION}+cu'), torch.__version__; \
+assert ray.__version__ == '2.60.0', ray.__version__"
+
+COPY --chown=1000:100 README.md ./
+COPY --chown=1000:100 protopo_ray ./protopo_ray
+COPY --chown=1000:100 deploy ./deploy
+RUN pip install --no-cache-dir --no-deps . && python -c "import protopo_ray.tune"
