@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (fractions only with one worker)")
     parser.add_argument("--storage", help="where runs go: local directory or s3:// / gs:// URI")
+    parser.add_argument("--shared-storage", action="store_true", help="the local --storage path is a mount every "
+                        "node has (NFS): allowed on a multi-node cluster (resources.shared_storage = true)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set model.lstm_size=512")
     parser.add_argument("--resume", action="store_true", help="continue the run of the same name from its checkpoint")
     return parser
@@ -40,6 +42,8 @@ def resolve(args: argparse.Namespace) -> Config:
         overrides["resources.gpus_per_worker"] = args.gpus_per_worker
     if args.storage:
         overrides["resources.storage"] = args.storage
+    if args.shared_storage:
+        overrides["resources.shared_storage"] = True
     return load_config(args.config, overrides).with_absolute_paths()
 
 

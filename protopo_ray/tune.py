@@ -4,6 +4,7 @@
     python -m protopo_ray.tune experiments/full.toml --data data/deeptmhmm --storage s3://bucket/runs
     python -m protopo_ray.tune experiments/full.toml --dry-run          # print the hardware plan and exit
     python -m protopo_ray.tune experiments/full.toml --resume           # continue an interrupted search
+    python -m protopo_ray.tune experiments/full.toml --storage /mnt/nfs/runs --shared-storage  # NFS on every node
 
 The experiment directory (STORAGE/NAME) is laid out in protopo_ray/search/results.py and described field by
 field in docs/results.md: experiment.json, stages/<stage>.json, the trials' runs, winner/, report.md and plots/,
@@ -19,8 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-from protopo_ray.cluster.connect import ray_init
+from protopo_ray.cluster.connect import SharedStorageError, ray_init, require_shared_storage
 from protopo_ray.cluster.logs import quiet_output
+from protopo_ray.cluster.sessions import NoCudaError
 from protopo_ray.config import describe_keys, parse_overrides
 from protopo_ray.data import storage
 from protopo_ray.reporting.markdown import write_report
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("experiment", nargs="?", help="experiment TOML (default: experiments/default.toml)")
     parser.add_argument("--data", help="shard directory (overrides data.path)")
     parser.add_argument("--storage", help="where the experiment goes (overrides resources.storage)")
+    parser.add_argument("--shared-storage", action="store_true", help="the local --storage path is a mount every "
+                        "node has (NFS): allowed on a multi-node cluster (resources.shared_storage = true)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a base config value")
     parser.add_argument("--dry-run", action="store_true", help="print the inventory and the stage plans, then exit")
     parser.add_argument("--cluster", help="the autoscaler's cluster YAML: with --dry-run, plan for its full size without "
@@ -62,6 +66,8 @@ def resolve_experiment(args: argparse.Namespace) -> Experiment:
         overrides["data.path"] = args.data
     if args.storage:
         overrides["resources.storage"] = args.storage
+    if args.shared_storage:
+        overrides["resources.shared_storage"] = True
     experiment = load_experiment(args.experiment or EXPERIMENTS / "default.toml", overrides)
     return dataclasses.replace(experiment, base=experiment.base.with_absolute_paths())
 
@@ -111,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     options = SearchOptions(cluster_file=args.cluster, resume=args.resume, selected=selected,
                             use_wandb=not args.no_wandb)
-    records, winner = run_search(experiment, exp_uri=exp_uri, exp=exp, options=options, longest=longest,
-                                 display=display)
+    try:  # every stage checks again: nodes join and leave
+        require_shared_storage(exp_uri, shared=experiment.base.resources.shared_storage,
+                               num_nodes=len(inventory.nodes), what="this search")
+        records, winner = run_search(experiment, exp_uri=exp_uri, exp=exp, options=options, longest=longest,
+                                     display=display)
+    except (SharedStorageError, NoCudaError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     report = write_report(exp.root)
     storage.upload(exp.root, exp_uri)
     display.summary(winner=winner, report=report, metric=list(records.values())[-1].metric if records else None)

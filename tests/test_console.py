@@ -111,6 +111,53 @@ def test_stage_view_promoted_trial_budget_and_error(ray_cluster, tmp_path):
     assert broken.error_file in lines[3]
 
 
+def test_trials_the_budget_stopped_or_left_untrained_say_so(ray_cluster, tmp_path):
+    from protopo_ray.search.guard import BUDGET_KEY
+    from protopo_ray.search.results import BudgetStop, StageRecord
+
+    console, out = plain_console()
+    view = StageView(stage="architecture", metric="val_loss", mode="min", max_epochs=4, num_trials=3,
+                     scheduler="ASHA", console=console, live=False)
+    view.stop_reason = lambda trial_id: "the budget" if trial_id == "b_00000" else None
+    ran, late = make_trial(tmp_path, "b_00000", {"model.gc_size": 16}), make_trial(tmp_path, "b_00001", {})
+    for trial in (ran, late):
+        view.on_trial_start(iteration=0, trials=[ran, late], trial=trial)
+    report(view, ran, {"epoch": 1, "val_loss": 0.9})
+    report(view, late, {"epoch": 0, "val_loss": float("nan"), BUDGET_KEY: 1.0})
+    for trial in (ran, late):
+        view.on_trial_complete(iteration=0, trials=[ran, late], trial=trial)
+    lines = out.getvalue().splitlines()
+    assert "stopped" in lines[2] and "early by the budget at epoch 1" in lines[2]
+    assert "skipped" in lines[3] and "the budget ran out before it trained" in lines[3]
+    search, out = plain_console()
+    display = SearchConsole(console=search)
+    record = StageRecord(stage="architecture", kind="search", metric="val_loss", mode="min", max_epochs=4,
+                         budget_stop=BudgetStop(limit="wall", usd=0.0, max_usd=None, wall_s=3600, max_wall_s=3600,
+                                                stopped_trials=["b_00000"], unstarted_trials=2))
+    display.stage_done(record)
+    display.stage_skipped("promotion", "stage architecture stopped starting trials")
+    text = out.getvalue()
+    assert ("budget: stage architecture stopped starting trials at $0.0000 (wall 1.00 h of 1 h; the wall limit would "
+            "be exceeded); 1 trial(s) stopped at the end of their epoch, 2 not started") in text
+    assert "budget: stage promotion not started: stage architecture stopped starting trials" in text
+
+
+def test_a_trial_restored_by_resume_keeps_its_best_from_before(ray_cluster, tmp_path):
+    """--resume: Tune restores a trial with the results it had; the console's best counts them too."""
+    console, out = plain_console()
+    before = make_trial(tmp_path, "r_00000", {"model.gc_size": 16})
+    for epoch, value in [(1, 0.5), (2, 0.68), (3, 0.66)]:  # reported before the interruption
+        before.update_last_result({"epoch": epoch, "val_topo_mean": value})
+    view = StageView(stage="ensemble", metric="val_topo_mean", mode="max", max_epochs=5, num_trials=1,
+                     console=console, live=False)
+    view.on_trial_start(iteration=0, trials=[before], trial=before)
+    assert view.epochs() == (3, 5)
+    report(view, before, {"epoch": 4, "val_topo_mean": 0.67})
+    view.on_trial_complete(iteration=0, trials=[before], trial=before)
+    assert view.best().best == pytest.approx(0.68)
+    assert "best val_topo_mean 0.68" in out.getvalue().splitlines()[-1]
+
+
 def test_stage_view_pickles_without_its_terminal():
     """Tune pickles the run config with its callbacks (tuner.pkl): the view must survive that."""
     import ray.cloudpickle as cloudpickle

@@ -13,8 +13,10 @@ import pytest
 from protopo_ray.config import Config
 from protopo_ray.report import main
 from protopo_ray.reporting.markdown import batch_size_table, epochs_ratio, top_trials, write_report
+from protopo_ray.search.budget import BudgetConfig
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.search.results import (
+    BudgetStop,
     ExperimentDir,
     ExperimentError,
     ExperimentRecord,
@@ -208,6 +210,26 @@ def test_report_of_unfinished_search(exp_dir):
     report = write_report(exp_dir).read_text()
     assert "search has not finished" in report and "Not finished: `promotion`." in report
     assert "## Stage `promotion`" not in report and "## Stage `regularisation`" in report
+
+
+def test_report_says_where_the_budget_stopped_the_search(exp_dir):
+    assert "Budget" not in write_report(exp_dir).read_text()  # unbounded and never reached: not a word
+    exp = ExperimentDir(exp_dir)
+    (exp_dir / "stages" / "promotion.json").unlink()
+    record = exp.load_stage("regularisation")
+    record.budget_stop = BudgetStop(limit="usd", usd=2.5, max_usd=3.0, wall_s=1800, max_wall_s=None,
+                                    stopped_trials=["r1", "r2"], unstarted_trials=5)
+    exp.save_stage(record)
+    experiment = exp.load_experiment()
+    experiment.budget, experiment.skipped = BudgetConfig(max_usd=3.0, max_hours=2), {"promotion": "it ran out"}
+    exp.save_experiment(experiment)
+    report = write_report(exp_dir).read_text()
+    stop = "stopped starting trials at $2.50 of $3.00 (wall 0.50 h; the usd limit would be exceeded)"
+    assert "Budget: $3.00 and 2 h of wall time per search." in report
+    assert f"Budget: stage `regularisation` {stop}; 2 trial(s) stopped at the end of their epoch, 5 not started." in report
+    assert "Budget: stage `promotion` not started: it ran out." in report
+    assert f"- budget: {stop}; trials stopped at the end of their epoch: `r1`, `r2`; 5 not started" in _section(
+        report, "## Stage `regularisation`")
 
 
 def test_plots_exist_are_png_and_linked(written):

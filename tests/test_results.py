@@ -10,8 +10,10 @@ import pytest
 
 from protopo_ray.config import Config
 from protopo_ray.model.grammar import Decoding
+from protopo_ray.search.budget import BudgetConfig
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.search.results import (
+    BudgetStop,
     EnsembleRecord,
     ExperimentDir,
     ExperimentError,
@@ -81,6 +83,27 @@ def test_records_round_trip_through_the_experiment_directory(tmp_path):
     loaded = exp.load_winner()
     assert loaded.config == base and math.isnan(loaded.test["loss"])  # NaN: a type absent from the fold
     assert loaded.decoding == Decoding(entry_penalty=4.0, min_loop=3)
+
+
+def test_a_budget_stop_and_the_stages_it_skipped_round_trip(tmp_path):
+    exp = ExperimentDir(tmp_path)
+    record = stage(TRIALS[:2])
+    record.budget_stop = BudgetStop(limit="usd", usd=0.41, max_usd=0.5, wall_s=720, max_wall_s=3600,
+                                    stopped_trials=["t1"], unstarted_trials=2)
+    exp.save_stage(record)
+    assert exp.load_stage("search") == record
+    assert record.budget_stop.text() == ("stopped starting trials at $0.4100 of $0.5000 (wall 0.20 h of 1 h; the usd "
+                                         "limit would be exceeded)")
+    budget = BudgetConfig(max_usd=0.5, max_hours=1)
+    exp.save_experiment(ExperimentRecord(name="e", source="", stages=["search", "p"], base=Config(), budget=budget,
+                                         skipped={"p": "stage search stopped starting trials"}))
+    loaded = exp.load_experiment()
+    assert loaded.budget == budget and loaded.skipped == {"p": "stage search stopped starting trials"}
+    # Records written before budgets existed: unbounded, nothing skipped.
+    old = json.loads(exp.experiment_file.read_text())
+    del old["budget"], old["skipped"]
+    exp.experiment_file.write_text(json.dumps(old))
+    assert exp.load_experiment().budget == BudgetConfig() and exp.load_experiment().skipped == {}
 
 
 def test_stages_load_in_the_experiment_order_then_by_name(tmp_path):

@@ -1,5 +1,5 @@
 """The Ray sessions: a reused trial process reads each split once (and again when the shards change); a trial
-resumes from its own newer best/, never from a seeded one."""
+resumes from its own newer best/, never from a seeded one; a worker given GPUs refuses a torch without CUDA."""
 
 from __future__ import annotations
 
@@ -62,3 +62,24 @@ def test_tune_session_resumes_from_its_own_newer_best_not_from_a_seeded_one(ray_
     assert sessions.TuneSession(config).resume_state() is None
     best_of(config, 2)  # the run's own
     assert sessions.TuneSession(config).resume_state().epoch == 2
+
+
+def test_worker_given_gpus_refuses_a_torch_without_cuda():
+    from protopo_ray.cluster.sessions import NoCudaError, require_cuda
+
+    config = Config().replace({"name": "arch_0001"})
+    with pytest.raises(NoCudaError, match=r"arch_0001 GPU\(s\) 0 on node n1.*sees no CUDA.*train.device = 'cpu'"):
+        require_cuda(config, ["0"], cuda_available=False, node="n1")
+    with pytest.raises(NoCudaError):  # asking for cuda explicitly is no way around it either
+        require_cuda(config.replace({"train.device": "cuda"}), ["0"], cuda_available=False)
+
+
+@pytest.mark.parametrize("device, gpu_ids, cuda", [
+    ("cpu", ["0"], False),  # logical GPUs, CPU compute on purpose (fake autoscaler, tests)
+    ("auto", [], False),  # a CPU trial
+    ("auto", ["0", "1"], True),  # a real GPU worker
+])
+def test_cpu_compute_only_where_asked_or_where_no_gpu_was_given(device, gpu_ids, cuda):
+    from protopo_ray.cluster.sessions import require_cuda
+
+    require_cuda(Config().replace({"train.device": device}), gpu_ids, cuda_available=cuda)

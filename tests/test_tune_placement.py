@@ -29,7 +29,9 @@ cluster.add_node(num_cpus=2)  # CPU-only: search trials must not land here
 ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
 from protopo_ray import tune
 
-rc = tune.main([experiment, "--data", shards, "--storage", out, "--no-wandb", "--set", "train.device='cpu'"])
+# Two nodes on one disk: the storage path is shared (a local one is refused on a multi-node cluster).
+rc = tune.main([experiment, "--data", shards, "--storage", out, "--shared-storage", "--no-wandb",
+                "--set", "train.device='cpu'"])
 print(json.dumps({"rc": rc, "gpu_node": gpu_node.node_id}))
 ray.shutdown()
 cluster.shutdown()

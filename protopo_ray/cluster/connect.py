@@ -1,4 +1,5 @@
-"""Connecting to Ray: join the cluster this process belongs to, or start a local one bound to 127.0.0.1."""
+"""Connecting to Ray: join the cluster this process belongs to, or start a local one bound to 127.0.0.1; what a run
+requires of the cluster it joined (storage every node sees) and the placement groups it must not leave behind."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import ray
 from ray._private import services
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+from protopo_ray.data import storage
+
 _started_local_cluster = False
 
 
 def started_local_cluster() -> bool:
-    """Whether this process started its own local cluster (so it may clean up after Ray's leaks there)."""
+    """Whether this process started its own local cluster (so it may shut it down when done)."""
     return _started_local_cluster
 
 
@@ -60,15 +63,56 @@ def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | No
     return context
 
 
-def release_leaked_placement_groups() -> None:
-    """After a stage, on a local cluster this process started: remove the Train placement groups left behind.
+RESERVED_STATES = ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")
+"""Placement-group states that hold (or wait for) resources; REMOVED is the only other one."""
 
-    Ray Train V2 placement groups can outlive a Tune trial that ASHA stopped (ray-project/ray#54305); the next
-    stage's worker groups then wait forever for their CPUs. Between stages no trial of ours runs, and on a
-    cluster we started nobody else's do, so every remaining placement group is a leak.
+
+class SharedStorageError(ValueError):
+    """Local storage on a cluster whose trials may run on other nodes: checkpoints would be scattered."""
+
+
+def cluster_node_count() -> int:
+    """Nodes of the connected cluster alive now (`ray.nodes()`)."""
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_shared_storage(storage_path: str, *, shared: bool, num_nodes: int, what: str = "this run") -> None:
+    """Refuse a local storage path for `what` on a cluster of `num_nodes` > 1 unless declared shared.
+
+    Ray Train writes each checkpoint on the node that ran the trial: on a local path promotion, `--resume` and
+    the report cannot find them from the head. Object storage (s3://, gs://) and a mount every node has at
+    the same path (declared with `resources.shared_storage = true` / `--shared-storage`) work.
     """
-    if not started_local_cluster():
+    if num_nodes <= 1 or shared or storage.is_uri(storage_path):
         return
-    for pg_id, info in placement_group_table().items():
-        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    raise SharedStorageError(
+        f"resources.storage = {storage_path!r} is a local directory, but {what} runs on a cluster of {num_nodes} "
+        f"nodes (alive now or that its autoscaler may start): each node would keep the checkpoints of the trials "
+        f"it ran, and promotion, --resume and the report would not find them. Use object storage every node "
+        f"reaches (--storage s3://BUCKET/runs or gs://BUCKET/runs), or a shared mount every node has at the "
+        f"same path (NFS, EFS, Filestore) and declare it with --shared-storage (resources.shared_storage = true)")
+
+
+def reserved_placement_groups(job_id: str | None = None) -> list[str]:
+    """Hex ids of the placement groups that hold or wait for resources: every job's, or only those created by
+    job `job_id` (hex; Ray embeds the creating job's id in the last bytes of a placement group's id, also for
+    groups that the job's actors create, as Ray Train's controller does for its worker group)."""
+    table = placement_group_table()
+    return [pg_id for pg_id, info in table.items() if info.get("state") in RESERVED_STATES
+            and (job_id is None or pg_id.endswith(job_id))]
+
+
+def release_leaked_placement_groups() -> int:
+    """After a stage: remove the placement groups this driver's job still holds; how many were removed.
+
+    Ray Train V2 placement groups can outlive a Tune trial that ASHA stopped or that failed
+    (ray-project/ray#54305): they keep their GPUs reserved, the next stage's worker groups wait for them and
+    idle GPU nodes never scale down. Between stages no trial of this search runs, so every group its job (this
+    driver, its Tune trials and their Train controllers) still holds is a leak. Groups of other jobs on a shared
+    cluster are never touched.
+    """
+    job_id = ray.get_runtime_context().get_job_id()
+    leaked = reserved_placement_groups(job_id)
+    for pg_id in leaked:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    return len(leaked)

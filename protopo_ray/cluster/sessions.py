@@ -40,6 +40,23 @@ from protopo_ray.training.splits import MemorySplit, Split, loading_mode, local_
 log = logging.getLogger(__name__)
 
 
+class NoCudaError(RuntimeError):
+    """Ray gave this worker GPUs but torch sees no CUDA device: training would silently run on the CPU."""
+
+
+def require_cuda(config: Config, gpu_ids: list[str], cuda_available: bool, node: str = "") -> None:
+    """Refuse to train on the CPU what Ray placed on GPUs, unless the config asks for the CPU (`train.device = "cpu"`:
+    logical GPUs with CPU compute, as on the fake autoscaler and in the tests)."""
+    if not gpu_ids or cuda_available or config.train.device == "cpu":
+        return
+    raise NoCudaError(
+        f"Ray gave {config.name} GPU(s) {', '.join(gpu_ids)} on node {node or '?'}, but torch {torch.__version__} "
+        f"(CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device, and train.device = "
+        f"{config.train.device!r} would train on the CPU while the GPU stays reserved. Install a CUDA build of torch "
+        f"and an NVIDIA driver it supports on the GPU nodes (`nvidia-smi` must work there); for logical GPUs with "
+        f"CPU compute (a fake autoscaler, tests) set train.device = 'cpu'")
+
+
 class StorageSession:
     """What every Ray-side run writes beside its checkpoints in `<storage>/<name>/`, local or object storage:
     metrics.jsonl (every epoch), workers.json (where each rank ran) and best/ (the best epoch's checkpoint)."""
@@ -54,6 +71,7 @@ class StorageSession:
         # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
         self.placement = {"rank": self.rank, "node_id": runtime.get_node_id(),
                           "gpu_ids": [str(i) for i in runtime.get_accelerator_ids().get("GPU", [])]}
+        require_cuda(config, self.placement["gpu_ids"], torch.cuda.is_available(), node=runtime.get_node_id())
 
     def gather(self, value: Any) -> list[Any]:
         return [value]

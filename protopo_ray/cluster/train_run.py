@@ -8,7 +8,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from protopo_ray.cluster.connect import ray_init
+from protopo_ray.cluster.connect import cluster_node_count, ray_init, require_shared_storage
 from protopo_ray.cluster.datasets import data_config, load_datasets
 from protopo_ray.cluster.sessions import train_fn_per_worker
 from protopo_ray.config import Config, save_config
@@ -53,12 +53,15 @@ def run(config: Config, resume: bool = False) -> dict[str, float]:
     """Fit `config` as a Ray Train job on the cluster this process joins; the last epoch's metrics.
 
     A new run refuses a local run directory that exists already (Ray would silently continue it): `resume`
-    continues it on purpose."""
+    continues it on purpose; and a local storage path on a cluster of more than one node alive, unless declared
+    shared (`resources.shared_storage`)."""
     validate_data(config)
     run_dir = Path(storage.resolve(config.resources.storage)) / config.name
     if not storage.is_uri(config.resources.storage) and run_dir.exists() and not resume:
         raise FileExistsError(f"{run_dir} exists; pass --resume to continue that run or choose another name (--set name=...)")
     ray_init()
+    require_shared_storage(config.resources.storage, shared=config.resources.shared_storage,
+                           num_nodes=cluster_node_count(), what=f"run {config.name}")
     result = build_trainer(config).fit()
     if not storage.is_uri(config.resources.storage):
         save_config(config, run_dir / "config.json")

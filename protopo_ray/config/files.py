@@ -21,7 +21,7 @@ from protopo_ray.data.synthetic import check_mix
 
 #: Tables an experiment file carries beside the run config: read by `ExperimentSettings` and
 #: `protopo_ray.search.experiment`, ignored by a plain run (`load_config`), so one file serves both.
-EXPERIMENT_TABLES = ("experiment", "stages", "prices")
+EXPERIMENT_TABLES = ("experiment", "stages", "prices", "budget")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -166,7 +166,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Newest checkpoints kept (a restart resumes from the latest); `<run>/best` is kept besides."""
     device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
+    """auto (cuda when available), cpu or cuda. A Ray worker given GPUs refuses to run on a torch without CUDA
+    unless this is cpu (logical GPUs with CPU compute: the fake autoscaler, tests)."""
     bf16: bool = True
     """bf16 autocast on GPU (ignored on CPU)."""
     num_threads: int = 0
@@ -209,8 +210,17 @@ class ResourcesConfig:
     """Ray accelerator type to pin workers to (e.g. A100), empty = any."""
     max_failures: int = 2
     """Worker-group restarts Ray Train may do before the run fails."""
+    trial_max_failures: int = 1
+    """Restarts of a failed search trial (Tune, from its latest checkpoint) on an on-demand pool."""
+    spot_max_failures: int = 4
+    """The same on a spot / preemptible (or mixed) pool, where each preemption is a failure; the stage plan's
+    market picks which applies."""
     storage: str = "runs"
-    """Where runs, checkpoints and metrics go (local path, or s3:// / gs://)."""
+    """Where runs, checkpoints and metrics go (local path, or s3:// / gs://). On a cluster of more than one node a
+    local path is refused unless shared_storage says every node mounts it."""
+    shared_storage: bool = False
+    """The local storage path is a mount every node has at the same path (NFS, EFS, Filestore): allowed on a
+    multi-node cluster (`--shared-storage`). Object storage needs no declaration."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, f"resources.num_workers must be >= 0, got {self.num_workers}")
@@ -220,7 +230,8 @@ class ResourcesConfig:
         _check(not (fractional and self.num_workers > 1),
                f"resources.gpus_per_worker={self.gpus_per_worker} is a GPU fraction; it is only allowed with one worker "
                f"(got num_workers={self.num_workers}): DDP ranks sharing a GPU fail in NCCL")
-        _check(self.max_failures >= -1, "resources.max_failures must be >= -1 (-1 = retry forever)")
+        for name in ("max_failures", "trial_max_failures", "spot_max_failures"):
+            _check(getattr(self, name) >= -1, f"resources.{name} must be >= -1 (-1 = retry forever)")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

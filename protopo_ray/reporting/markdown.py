@@ -20,6 +20,7 @@ from protopo_ray.reporting.plots import TOPO_COLUMNS, as_number, plot_grad_norms
 from protopo_ray.search.results import (
     ExperimentDir,
     ExperimentError,
+    ExperimentRecord,
     StageRecord,
     TrialRecord,
     WinnerRecord,
@@ -34,7 +35,8 @@ WINNER_FIELDS = (
     "model.lstm_layers", "model.dropout", "train.lr", "train.weight_decay", "train.schedule", "train.epochs",
     "train.clip_grad_norm", "train.label_smoothing",
 )
-STATUS_TEXT = {"stopped": "stopped by {scheduler}", "completed": "completed", "error": "error"}
+STATUS_TEXT = {"stopped": "stopped by {scheduler}", "completed": "completed", "error": "error",
+               "budget": "stopped by the budget"}
 SCHEDULER_TEXT = {"asha": "ASHA", "sha": "SHA", "none": "no scheduler"}
 
 __all__ = ["ExperimentError", "write_report"]
@@ -137,6 +139,30 @@ def cost_section(stages: Sequence[StageRecord]) -> list[str]:
             "epochs a stopped trial did not run x that trial's own cost per epoch. n/a: no price for the pool.", ""]
 
 
+def budget_lines(experiment: ExperimentRecord | None, stages: Sequence[StageRecord]) -> list[str]:
+    """What the search's [budget] allowed and where it stopped the search starting trials (nothing when unbounded
+    and never reached)."""
+    budget = experiment.budget if experiment else None
+    stops = [s for s in stages if s.budget_stop is not None]
+    if not (budget and budget.bounded) and not stops:
+        return []
+    limits = []
+    if budget and budget.max_usd is not None:
+        limits.append(f"{usd_text(budget.max_usd)}")
+    if budget and budget.max_hours is not None:
+        limits.append(f"{budget.max_hours:g} h of wall time")
+    lines = [f"Budget: {' and '.join(limits) or 'none recorded'} per search."]
+    for stage in stops:
+        stop = stage.budget_stop
+        lines.append(f"Budget: stage `{stage.stage}` {stop.text()}; {len(stop.stopped_trials)} trial(s) stopped at "
+                     f"the end of their epoch, {stop.unstarted_trials} not started.")
+    lines += [f"Budget: stage `{name}` not started: {why}." for name, why in (experiment.skipped if experiment
+                                                                             else {}).items()]
+    if stops or (experiment and experiment.skipped):
+        lines.append("The winner is chosen from the trials that finished.")
+    return lines
+
+
 def _param_keys(trials: Sequence[TrialRecord]) -> list[str]:
     keys: list[str] = []
     for trial in trials:
@@ -157,6 +183,11 @@ def stage_section(stage: StageRecord, plots: dict[str, str]) -> list[str]:
         f"- wall time: {_fmt(stage.wall_time_s, 1)} s ({_fmt(stage.wall_time_s / 60, 1)} min); accelerator-hours: "
         f"{_fmt(accelerator_hours, 3)}; {price_text(stage)}",
     ]
+    if stage.budget_stop is not None:
+        stop = stage.budget_stop
+        lines.append(f"- budget: {stop.text()}; trials stopped at the end of their epoch: "
+                     f"{', '.join(f'`{t}`' for t in stop.stopped_trials) or 'none'}; {stop.unstarted_trials} not "
+                     "started")
     cost = stage.cost()
     if cost.saved_accelerator_hours:
         lines.append(f"- saved by {scheduler}: {cost.saved_accelerator_hours:.3f} accelerator-hours, "
@@ -276,6 +307,8 @@ def write_report(exp_dir: str | Path) -> Path:
     lines = [f"# Experiment `{experiment.name if experiment else exp.root.name}`", "",
              f"Stages finished: {', '.join(f'`{s}`' for s in finished)}."]
     lines += [f"Not finished: {', '.join(f'`{s}`' for s in missing)}."] if missing else []
+    budget = budget_lines(experiment, stages)
+    lines += ["", *budget] if budget else []
     lines += ["", *winner_section(winner), *cost_section(stages)]
     for stage in stages:
         slug = _slug(stage.stage)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from rich.text import Text
 from protopo_ray.config import Objective
 from protopo_ray.model.grammar import Decoding
 from protopo_ray.model.metrics import TYPE_KEYS
+from protopo_ray.search.guard import BUDGET_KEY
 from protopo_ray.search.results import StageRecord, WinnerRecord
 from protopo_ray.search.stages import CONTINUE_KEY, Stage
 
@@ -103,6 +105,8 @@ class StageView(Callback):
         self._live: Live | None = None
         self._last_status = self.started
         self._slots = 1  # the most trials seen running at once
+        self.stop_reason: Callable[[str], str | None] | None = None
+        """What stopped a trial besides the scheduler (`guard.BudgetGuard.stop_reason`), if anything."""
 
     # Tune pickles the run config with its callbacks (tuner.pkl, what --resume restores): leave the terminal out.
     def __getstate__(self) -> dict[str, Any]:
@@ -140,12 +144,17 @@ class StageView(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         progress = self._track(trial)
+        if trial.last_result.get(BUDGET_KEY):
+            progress.state = "skipped"
+            self._event(trial.trial_id, "skipped", "the budget ran out before it trained")
+            return
         epoch = int(trial.last_result.get("epoch", progress.epoch) or 0)
         progress.epoch = max(progress.epoch, epoch)
         best = f"best {self.metric} {format_value(progress.best)}"
         if progress.epochs_run < progress.budget:
             progress.state = "stopped"
-            by = f" by {self.scheduler}" if self.scheduler else ""
+            reason = self.stop_reason(trial.trial_id) if self.stop_reason else None
+            by = f" by {reason or self.scheduler}" if reason or self.scheduler else ""
             self._event(trial.trial_id, "stopped", f"early{by} at epoch {progress.epoch}, {best}")
         else:
             progress.state = "completed"
@@ -193,6 +202,12 @@ class StageView(Callback):
             start = int((params.get(CONTINUE_KEY) or {}).get("start_epoch", 0))
             progress = TrialProgress(trial_id=trial.trial_id, label=describe_params(params), start_epoch=start,
                                      budget=max(0, self.max_epochs - start), epoch=start)
+            # A trial restored by --resume brings the results it reported before the interruption: its best so
+            # far and its epoch come from Tune's record of them, not only from the results seen from now on.
+            seen = (getattr(trial, "metric_analysis", None) or {}).get(self.metric, {}).get(self.mode)
+            if seen is not None:
+                progress.best = float(seen)
+                progress.epoch = max(start, int((trial.last_result or {}).get("epoch", start) or start))
             with self._lock:
                 self.trials[trial.trial_id] = progress
         return progress
@@ -272,8 +287,8 @@ class StageView(Callback):
         return Group(head, Text("  " + trials))
 
 
-_STYLES = {"started": "blue", "resumed": "blue", "completed": "green", "stopped": "yellow", "failed": "red",
-           "errored": "bold red"}
+_STYLES = {"started": "blue", "resumed": "blue", "completed": "green", "stopped": "yellow", "skipped": "yellow",
+           "failed": "red", "errored": "bold red"}
 
 
 def _error_line(trial) -> str:
@@ -328,11 +343,21 @@ class SearchConsole:
         states = [t.status for t in record.trials]
         best = record.best()
         value = format_value(best.best.get(record.metric, math.nan)) if best else "-"
+        budget = f", {states.count('budget')} stopped by the budget" if "budget" in states else ""
         self.console.print(
             f"stage {record.stage} done in {format_duration(record.wall_time_s)}: {len(states)} trials "
             f"({states.count('completed')} completed, {states.count('stopped')} stopped early, "
-            f"{states.count('error')} errored), epochs {record.epochs_run}/{record.epochs_full}; "
+            f"{states.count('error')} errored{budget}), epochs {record.epochs_run}/{record.epochs_full}; "
             f"best {record.best_trial or '-'} {record.metric} {value}", soft_wrap=True)
+        stop = record.budget_stop
+        if stop is not None:
+            self.console.print(f"budget: stage {record.stage} {stop.text()}; {len(stop.stopped_trials)} trial(s) "
+                               f"stopped at the end of their epoch, {stop.unstarted_trials} not started",
+                               style="bold yellow", soft_wrap=True)
+
+    def stage_skipped(self, name: str, why: str) -> None:
+        """A stage the search's budget leaves unstarted."""
+        self.console.print(f"budget: stage {name} not started: {why}", style="bold yellow", soft_wrap=True)
 
     def stage_loaded(self, name: str, path: Path) -> None:
         self.console.print(f"stage {name}: already finished, loaded {path}", soft_wrap=True)

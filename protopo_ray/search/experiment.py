@@ -4,6 +4,7 @@
     [experiment]            # synthetic = N prepares the embedded synthetic set when data.path is missing
     [data] [model] [train] [resources]     # the base run config (see protopo_ray.config)
     [prices]                # USD per hour of the cluster's nodes (protopo_ray.search.prices)
+    [budget]                # wall hours and dollars the search may spend (protopo_ray.search.budget)
     [[stages]]              # one table per stage, run in order
     name = "architecture"
     kind = "search"         # search | promotion | ensemble (protopo_ray.search.stages)
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from protopo_ray.config import Config, ExperimentSettings, read_toml, set_dotted
+from protopo_ray.search.budget import BudgetConfig
 from protopo_ray.search.prices import PriceConfig
 from protopo_ray.search.stages import STAGE_KINDS, EnsembleStage, Stage
 from protopo_ray.training.fit import REPORTED_METRICS
@@ -36,6 +38,8 @@ class Experiment:
     settings: ExperimentSettings = field(default_factory=ExperimentSettings)
     prices: PriceConfig = field(default_factory=PriceConfig)
     """USD per hour of the cluster's nodes: what the planner prefers the cheaper pool by and the report's dollars."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Wall time and dollars the search may spend: it starts no trial that would exceed them."""
     source: str = ""
 
     def stage(self, name: str) -> Stage:
@@ -80,6 +84,7 @@ def parse_experiment(values: dict[str, Any], source: str = "experiment", overrid
     stages_raw = values.pop("stages", None)
     settings = ExperimentSettings.from_table(values.pop("experiment", {}), source)
     prices = PriceConfig.from_dict(values.pop("prices", {}), where=f"{source}: [prices]")
+    budget = BudgetConfig.from_dict(values.pop("budget", {}), where=f"{source}: [budget]")
     base = Config.from_dict(values, where=source)
     if not stages_raw:
         raise ValueError(f"{source}: no [[stages]]; an experiment needs at least one stage")
@@ -97,7 +102,7 @@ def parse_experiment(values: dict[str, Any], source: str = "experiment", overrid
             raise ValueError(f"{source}: {error}") from None
         earlier.append(stage.name)
     return Experiment(name=values.get("name", base.name), base=base, stages=tuple(stages), settings=settings,
-                      prices=prices, source=source)
+                      prices=prices, budget=budget, source=source)
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:

@@ -118,6 +118,20 @@ def read_inventory(cluster_file: str | Path | None = None) -> Inventory:
     return with_autoscaler_headroom(live, autoscaler_node_types(path))
 
 
+def cluster_node_types(cluster_file: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The autoscaler's worker node types `read_inventory` plans with ({} without a cluster YAML)."""
+    path = Path(cluster_file) if cluster_file else BOOTSTRAP_CONFIG.expanduser()
+    return autoscaler_node_types(path) if path.exists() else {}
+
+
+def live_node_types(node_types: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many alive nodes of each autoscaler node type the connected cluster has now (by declared resources)."""
+    import ray  # deferred: see read_inventory
+
+    live = [_signature(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+    return {name: live.count(_signature(t.get("resources", {}))) for name, t in node_types.items()}
+
+
 def inventory_from_cluster_yaml(path: str | Path) -> Inventory:
     """The fully scaled-out cluster a Ray autoscaler YAML describes: the head plus `max_workers` of each type.
 

@@ -7,6 +7,7 @@
       tune/<stage>/          Ray Tune's own state (what --resume restores)
       train/<stage>_<trial>/ each trial's run: metrics.jsonl, workers.json, best/, Ray's checkpoints
       halving/<stage>.json   synchronous halving's rung decisions (protopo_ray.search.halving)
+      budget/<stage>.stop    written when the [budget] ran out during the stage: trials starting after it train nothing
       ensemble/              an ensemble stage's predictor: ensemble.json + members/<fold>/
       winner/                winner.json (WinnerRecord) + checkpoint/ (the winning checkpoint or ensemble)
       report.md, plots/      protopo_ray.reporting
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protopo_ray.config import Config, Objective
+from protopo_ray.config import Config, Objective, ResourcesConfig
 from protopo_ray.config.objective import finite
 from protopo_ray.data import storage
 from protopo_ray.model.grammar import Decoding
+from protopo_ray.search.budget import BudgetConfig
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.training.layout import best_or_latest
 
@@ -65,6 +67,42 @@ def usd_text(value: float) -> str:
     return f"${value:.2f}" if abs(value) >= 1 else f"${value:.4f}"
 
 
+def held_devices(resources: ResourcesConfig) -> float:
+    """Devices a trial holds, what its hours are priced by (the plan's price is per GPU, or per vCPU on CPU
+    plans): its GPU share, else its CPUs, times its workers. One rule for the records and the live budget."""
+    per_worker = resources.gpus_per_worker if resources.gpus_per_worker else resources.cpus_per_worker
+    return max(1, resources.num_workers) * per_worker
+
+
+@dataclass(kw_only=True)
+class BudgetStop:
+    """A stage that stopped starting trials because the search's `[budget]` would be exceeded
+    (protopo_ray.search.guard): where the spend and the wall time stood then."""
+
+    limit: str
+    """usd or wall: the limit the next epoch would have exceeded."""
+    usd: float
+    """Dollars the search had spent (every stage's trials, measured device-hours x price) when it stopped."""
+    max_usd: float | None
+    wall_s: float
+    """Seconds the search's stages had run when it stopped."""
+    max_wall_s: float | None
+    stopped_trials: list[str] = field(default_factory=list)
+    """Trials stopped at the end of the epoch they were in."""
+    unstarted_trials: int = 0
+    """Trials of the stage that never ran an epoch (a grid's remaining points, samples not drawn)."""
+
+    def text(self) -> str:
+        """'stopped starting trials at $0.41 of $0.50 (wall 0.2 h of 1 h)': what the console and report say."""
+        usd = f"at {usd_text(self.usd)}" + (f" of {usd_text(self.max_usd)}" if self.max_usd is not None else "")
+        wall = f"{self.wall_s / 3600:.2f} h" + (f" of {self.max_wall_s / 3600:g} h" if self.max_wall_s else "")
+        return f"stopped starting trials {usd} (wall {wall}; the {self.limit} limit would be exceeded)"
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any] | None) -> BudgetStop | None:
+        return cls(**_fields(cls, values)) if values else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Continuation:
     """A promoted trial: the trial it extends, and where that trial's training stopped (a Tune parameter)."""
@@ -96,7 +134,8 @@ class TrialRecord:
     """Searched values by dotted config key (a promoted trial: those of the trial it extends)."""
     config: Config
     status: str
-    """completed, stopped (early, by the scheduler) or error."""
+    """completed, stopped (early, by the scheduler), budget (stopped at the end of an epoch: the search's budget
+    ran out) or error."""
     error: str | None = None
     epochs: int = 0
     start_epoch: int = 0
@@ -197,6 +236,8 @@ class StageRecord:
     finished_at: str = ""
     ensemble: EnsembleRecord | None = None
     """ensemble stages: the predictor its members make."""
+    budget_stop: BudgetStop | None = None
+    """Set when the search's [budget] stopped the stage starting trials (its trials are those that ran)."""
 
     @property
     def objective(self) -> Objective:
@@ -227,7 +268,8 @@ class StageRecord:
         trials = [TrialRecord.from_json(t, f"{where} trials[{i}]") for i, t in enumerate(values.get("trials") or [])]
         plan = StagePlan.from_json(values["plan"]) if values.get("plan") else None
         return cls(**{**_fields(cls, values), "trials": trials, "plan": plan,
-                      "ensemble": EnsembleRecord.from_json(values.get("ensemble"))})
+                      "ensemble": EnsembleRecord.from_json(values.get("ensemble")),
+                      "budget_stop": BudgetStop.from_json(values.get("budget_stop"))})
 
 
 @dataclass(kw_only=True)
@@ -279,15 +321,20 @@ class ExperimentRecord:
     stages: list[str]
     """Stage names in run order."""
     base: Config
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """The experiment's [budget] (protopo_ray.search.budget)."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Stages the budget left unstarted -> why."""
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "base": self.base.to_dict()}
+        return {**dataclasses.asdict(self), "base": self.base.to_dict(), "budget": self.budget.to_json()}
 
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str = "experiment") -> ExperimentRecord:
         try:
             return cls(name=values["name"], source=values.get("source", ""), stages=list(values.get("stages", [])),
-                       base=Config.from_dict(values.get("base") or {}, where=f"{where} base"))
+                       base=Config.from_dict(values.get("base") or {}, where=f"{where} base"),
+                       budget=BudgetConfig.from_json(values.get("budget")), skipped=dict(values.get("skipped") or {}))
         except (KeyError, TypeError, ValueError) as error:
             raise ExperimentError(f"{where}: malformed experiment record ({type(error).__name__}: {error})") from None
 
@@ -324,6 +371,11 @@ class ExperimentDir:
     def tune_uri(exp_uri: str, stage: str) -> str:
         """Ray Tune's state of a stage, where Ray writes it (local or object storage)."""
         return storage.join(exp_uri, "tune", stage)
+
+    @staticmethod
+    def budget_marker_uri(exp_uri: str, stage: str) -> str:
+        """The stage's stop marker (protopo_ray.search.guard): where every node's trials read it."""
+        return storage.join(exp_uri, "budget", f"{stage}.stop")
 
     @staticmethod
     def train_uri(exp_uri: str) -> str:

@@ -9,6 +9,8 @@ stage's best trial (or its ensemble), evaluated once on the held-out test folds.
 
 from __future__ import annotations
 
+import functools
+import math
 import shutil
 import tempfile
 import time
@@ -17,8 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.stopper import CombinedStopper
 
-from protopo_ray.cluster.connect import release_leaked_placement_groups
+from protopo_ray.cluster.connect import (
+    release_leaked_placement_groups,
+    require_shared_storage,
+    reserved_placement_groups,
+)
 from protopo_ray.cluster.datasets import load_datasets
 from protopo_ray.config import Config
 from protopo_ray.data import shards, storage
@@ -26,9 +33,11 @@ from protopo_ray.model.footprint import trial_footprint
 from protopo_ray.search import trials
 from protopo_ray.search.console import SearchConsole
 from protopo_ray.search.experiment import Experiment
-from protopo_ray.search.inventory import Inventory, read_inventory
+from protopo_ray.search.fatal_errors import FatalTrialErrors
+from protopo_ray.search.guard import BudgetGuard, NodeWatch, clear_marker, pool_node_types
+from protopo_ray.search.inventory import Inventory, cluster_node_types, read_inventory
 from protopo_ray.search.plan import driver_resources, format_plan
-from protopo_ray.search.results import ExperimentDir, ExperimentRecord, StageRecord, WinnerRecord
+from protopo_ray.search.results import BudgetStop, ExperimentDir, ExperimentRecord, StageRecord, WinnerRecord
 from protopo_ray.search.stages import PromotionStage, SearchStage, Stage
 from protopo_ray.search.tracking import wandb_callbacks
 from protopo_ray.training.checkpoint import load_checkpoint
@@ -117,10 +126,15 @@ class SearchOptions:
 def run_stage(stage: Stage, base: Config, *, experiment: Experiment, exp_uri: str, exp: ExperimentDir,
               options: SearchOptions, longest: int, records: dict[str, StageRecord],
               display: SearchConsole) -> StageRecord:
-    """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp`."""
+    """Run one stage; Ray writes under `exp_uri` (local or object storage), our records under `exp`.
+
+    It starts no trial that would take the search over its [budget] (`guard.BudgetGuard`; a restored stage runs
+    with the guard it was first started with) and names the pool's node types that do not come up."""
     promoted = stage.candidates(records) if isinstance(stage, PromotionStage) else None
     # What the cluster holds now and what its autoscaler may still start: read again for every stage.
     inventory = read_inventory(options.cluster_file)
+    require_shared_storage(exp_uri, shared=base.resources.shared_storage, num_nodes=len(inventory.nodes),
+                           what=f"stage {stage.name}")
     plan = stage.plan(inventory, base, longest, experiment.prices, promoted)
     print(format_plan(plan, inventory), flush=True)
     tune_dir = ExperimentDir.tune_uri(exp_uri, stage.name)
@@ -128,29 +142,71 @@ def run_stage(stage: Stage, base: Config, *, experiment: Experiment, exp_uri: st
     callbacks = wandb_callbacks(enabled=options.use_wandb, project=experiment.settings.wandb_project,
                                 experiment=experiment.name, stage=stage.name, log_dir=exp.wandb_dir,
                                 verbose=display.verbose)
+    fatal = FatalTrialErrors()  # a GPU node without CUDA: stop the stage at once, end the search with its error
     view = display.stage_view(stage, num_trials=stage.num_trials(promoted),
                               start_epochs=[c.start_epoch for c in promoted or []])
+    budget = experiment.budget
+    marker = ExperimentDir.budget_marker_uri(exp_uri, stage.name) if budget.bounded else ""
+    if marker:
+        clear_marker(marker)
     ctx = trials.StageContext(stage=stage, base=base, plan=plan, train_storage=ExperimentDir.train_uri(exp_uri),
-                              longest=longest)
+                              longest=longest, budget_marker=marker)
+    if budget.max_usd is not None and plan.usd_per_device_hour is None:
+        display.console.print(f"budget: stage {stage.name}'s pool has no price ([prices]): its trials count $0 "
+                              f"against max_usd", soft_wrap=True)
+    spent_usd, spent_wall_s = spent(records)
+    guard = BudgetGuard(budget, stage=stage.name, rate=functools.partial(trials.trial_usd_per_hour, ctx),
+                        spent_usd=spent_usd, spent_wall_s=spent_wall_s, marker=marker, console=display.console)
+    view.stop_reason = guard.stop_reason
+    watch = NodeWatch(pool_node_types(plan, cluster_node_types(options.cluster_file)), stage=stage.name,
+                      wait_s=budget.node_wait_s, console=display.console)
     started = time.time()
     # Ray Train DDP trials reading the same splits: Ray Data datasets loaded once per stage (an ensemble's members
     # differ in their folds: each Train run loads its own).
     shared_data = plan.num_workers > 1 and all(_datasets_of(c) == _datasets_of(base)
                                                for c in stage.planned_configs(base, promoted))
     tuner = trials.build_tuner(ctx, tune_dir=tune_dir, driver_resources=driver_resources(inventory),
-                               callbacks=[*callbacks, view], seed=experiment.settings.seed,
+                               callbacks=[*callbacks, view, fatal, guard, watch],
+                               stop=CombinedStopper(guard, fatal), seed=experiment.settings.seed,
                                datasets=load_datasets(base) if shared_data else None,
                                keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore,
                                verbose=None if display.verbose else 0, halving_file=exp.halving_file(stage.name))
     with view:
         results = tuner.fit()
-    release_leaked_placement_groups()
-    record = trials.collect_stage(results, ctx, wall_time_s=time.time() - started)
-    stage.finish(record, exp)
+    # Placement groups of finished or failed trials (Train worker groups may outlive their trial) hold GPUs.
+    released = release_leaked_placement_groups()
+    print(f"placement groups after stage {stage.name}: {released} left by its trials released, "
+          f"{len(reserved_placement_groups())} reserved on the cluster (any job)", flush=True)
+    fatal.raise_if_any(results)
+    record = trials.collect_stage(results, ctx, wall_time_s=time.time() - started, budget_stop=guard.stop,
+                                  num_trials=stage.num_trials(promoted))
+    if record.budget_stop is None or not record.budget_stop.unstarted_trials:
+        stage.finish(record, exp)  # an ensemble the budget left without all its members: its best member wins
     exp.save_stage(record)
     storage.upload(exp.root, exp_uri)
     display.stage_done(record)
     return record
+
+
+def spent(records: dict[str, StageRecord]) -> tuple[float, float]:
+    """Dollars and wall seconds the search's finished stages spent (a stage whose pool has no price: $0)."""
+    usd = [record.cost().usd for record in records.values()]
+    return sum(u for u in usd if not math.isnan(u)), sum(record.wall_time_s for record in records.values())
+
+
+def budget_left(experiment: Experiment, records: dict[str, StageRecord]) -> str | None:
+    """Why the search starts no further stage (a stage stopped on the budget, or a limit is reached), else None."""
+    budget = experiment.budget
+    # A stage stopped on this same budget (a --resume with a raised one goes on)
+    stopped = next((r for r in records.values() if r.budget_stop is not None
+                    and (r.budget_stop.max_usd, r.budget_stop.max_wall_s) == (budget.max_usd, budget.max_wall_s)), None)
+    if stopped is not None:
+        return f"stage {stopped.stage} {stopped.budget_stop.text()}"
+    usd, wall_s = spent(records)
+    limit = budget.exceeded(usd, wall_s)
+    if limit is None:
+        return None
+    return BudgetStop(limit=limit, usd=usd, max_usd=budget.max_usd, wall_s=wall_s, max_wall_s=budget.max_wall_s).text()
 
 
 def _datasets_of(config: Config) -> tuple:
@@ -199,8 +255,10 @@ def run_search(experiment: Experiment, *, exp_uri: str, exp: ExperimentDir, opti
     exp.root.mkdir(parents=True, exist_ok=True)
     if options.resume or options.selected:
         storage.download(storage.join(exp_uri, exp.stages_dir.name), exp.stages_dir)  # a remote run's stages
-    exp.save_experiment(ExperimentRecord(name=experiment.name, source=experiment.source,
-                                         stages=[s.name for s in experiment.stages], base=experiment.base))
+    summary = ExperimentRecord(name=experiment.name, source=experiment.source,
+                               stages=[s.name for s in experiment.stages], base=experiment.base,
+                               budget=experiment.budget)
+    exp.save_experiment(summary)
     selected = options.selected or tuple(s.name for s in experiment.stages)
     records: dict[str, StageRecord] = {}
     base = experiment.base
@@ -216,7 +274,15 @@ def run_search(experiment: Experiment, *, exp_uri: str, exp: ExperimentDir, opti
             continue
         if stage.name not in selected:
             continue
+        stop = budget_left(experiment, records)
+        if stop is not None:
+            summary.skipped[stage.name] = stop
+            exp.save_experiment(summary)
+            display.stage_skipped(stage.name, stop)
+            continue
         records[stage.name] = run_stage(stage, base, experiment=experiment, exp_uri=exp_uri, exp=exp,
                                         options=options, longest=longest, records=records, display=display)
-    winner = pick_winner(list(records.values())[-1], exp) if records else None
+    # The winner comes from what finished: a stage the budget stopped before any trial reported an epoch is passed.
+    finished = [r for r in records.values() if r.budget_stop is None or r.best_trial]
+    winner = pick_winner(finished[-1], exp) if finished else None
     return records, winner

@@ -31,8 +31,16 @@ from protopo_ray.config import Config
 from protopo_ray.config.objective import finite
 from protopo_ray.data import storage
 from protopo_ray.model.footprint import trial_footprint
+from protopo_ray.search.guard import BUDGET_KEY
 from protopo_ray.search.plan import StagePlan
-from protopo_ray.search.results import Continuation, StageRecord, TrialRecord, finite_metrics
+from protopo_ray.search.results import (
+    BudgetStop,
+    Continuation,
+    StageRecord,
+    TrialRecord,
+    finite_metrics,
+    held_devices,
+)
 from protopo_ray.search.stages import CONTINUE_KEY, Stage
 from protopo_ray.training.fit import fit
 
@@ -51,6 +59,9 @@ class StageContext:
     train_storage: str
     longest: int
     """Longest training protein: with the config's batch plan it sets the trial's memory footprint."""
+    budget_marker: str = ""
+    """Written when the search's budget runs out (protopo_ray.search.guard): a trial starting after it trains
+    nothing ("" = no budget)."""
 
 
 def trial_config(ctx: StageContext, params: dict[str, Any], trial_id: str) -> Config:
@@ -63,6 +74,19 @@ def trial_config(ctx: StageContext, params: dict[str, Any], trial_id: str) -> Co
     config = ctx.base.replace(values)
     footprint = trial_footprint(config, ctx.longest, ctx.plan.num_workers).total_bytes
     return config.replace(ctx.plan.resources_overrides(footprint))
+
+
+def trial_usd_per_hour(ctx: StageContext, params: dict[str, Any]) -> float | None:
+    """What a trial of these params costs per hour it runs, at the stage plan's price (None: no price); the
+    records' rule (`results.TrialRecord.cost`), for the live budget (protopo_ray.search.guard)."""
+    price = ctx.plan.usd_per_device_hour
+    return None if price is None else held_devices(trial_config(ctx, params, "budget").resources) * price
+
+
+def trial_retries(ctx: StageContext) -> int:
+    """Tune restarts of a failed trial: more on a spot / preemptible pool, where a preemption is a failure."""
+    res = ctx.base.resources
+    return res.spot_max_failures if ctx.plan.market in ("spot", "mixed") else res.trial_max_failures
 
 
 def trial_resources(ctx: StageContext, driver_resources: dict[str, float]):
@@ -85,6 +109,11 @@ def trial_resources(ctx: StageContext, driver_resources: dict[str, float]):
 def run_trial(params: dict[str, Any], *, ctx: StageContext, datasets: dict[str, Any] | None = None) -> None:
     """One Tune trial: in this process for one worker, else a Ray Train DDP run forwarding its reports."""
     entered = time.time()
+    if ctx.budget_marker and storage.exists(ctx.budget_marker):
+        # Tune filled a slot after the budget ran out: end without an epoch (guard.BudgetGuard). One report, as Tune
+        # wants its metric in every trial's results; the guard stops the trial on it.
+        ray.tune.report({ctx.stage.metric: float("nan"), "epoch": 0, BUDGET_KEY: 1.0})
+        return
     config = trial_config(ctx, params, ray.tune.get_context().get_trial_id())
     if config.resources.num_workers <= 1:
         session = TuneSession(config)
@@ -113,7 +142,8 @@ def _with_startup_times(report, entered: float):
 
 def build_tuner(ctx: StageContext, *, tune_dir: str, driver_resources: dict[str, float], callbacks: list, seed: int,
                 datasets: dict[str, Any] | None, keep_checkpoints: int, halving_file: Path,
-                promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0):
+                promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0,
+                stop: tune.Stopper | None = None):
     """The stage's Tuner. `verbose` is Tune's own console output: 0 (none: protopo_ray.search.console shows the
     stage through a callback), None for Tune's default trial tables (`--verbose`)."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
@@ -134,8 +164,8 @@ def build_tuner(ctx: StageContext, *, tune_dir: str, driver_resources: dict[str,
                                     # runs the next trial of the same resources, its torch / PyG imports already paid
                                     # (docs/benchmarks.md, "Trial start-up"). A DDP driver starts its own workers anyway.
                                     reuse_actors=plan.num_workers <= 1),
-        run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=1),
+        run_config=tune.RunConfig(name=name, storage_path=parent, callbacks=callbacks, stop=stop,
+                                  failure_config=tune.FailureConfig(max_failures=trial_retries(ctx)),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
                                   verbose=verbose),
     )
@@ -152,8 +182,6 @@ def trial_record(result, ctx: StageContext) -> TrialRecord:
     continuation = Continuation.from_params(params[CONTINUE_KEY]) if params.get(CONTINUE_KEY) else None
     epochs = int(max((row.get("epoch", 0) for row in history), default=0))
     status = "error" if result.error else ("completed" if epochs >= ctx.stage.max_epochs else "stopped")
-    res = config.resources
-    devices = max(1, res.num_workers) * (res.gpus_per_worker if res.gpus_per_worker else res.cpus_per_worker)
     # When Tune ran the trial (1 s resolution): its start is the first result's timestamp less the time
     # the trainable had run by then (start-up included), its end the last result's timestamp.
     running = ([rows[0]["timestamp"] - rows[0].get("time_total_s", 0.0), rows[-1]["timestamp"]]
@@ -167,7 +195,7 @@ def trial_record(result, ctx: StageContext) -> TrialRecord:
         best=ctx.stage.objective.best(history) or (history[-1] if history else {}),
         last=history[-1] if history else {}, history=history,
         checkpoint=latest_checkpoint(result, rows, ctx.train_storage),
-        accelerator_hours=devices * sum(row.get("epoch_time_s", 0.0) for row in history) / 3600,
+        accelerator_hours=held_devices(config.resources) * sum(row.get("epoch_time_s", 0.0) for row in history) / 3600,
         running_unix=running,
     )
 
@@ -182,10 +210,20 @@ def latest_checkpoint(result, rows: list[dict[str, Any]], storage_uri: str) -> s
     return storage.with_scheme(path, like=storage_uri) if path else None
 
 
-def collect_stage(results, ctx: StageContext, *, wall_time_s: float) -> StageRecord:
-    """The stage record (`stages/<name>.json`): every trial, its history, best/last metrics, why it ended."""
+def collect_stage(results, ctx: StageContext, *, wall_time_s: float, budget_stop: BudgetStop | None = None,
+                  num_trials: int = 0) -> StageRecord:
+    """The stage record (`stages/<name>.json`): every trial, its history, best/last metrics, why it ended.
+
+    When the budget stopped the stage (`budget_stop`), the trials that never reported an epoch are left out and
+    counted as not started, of the stage's `num_trials`."""
     stage = ctx.stage
     trials = [trial_record(result, ctx) for result in results]
+    if budget_stop is not None:
+        trials = [t for t in trials if t.error or (t.history and not any(BUDGET_KEY in row for row in t.history))]
+        budget_stop.unstarted_trials = max(0, num_trials - len(trials))
+        for t in trials:
+            if t.status == "stopped" and t.trial_id in budget_stop.stopped_trials:
+                t.status = "budget"
     best = stage.objective.best(trials, lambda t: t.best.get(stage.metric))
     return StageRecord(
         stage=stage.name, kind=stage.kind, metric=stage.metric, mode=stage.mode, max_epochs=stage.max_epochs,
@@ -193,5 +231,5 @@ def collect_stage(results, ctx: StageContext, *, wall_time_s: float) -> StageRec
         epochs_run=sum(t.epochs - t.start_epoch for t in trials),
         epochs_full=sum(stage.max_epochs - t.start_epoch for t in trials),
         best_trial=best.trial_id if best else None, trials=trials,
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"), budget_stop=budget_stop,
     )

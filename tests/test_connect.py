@@ -1,0 +1,170 @@
+"""What a run requires of the cluster it joins: storage every node sees, no placement group left reserved, and no
+GPU trial silently on the CPU (`cluster/connect.py`, `cluster/sessions.py`, `search/fatal_errors.py`).
+
+The cluster cases run once, in a subprocess with its own two-node cluster (`ray.cluster_utils.Cluster`: a head
+with one logical A10G and a CPU node), which it shuts down itself; this pytest process may already be connected to
+the shared test cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protopo_ray.cluster.connect import SharedStorageError, require_shared_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_local_storage_is_refused_on_more_than_one_node():
+    with pytest.raises(SharedStorageError, match=r"cluster of 2 nodes.*--storage s3://.*--shared-storage"):
+        require_shared_storage("/home/me/runs", shared=False, num_nodes=2)
+
+
+@pytest.mark.parametrize("storage, shared, num_nodes", [
+    ("/home/me/runs", False, 1),  # one machine: its disk is every node's
+    ("/mnt/nfs/runs", True, 3),  # declared a mount every node has
+    ("s3://bucket/runs", False, 3),  # object storage
+    ("gs://bucket/runs", False, 3),
+])
+def test_storage_every_node_sees_passes(storage, shared, num_nodes):
+    require_shared_storage(storage, shared=shared, num_nodes=num_nodes)
+
+
+SCRIPT = r"""
+import contextlib, io, json, subprocess, sys, time
+started = time.time()
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.placement_group import placement_group
+
+shards, out, experiment = sys.argv[1:4]
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:A10G": 1, "gpu_memory_gb": 24, "driver": 8}})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+from protopo_ray import train, tune
+from protopo_ray.cluster.connect import release_leaked_placement_groups, reserved_placement_groups
+
+summary = {"nodes": sum(n["Alive"] for n in ray.nodes()), "cluster_up_s": time.time() - started}
+
+def run(main, argv):  # tune --verbose: its console output stays on sys.stderr (else it keeps the terminal's fd)
+    stderr = io.StringIO()
+    begun = time.time()
+    with contextlib.redirect_stderr(stderr):
+        rc = main(argv)
+    return {"rc": rc, "stderr": stderr.getvalue(), "seconds": time.time() - begun}
+
+# Local storage on two nodes: refused by the search and by a Train run before anything runs.
+summary["tune_local"] = run(tune.main, [experiment, "--data", shards, "--storage", f"{out}/local", "--no-wandb",
+                                        "--verbose"])
+summary["train_local"] = run(train.main, ["--config", "experiments/smoke.toml", "--set", f"data.path='{shards}'",
+                                          "--storage", f"{out}/train_local"])
+
+# Placement groups: ours (made by this driver and by one of its actors, as Train's controller makes a worker
+# group's) are released; another job's (a detached group of a driver that has exited) stays.
+other = subprocess.run([sys.executable, "-c", "import ray; from ray.util.placement_group import placement_group; "
+                        f"ray.init(address='{cluster.address}'); pg = placement_group([{{'CPU': 0.01}}], "
+                        "lifetime='detached'); ray.get(pg.ready()); print(pg.id.hex())"],
+                       capture_output=True, text=True, check=True)
+other_pg = other.stdout.strip().splitlines()[-1]
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def reserve(self):
+        group = placement_group([{"CPU": 0.01}])
+        ray.get(group.ready())
+        return group.id.hex()
+
+controller = Controller.remote()
+ours = [ray.get(controller.reserve.remote())]
+group = placement_group([{"CPU": 0.01}])
+ray.get(group.ready())
+ours.append(group.id.hex())
+summary["released"] = release_leaked_placement_groups()
+summary["reserved_after"] = reserved_placement_groups()
+summary["ours"], summary["other"] = ours, other_pg
+
+# A GPU trial on a torch without CUDA and train.device = "auto": the search ends at once with the refusal.
+summary["tune_no_cuda"] = run(tune.main, [experiment, "--data", shards, "--storage", f"{out}/nocuda",
+                                          "--shared-storage", "--no-wandb", "--verbose"])
+summary["reserved_at_end"] = reserved_placement_groups()
+print(json.dumps(summary))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+EXPERIMENT = """
+name = "checks"
+[data]
+batch_size = 8
+[model]
+gc_size = 8
+gc_layers = 1
+lstm_size = 8
+lstm_layers = 1
+aa_embed_dim = 8
+[train]
+num_threads = 1
+[[stages]]
+name = "search"
+search = "grid"
+scheduler = "none"
+metric = "val_loss"
+mode = "min"
+max_epochs = 1
+[stages.grid]
+"train.lr" = [1e-3]
+"""
+
+
+@pytest.fixture(scope="module")
+def two_nodes(smoke_shards, tmp_path_factory):
+    pytest.importorskip("ray")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the no-CUDA refusal needs a torch without CUDA")
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    experiment = tmp / "checks.toml"
+    experiment.write_text(EXPERIMENT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(smoke_shards), str(tmp), str(experiment)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), tmp
+
+
+@pytest.mark.ray
+def test_two_node_cluster_refuses_local_storage(two_nodes):
+    summary, tmp = two_nodes
+    assert summary["nodes"] == 2
+    for command in ("tune_local", "train_local"):
+        assert summary[command]["rc"] == 2, summary[command]
+        assert "--storage s3://" in summary[command]["stderr"] and "--shared-storage" in summary[command]["stderr"]
+    assert not (tmp / "local" / "checks" / "stages").exists()  # refused before any stage ran
+
+
+@pytest.mark.ray
+def test_only_this_jobs_placement_groups_are_released(two_nodes):
+    summary, _ = two_nodes
+    assert summary["released"] == 2
+    reserved = summary["reserved_after"]
+    assert summary["other"] in reserved and not set(summary["ours"]) & set(reserved)
+
+
+@pytest.mark.ray
+def test_gpu_trial_without_cuda_ends_the_search(two_nodes):
+    summary, tmp = two_nodes
+    result = summary["tune_no_cuda"]
+    assert result["rc"] == 2, result
+    assert "sees no CUDA device" in result["stderr"] and "train.device = 'cpu'" in result["stderr"]
+    assert not (tmp / "nocuda" / "checks" / "stages" / "search.json").exists()  # no stage record of nothing trained
+    assert summary["reserved_at_end"] == [summary["other"]]  # the failed trials reserve nothing
+    print(f"two-node cluster up in {summary['cluster_up_s']:.0f} s; refused: tune {summary['tune_local']['seconds']:.1f} s, "
+          f"train {summary['train_local']['seconds']:.1f} s; no-CUDA search ended in {result['seconds']:.0f} s")
