@@ -226,8 +226,26 @@ def test_ensure_data_prepares_the_synthetic_set_only_when_absent(tmp_path, capsy
     assert manifest["num_proteins"] == 8 and "preparing the embedded synthetic set (8 proteins, seed 1)" in (
         capsys.readouterr().out)
     assert build.ensure_data(out, synthetic=8, seed=1) == manifest and capsys.readouterr().out == ""
-    # A set already there is used as it is (a run pointed at real data keeps it), whatever synthetic says.
-    assert build.ensure_data(out, synthetic=50, seed=9)["num_proteins"] == 8
+
+
+def test_an_embedded_set_made_with_other_numbers_is_made_again(tmp_path, capsys):
+    """An experiment whose synthetic size, seed or mix changed trains on what its file says, not on the old set."""
+    out = tmp_path / "syn"
+    build.ensure_data(out, synthetic=8, seed=1)
+    capsys.readouterr()
+    manifest = build.ensure_data(out, synthetic=12, seed=1, mix={"TM": 1, "BETA": 1})
+    assert manifest["num_proteins"] == 12 and set(manifest["counts"]["type"]) == {"TM", "BETA"}
+    said = capsys.readouterr().out
+    assert "made with n=8 seed=1 mix=DeepTMHMM's proportions" in said and "TM 0.5, BETA 0.5" in said
+    assert build.ensure_data(out, synthetic=12, seed=1, mix={"TM": 1, "BETA": 1}) == manifest
+
+
+def test_a_set_of_real_records_is_used_as_it_is_whatever_synthetic_says(tmp_path, subset):
+    labels, _ = subset
+    out = tmp_path / "real"
+    prepare_records(labels, out)
+    manifest = shards.read_manifest(out)
+    assert build.ensure_data(out, synthetic=50, seed=9) == manifest
 
 
 def test_ensure_data_without_synthetic_says_what_to_run(tmp_path):

@@ -318,14 +318,11 @@ def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEF
     out = Path(out)
     for _ in range(2):
         if (out / shards.MANIFEST).exists():
-            generator = shards.read_manifest(out).get("extra", {}).get("generator") or {}
-            # Sets made before the package moved into subpackages name the generator "protopo_ray.synthetic".
-            made_here = generator.get("module") in (SYNTHETIC_MODULE, "protopo_ray.synthetic")
-            wanted = (n, seed, synthetic.check_mix(mix) if mix else None)
-            if not made_here or (generator.get("n"), generator.get("seed"), generator.get("mix")) != wanted:
-                raise OutputExists(f"{out} holds a different shard set ({generator or 'not synthetic'}), not "
-                                   f"synthetic n={n} seed={seed}" + (f" mix={mix}" if mix else "")
-                                   + "; prepare it with --overwrite or use another path")
+            made = _synthetic_generator(shards.read_manifest(out))
+            if made != _synthetic_params(n, seed, mix):
+                raise OutputExists(f"{out} holds a different shard set ({_describe(made) if made else 'not synthetic'}),"
+                                   f" not synthetic {_describe(_synthetic_params(n, seed, mix))}; prepare it with "
+                                   f"--overwrite or use another path")
             return out
         try:
             prepare_synthetic(n, out, seed=seed, k=k, mix=mix)
@@ -335,6 +332,26 @@ def ensure_synthetic(out: str | os.PathLike, n: int, seed: int = 0, k: int = DEF
     return out
 
 
+def _synthetic_generator(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The parameters (n, seed, mix) of an embedded synthetic set, None for any other shard set."""
+    generator = manifest.get("extra", {}).get("generator") or {}
+    # Sets made before the package moved into subpackages name the generator "protopo_ray.synthetic".
+    if generator.get("module") not in (SYNTHETIC_MODULE, "protopo_ray.synthetic"):
+        return None
+    return {"n": generator.get("n"), "seed": generator.get("seed"), "mix": generator.get("mix")}
+
+
+def _synthetic_params(n: int, seed: int, mix: dict[str, float] | None) -> dict[str, Any]:
+    """What a manifest records of the embedded set these arguments make (`_synthetic_generator`'s form)."""
+    return {"n": n, "seed": seed, "mix": synthetic.check_mix(mix) if mix else None}
+
+
+def _describe(generator: dict[str, Any]) -> str:
+    mix = generator["mix"]
+    return f"n={generator['n']} seed={generator['seed']} mix=" + (
+        ", ".join(f"{t} {f:g}" for t, f in mix.items()) if mix else "DeepTMHMM's proportions")
+
+
 def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: int = DEFAULT_K,
                 mix: dict[str, float] | None = None) -> dict[str, Any]:
     """The manifest of the shard set at `path`, preparing the embedded synthetic set there first when `path`
@@ -342,13 +359,24 @@ def ensure_data(path: str | os.PathLike, synthetic: int = 0, seed: int = 0, k: i
 
     The one rule for every entry point (tune, train). Without shards and with `synthetic` = 0 it
     raises read_manifest's FileNotFoundError, which says what to run; a set of another kind already at `path`
-    is used as it is.
+    is used as it is. An embedded set made with other parameters (another `synthetic`, `seed` or `synthetic_mix`
+    than the experiment's now) is made again: it is reproducible from those numbers, so nothing is lost, and
+    training on it would quietly be another experiment than the file says.
     """
     try:
-        return shards.read_manifest(path)
+        manifest = shards.read_manifest(path)
     except FileNotFoundError:
         if synthetic < 1:
             raise
+    else:
+        made = _synthetic_generator(manifest)
+        wanted = _synthetic_params(synthetic, seed, mix)
+        if synthetic < 1 or made is None or storage.is_uri(path) or made == wanted:
+            return manifest
+        print(f"the embedded synthetic set at {path} was made with {_describe(made)}; the experiment asks for "
+              f"{_describe(wanted)}: making it again", flush=True)
+        prepare_synthetic(synthetic, path, seed=seed, k=k, mix=mix, overwrite=True)
+        return shards.read_manifest(path)
     if storage.is_uri(path):
         raise FileNotFoundError(f"{path}: no shards there, and the embedded synthetic set is generated into local "
                                 f"directories only; run `python -m protopo_ray.prepare --synthetic {synthetic} "
