@@ -32,7 +32,20 @@ def epoch_seconds(result: dict[str, Any]) -> float:
     return float(result.get("epoch_time_s") or result.get("time_this_iter_s") or 0.0)
 
 
-class BudgetGuard(Callback, Stopper):
+class _Printing:
+    """Tune pickles its callbacks and stoppers with the run config (tuner.pkl): the terminal stays out."""
+
+    console: Console
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "console"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.console = Console(highlight=False)
+
+
+class BudgetGuard(_Printing, Callback, Stopper):
     """Stops a stage starting trials once the next epoch would take the search over its [budget].
 
     Why running trials end their epoch rather than the stage stopping at once (Tune's `stop_all`): a trial stopped
@@ -59,14 +72,6 @@ class BudgetGuard(Callback, Stopper):
         self.finishing: set[str] = set()  # trials running when the budget ran out, until Tune has ended them
         self.stop: BudgetStop | None = None
         self.console = console or Console(highlight=False)
-
-    # Tune pickles its callbacks and stopper with the run config (tuner.pkl): leave the terminal out.
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "console"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.console = Console(highlight=False)
 
     # -- the spend ----------------------------------------------------------------------------------------------
     def spent(self) -> float:
@@ -179,7 +184,7 @@ def pool_node_types(plan: StagePlan, node_types: dict[str, dict[str, Any]]) -> d
     return chosen
 
 
-class NodeWatch(Callback):
+class NodeWatch(_Printing, Callback):
     """Names on the console, once each, the pool's node types of which no node is up `wait_s` into the stage
     while trials wait (a quota, no capacity in the zone, a launch error: the autoscaler's monitor log says which)."""
 
@@ -191,13 +196,6 @@ class NodeWatch(Callback):
         self.started = self._checked = time.time()
         self.reported: set[str] = set()
         self.console = console or Console(highlight=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "console"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.console = Console(highlight=False)
 
     def setup(self, **info) -> None:
         self.started = time.time()
