@@ -10,7 +10,9 @@ writes predicted.3line, predicted.gff3 (topology regions), summary.tsv (id, leng
 mean confidence) and, with --plots, plots/<id>.png (see protopo_ray.inference.outputs); --out writes the 3-line
 file alone. Input is FASTA (unlabelled) or 3-line (labelled: the metrics are printed too). Proteins with a
 structure file in --structures get a structure graph, the rest the sequence-window graph, exactly as `prepare`
-does. Exit codes: 0 ok, 2 bad input (no checkpoint, an input without valid records, ...).
+does. A predictor trained on ESM-2 embeddings (prepare --embed-weights) embeds the new proteins with the same
+model and layer, reading the weights file its checkpoint records (--embed-weights overrides it), and refuses
+with a clear error when that file is not there. Exit codes: 0 ok, 2 bad input (no checkpoint, an input without valid records, ...).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from protopo_ray.data.records import RecordError, read_records
 from protopo_ray.inference.outputs import write_3line, write_outputs
-from protopo_ray.inference.predictions import build_graphs, predict_records
+from protopo_ray.inference.predictions import build_graphs, embed_records, predict_records
 from protopo_ray.model.metrics import format_metrics, protein_metrics
 from protopo_ray.training.checkpoint import CheckpointError
 from protopo_ray.training.loop import resolve_device
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="write predicted.3line, predicted.gff3, summary.tsv here")
     parser.add_argument("--plots", action="store_true", help="also write --out-dir/plots/<id>.png per protein")
     parser.add_argument("--out", type=Path, help="write the 3-line predictions to this file")
+    parser.add_argument("--embed-weights", metavar="FILE", help="ESM-2 weights file (local path or s3:// / gs://) "
+                        "for a predictor trained on embeddings; default: the path its checkpoint records")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     return parser
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(args.input, allow_empty=False).records
         device = resolve_device(args.device)
         predictor = load_predictor(args.checkpoint, device)
+        if args.embed_weights and not predictor.inputs.embedding:
+            raise ValueError(f"--embed-weights: {args.checkpoint} was trained without embeddings")
+        embedded = embed_records(records, predictor.inputs.embedding, args.embed_weights)
     except (CheckpointError, RecordError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {args.checkpoint} was trained on sequence-window graphs only; proteins with a structure in "
               f"{args.structures} get structure graphs it has never seen", file=sys.stderr)
     graphs = build_graphs(records, args.structures, predictor.inputs.graph_k)
-    predictions = predict_records(predictor.module, records, graphs, device, args.batch_size)
+    predictions = predict_records(predictor.module, records, graphs, device, args.batch_size, embedded)
     if args.out is not None:
         write_3line(args.out, predictions)
         print(f"wrote {len(predictions)} predictions to {args.out}")

@@ -3,6 +3,7 @@
     python -m protopo_ray.prepare --labels DeepTMHMM.partitions.json [--structures DIR] --out data/deeptmhmm
     python -m protopo_ray.prepare --synthetic 2000 --out data/synthetic [--seed 0]
     python -m protopo_ray.prepare --synthetic 20000 --out s3://bucket/synthetic20k --ray   # on a Ray cluster
+    python -m protopo_ray.prepare --labels L.json --out data/esm --embed-weights weights/esm2_t33_650M_UR50D.pt
 
 Graphs are built in `--workers` local processes, or with `--ray` in Ray Data tasks on a cluster (one task per
 batch of up to 512 inputs, each writing its own shard files; protopo_ray.cluster.prepare_tasks). `--out` is a
@@ -11,6 +12,14 @@ local directory or an object-store URI (s3://, gs://). A local set appears only 
 file that cannot be read (truncated, corrupt, empty, ...) costs only its protein's structure graph: the protein
 gets the sequence graph and the summary names the file and what is wrong. Exit codes: 0 ok, 2 bad input
 (message, no traceback), which includes a labels file without a single valid record.
+
+--embed-weights adds per-residue ESM-2 embeddings (pip install 'protopo_ray[esm]') to every protein's node
+features, stored as float16; the manifest records the model, layer and width, and training, tuning and predict
+take them from there (the model's input width, the memory planner, predict embedding new proteins). The
+weights are read only from the file you name (fair-esm's format, e.g. esm2_t33_650M_UR50D.pt, fetched once from
+https://dl.fbaipublicfiles.com/fair-esm/models/) or an s3:// / gs:// object; nothing is downloaded at run time.
+Proteins over 1,022 residues are embedded in overlapping windows. With --ray a pool of actors holds the model
+(a GPU each where the cluster has GPUs, or --embed-gpus of one); without, this process embeds. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 
 from protopo_ray.config import describe_keys
 from protopo_ray.data.build import LocalBuilder, prepare_records, prepare_synthetic
+from protopo_ray.data.embeddings import read_spec
 from protopo_ray.data.graphs import DEFAULT_K
 from protopo_ray.data.records import RecordError
 from protopo_ray.data.synthetic import check_mix
@@ -49,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster for --ray (implies it): 'auto', "
                         "host:port, ray://host:10001, or 'local' for a new private local cluster")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
+    embed = parser.add_argument_group("ESM-2 embeddings (optional; pip install 'protopo_ray[esm]')")
+    embed.add_argument("--embed-weights", metavar="FILE", help="add per-residue ESM-2 embeddings as node features, "
+                       "read from this fair-esm weights file (local path, or s3:// / gs://; e.g. "
+                       "esm2_t33_650M_UR50D.pt); never downloaded at run time")
+    embed.add_argument("--embed-layer", type=int, default=-1, help="transformer layer whose output is used "
+                       "(default -1: the last)")
+    embed.add_argument("--embed-actors", type=int, help="with --ray: actors holding the model (default: one per "
+                       "GPU, else 1)")
+    embed.add_argument("--embed-gpus", type=float, help="with --ray: GPU share of each actor, e.g. 0.5 (default 1 "
+                       "where the cluster has GPUs, else 0: CPU)")
     return parser
 
 
@@ -78,20 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.mix and args.synthetic is None:
             raise ValueError("--mix applies to --synthetic")
         mix = parse_mix(args.mix) if args.mix else None
+        if args.embed_weights is None and (args.embed_actors or args.embed_gpus is not None or args.embed_layer != -1):
+            raise ValueError("--embed-layer, --embed-actors and --embed-gpus apply to --embed-weights")
+        embedding = read_spec(args.embed_weights, args.embed_layer) if args.embed_weights else None
         if use_ray:
             # Deferred on purpose: Ray is only imported (and a cluster joined) when --ray asks for it.
             from protopo_ray.cluster import prepare_tasks
 
             prepare_tasks.connect(args.ray_address, args.workers)
-            builder = prepare_tasks.RayBuilder(args.workers)
+            builder = prepare_tasks.RayBuilder(args.workers, embed_actors=args.embed_actors,
+                                               embed_gpus=args.embed_gpus)
         else:
             builder = LocalBuilder(args.workers or 1)
         if args.synthetic is not None:
             summary = prepare_synthetic(args.synthetic, args.out, seed=args.seed, k=args.k,
-                                        overwrite=args.overwrite, builder=builder, mix=mix)
+                                        overwrite=args.overwrite, builder=builder, mix=mix, embedding=embedding)
         else:
             summary = prepare_records(args.labels, args.out, structures=args.structures, k=args.k,
-                                      skip_invalid=args.skip_invalid, overwrite=args.overwrite, builder=builder)
+                                      skip_invalid=args.skip_invalid, overwrite=args.overwrite, builder=builder,
+                                      embedding=embedding)
     except (RecordError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

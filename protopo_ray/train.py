@@ -5,6 +5,8 @@
 
 `--local` needs no Ray at all (a GPU box with torch and PyG only runs it). A config file's `[experiment]`
 table may name the embedded synthetic set, which is then prepared at data.path when that holds no shards.
+Shards prepared with ESM-2 embeddings (`prepare --embed-weights FILE`) need nothing more: the model's input width
+comes from their manifest, and the checkpoint records the embedding model, layer and weights path for predict.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@
 The experiment directory (STORAGE/NAME) is laid out in protopo_ray/search/results.py and described field by
 field in docs/results.md: experiment.json, stages/<stage>.json, the trials' runs, winner/, report.md and plots/,
 logs/ray.log (what Ray, W&B and the libraries print; `--verbose` prints it on the console instead).
+ESM-2 embeddings: point --data at shards prepared with `prepare --embed-weights FILE`; every trial's model takes
+the wider input the manifest records, and the winner's checkpoint carries the weights path predict embeds with.
 """
 
 from __future__ import annotations

@@ -148,3 +148,22 @@ def test_batch_over_several_record_batches_and_slices(mixed_shards):
         fast, slow = table_to_batch(part), Batch.from_data_list(table_to_data_list(part))
         for key in ("x", "y", "edge_index", "edge_attr", "aa", "batch", "ptr"):
             assert torch.equal(fast[key], slow[key]), key
+
+
+def test_embeddings_follow_the_node_features_in_x_and_round_trip_through_shards(tmp_path):
+    records, graphs = two_proteins()
+    embeddings = [np.arange(3 * 4, dtype=np.float32).reshape(3, 4) / 8, -np.ones((2, 4), np.float32)]
+    batch = records_to_batch(records, graphs, embeddings)
+    assert batch.x.shape == (5, len(NODE_FEATURES) + 4)
+    np.testing.assert_array_equal(batch.x[:3, len(NODE_FEATURES):].numpy(), embeddings[0])  # exact in float16
+    np.testing.assert_array_equal(batch.x[3:, len(NODE_FEATURES):].numpy(), embeddings[1])
+    write_shards([record_to_row(r, g, e) for r, g, e in zip(records, graphs, embeddings)], tmp_path / "s", k=4,
+                 embedding={"model": "m", "dim": 4})
+    table = read_table(tmp_path / "s")
+    assert torch.equal(table_to_batch(table).x, batch.x)
+    assert torch.equal(torch.cat([d.x for d in table_to_data_list(table)]), batch.x)
+    # A set without embeddings reads as null and collates to the node features alone.
+    assert records_to_batch(records, graphs).x.shape == (5, len(NODE_FEATURES))
+    mixed = rows_to_table([record_to_row(records[0], graphs[0], embeddings[0]), record_to_row(records[1], graphs[1])])
+    with pytest.raises(ValueError, match="protein b: no embedding"):
+        table_to_batch(mixed)

@@ -26,3 +26,21 @@ def test_total_is_weights_adamw_and_the_larger_of_activations_and_grads():
                                                                  parts.grads_bytes)
     assert got.total_bytes == int(expected) and got.padded_positions == 2400
     assert trial_footprint(config(64), longest=300).total_bytes > got.total_bytes
+
+
+def test_embedding_inputs_widen_the_model_and_its_footprint(tmp_path):
+    from protopo_ray.data.graphs import NODE_FEATURES
+    from protopo_ray.model.network import TopologyModel, count_parameters
+
+    cfg = config(8).model
+    plain, esm = footprint(cfg, 8, 400), footprint(cfg, 8, 400, embedding_dim=1280)
+    # The input projection gains 1280 x gc_size weights; every residue carries 1280 more values (twice: x and the
+    # concatenated input).
+    assert esm.num_parameters - plain.num_parameters == 1280 * cfg.gc_size
+    assert esm.activation_bytes_per_residue > plain.activation_bytes_per_residue + 2 * 1280 * 4
+    assert count_parameters(TopologyModel(cfg, embedding_dim=1280)) == esm.num_parameters
+    assert TopologyModel(cfg, embedding_dim=16).input_proj.in_features == cfg.aa_embed_dim + len(NODE_FEATURES) + 16
+    # The search's planner reads the width off the data's manifest (none there: plans for none).
+    base = config(8).replace({"data.path": str(tmp_path / "nothing")})
+    assert trial_footprint(base, 400).total_bytes == trial_footprint(base, 400, embedding_dim=0).total_bytes
+    assert trial_footprint(base, 400, embedding_dim=1280).total_bytes > trial_footprint(base, 400).total_bytes

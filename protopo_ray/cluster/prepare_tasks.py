@@ -8,6 +8,10 @@ structures.load_aligned_ca, synthetic.generate_protein, graphs.build_graph) and 
 output: a directory (the driver's temp dir; on a multi-node cluster it must be shared by the nodes) or
 object storage. The driver then writes the manifest of every task's files, in input order. A task that fails
 and is retried rewrites the same files.
+
+With ESM-2 embeddings (`prepare --embed-weights`) the pipeline has three stages: tasks build the rows, a pool of
+`EmbedRows` actors (each holding the model once: a share of a GPU where the cluster has GPUs, else CPU cores)
+adds the embeddings, and tasks write the shard files as above.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ray.data
 from protopo_ray.cluster.connect import ray_init, started_local_cluster
 from protopo_ray.data import shards, storage
 from protopo_ray.data.build import PrepareSummary, RowFunction, count_row, progress_bar
+from protopo_ray.data.embeddings import Embedder, EmbeddingSpec
 
 TASKS_PER_CPU = 4
 """Batches per CPU at least (smaller batches for small inputs), so long and short proteins even out."""
@@ -74,16 +79,72 @@ def build_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tupl
     return {"report": np.array(reports, dtype=object)}
 
 
+def rows_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tuple) -> dict[str, np.ndarray]:
+    """Stage 1 with embeddings: the rows of each input batch, pickled, for the embedding actors."""
+    rows, cpu_s = [], []
+    for payload in batch["payload"]:
+        start = time.process_time()
+        rows.append(pickle.dumps(rows_of(pickle.loads(payload), *args)))
+        cpu_s.append(time.process_time() - start)
+    return {"task": batch["task"], "rows": np.array(rows, dtype=object), "cpu_s": np.array(cpu_s)}
+
+
+class EmbedRows:
+    """Stage 2: a Ray Data actor holding one ESM-2 model; fills in the rows' `embedding` column."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.embedder = Embedder(EmbeddingSpec.from_json(spec))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for payload in batch["rows"]:
+            items = pickle.loads(payload)
+            for (row, _), vector in zip(items, self.embedder.embed([row["sequence"] for row, _ in items])):
+                row["embedding"] = vector.reshape(-1)
+            rows.append(pickle.dumps(items))
+        return {**batch, "rows": np.array(rows, dtype=object)}
+
+
+def write_task(batch: dict[str, np.ndarray], *, root: str, write_args: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Stage 3: each batch's rows written as its shard files; the same report as `build_task`."""
+    reports = []
+    for task, payload, cpu_s in zip(batch["task"], batch["rows"], batch["cpu_s"]):
+        start = time.process_time()
+        writer = shards.ShardWriter(root, file_prefix=f"part-{int(task):05d}", clear=False, **write_args)
+        sources = []
+        for row, source in pickle.loads(payload):
+            writer.add(row)
+            sources.append((row["id"], source))
+        entries, histogram = writer.finish()
+        reports.append(json.dumps({"task": int(task), "sources": sources, "shards": entries, "histogram": histogram,
+                                   "cpu_s": float(cpu_s) + time.process_time() - start}))
+    return {"report": np.array(reports, dtype=object)}
+
+
 class RayBuilder:
     """Builds rows and writes shards in Ray Data tasks, at most `workers` at once (default: every CPU of the
-    cluster); the same call as `build.LocalBuilder`. `summary.task_cpu_s` gets the tasks' CPU time."""
+    cluster); the same call as `build.LocalBuilder`. `summary.task_cpu_s` gets the tasks' CPU time.
 
-    def __init__(self, workers: int | None = None) -> None:
+    With embeddings, `embed_actors` actors hold the model (default: one per GPU of the cluster, else one), each
+    with `embed_gpus` of a GPU (default 1 where the cluster has GPUs, else 0) or `embed_cpus` CPU cores."""
+
+    def __init__(self, workers: int | None = None, embed_actors: int | None = None, embed_gpus: float | None = None,
+                 embed_cpus: float = 1.0) -> None:
         self.workers = workers
+        self.embed_actors, self.embed_gpus, self.embed_cpus = embed_actors, embed_gpus, embed_cpus
+
+    def _embed_stage(self, ds: ray.data.Dataset, spec: EmbeddingSpec) -> ray.data.Dataset:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        share = self.embed_gpus if self.embed_gpus is not None else (1.0 if gpus else 0.0)
+        actors = self.embed_actors or (max(1, int(gpus / share)) if share else 1)
+        return ds.map_batches(EmbedRows, batch_size=1, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=actors),
+                              fn_constructor_kwargs={"spec": spec.to_json()},
+                              num_gpus=share or None, num_cpus=self.embed_cpus)
 
     def __call__(self, rows_of: RowFunction, jobs: list, args: tuple, target: str, summary: PrepareSummary, *,
                  what: str, k: int, sources: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 extra: dict[str, Any] | None = None, embedding: EmbeddingSpec | None = None) -> dict[str, Any]:
         if not ray.is_initialized():
             connect(None, self.workers)
         fs, root = storage.filesystem(target)
@@ -98,10 +159,17 @@ class RayBuilder:
         compute = ray.data.TaskPoolStrategy(size=self.workers) if self.workers else None
         done: list[dict[str, Any]] = []
         try:
-            reports = (ray.data.from_items(items, override_num_blocks=len(items))
-                       .map_batches(build_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
-                                    fn_kwargs={"rows_of": rows_of, "args": args, "root": root,
-                                               "write_args": {"k": k}}))
+            inputs = ray.data.from_items(items, override_num_blocks=len(items))
+            if embedding is None:
+                reports = inputs.map_batches(build_task, batch_size=1, batch_format="numpy", num_cpus=1,
+                                             compute=compute, fn_kwargs={"rows_of": rows_of, "args": args,
+                                                                         "root": root, "write_args": {"k": k}})
+            else:
+                rows = inputs.map_batches(rows_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                          fn_kwargs={"rows_of": rows_of, "args": args})
+                reports = self._embed_stage(rows, embedding).map_batches(
+                    write_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                    fn_kwargs={"root": root, "write_args": {"k": k}})
             progress, bar = progress_bar(len(jobs), f"{what} (Ray, {len(items)} tasks)")
             with progress:
                 for row in reports.iter_rows():
@@ -117,6 +185,6 @@ class RayBuilder:
         summary.task_cpu_s = sum(report["cpu_s"] for report in done)
         entries = [entry for report in done for entry in report["shards"]]
         manifest = shards.build_manifest(entries, [report["histogram"] for report in done], k=k, sources=sources,
-                                         extra=extra)
+                                         extra=extra, embedding=embedding.to_json() if embedding else None)
         shards.write_manifest(fs, root, manifest)
         return manifest

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from protopo_ray.data import shards, storage, synthetic
+from protopo_ray.data.embeddings import EmbeddingSpec, embed_rows
 from protopo_ray.data.graphs import DEFAULT_K, build_graph
 from protopo_ray.data.records import ProteinRecord, read_records
 from protopo_ray.data.structures import load_aligned_ca
@@ -149,8 +150,13 @@ def count_row(summary: PrepareSummary, protein_id: str, source: str) -> None:
     summary.num_written += 1
 
 
+EMBED_CHUNK = 64
+"""Proteins embedded per call on the local path (the model batches their windows by tokens inside)."""
+
+
 class LocalBuilder:
-    """Builds rows in `workers` local processes (1: this process) and writes shards as the rows come, in order."""
+    """Builds rows in `workers` local processes (1: this process) and writes shards as the rows come, in order.
+    With `embedding`, this process embeds the rows as they come (the model loaded once; torch uses every core)."""
 
     def __init__(self, workers: int = 1) -> None:
         if workers < 1:
@@ -158,10 +164,25 @@ class LocalBuilder:
         self.workers = workers
 
     def __call__(self, rows_of: RowFunction, jobs: list, args: tuple, target: str, summary: PrepareSummary, *,
-                 what: str, **write_args: Any) -> dict[str, Any]:
-        """Shards + manifest of `rows_of`'s rows over `jobs` under `target`; returns the manifest."""
-        return shards.write_shards(self._counted(self._rows(rows_of, jobs, args), summary, len(jobs), what), target,
-                                   **write_args)
+                 what: str, embedding: EmbeddingSpec | None = None, **write_args: Any) -> dict[str, Any]:
+        """Shards + manifest of `rows_of`'s rows over `jobs` under `target` (with `embedding`'s per-residue
+        embeddings); returns the manifest."""
+        rows = self._rows(rows_of, jobs, args)
+        if embedding is not None:
+            rows = self._embedded(rows, embedding)
+            write_args["embedding"] = embedding.to_json()
+        return shards.write_shards(self._counted(rows, summary, len(jobs), what), target, **write_args)
+
+    @staticmethod
+    def _embedded(rows: Iterable[tuple[dict, str]], spec: EmbeddingSpec) -> Iterator[tuple[dict, str]]:
+        chunk: list[tuple[dict, str]] = []
+        for item in rows:
+            chunk.append(item)
+            if len(chunk) == EMBED_CHUNK:
+                yield from embed_rows(chunk, spec)
+                chunk = []
+        if chunk:
+            yield from embed_rows(chunk, spec)
 
     def _rows(self, rows_of: RowFunction, jobs: list, args: tuple) -> Iterator[tuple[dict, str]]:
         if self.workers <= 1 or len(jobs) < 2:
@@ -258,10 +279,10 @@ def write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite
 
 def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, structures: str | os.PathLike | None = None,
                     k: int = DEFAULT_K, skip_invalid: bool = False, overwrite: bool = False,
-                    builder: Builder | None = None) -> PrepareSummary:
+                    builder: Builder | None = None, embedding: EmbeddingSpec | None = None) -> PrepareSummary:
     """Read a labels file (.3line / .json / .fasta), build one graph per protein, write shards to `out` (a local
-    directory or an s3:// / gs:// URI) with `builder` (default: this process). With Ray tasks `structures` must be
-    a directory every node sees."""
+    directory or an s3:// / gs:// URI) with `builder` (default: this process), adding `embedding`'s per-residue
+    embeddings when given. With Ray tasks `structures` must be a directory every node sees."""
     start = time.perf_counter()
     out, labels_path = out if storage.is_uri(out) else Path(out), Path(labels_path)
     if k < 1:
@@ -281,16 +302,19 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
     build = builder or LocalBuilder()
     summary.manifest = write_output(
         lambda target: build(record_rows, result.records, args, target, summary, what="graphs", k=k,
-                             sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra),
+                             sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra,
+                             **({"embedding": embedding} if embedding else {})),
         out, overwrite)
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
 
 def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int = DEFAULT_K, overwrite: bool = False,
-                      builder: Builder | None = None, mix: dict[str, float] | None = None) -> PrepareSummary:
+                      builder: Builder | None = None, mix: dict[str, float] | None = None,
+                      embedding: EmbeddingSpec | None = None) -> PrepareSummary:
     """Generate `n` synthetic proteins (protopo_ray.data.synthetic; types in DeepTMHMM's proportions or `mix`) with
-    structure graphs and write shards to `out` with `builder` (default: this process)."""
+    structure graphs and write shards to `out` with `builder` (default: this process), adding `embedding`'s
+    per-residue embeddings when given."""
     start = time.perf_counter()
     out = out if storage.is_uri(out) else Path(out)
     if n < 1:
@@ -306,7 +330,8 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     summary.manifest = write_output(
         lambda target: build(synthetic_rows, jobs, (seed, k), target, summary, what="synthetic", k=k,
                              sources={"synthetic": f"{SYNTHETIC_MODULE} n={n} seed={seed}"},
-                             extra={"graph_builder": GRAPH_BUILDER, "generator": generator}),
+                             extra={"graph_builder": GRAPH_BUILDER, "generator": generator},
+                             **({"embedding": embedding} if embedding else {})),
         out, overwrite)
     summary.elapsed_s = time.perf_counter() - start
     return summary

@@ -52,6 +52,17 @@ def _labels(table: pa.Table, lengths: np.ndarray) -> np.ndarray:
     return y
 
 
+def _node_inputs(table: pa.Table) -> np.ndarray:
+    """float32 [N, F (+ D)]: the node features, followed by the embeddings where the set has them."""
+    x = _flat(table, "node_features").astype(np.float32).reshape(-1, len(NODE_FEATURES))
+    if "embedding" not in table.column_names or table["embedding"].null_count == table.num_rows:
+        return x
+    if table["embedding"].null_count:
+        row = int(np.flatnonzero(pc.is_null(table["embedding"]).to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"protein {table['id'][row]}: no embedding, but other proteins of the batch have one")
+    return np.concatenate([x, _flat(table, "embedding").astype(np.float32).reshape(x.shape[0], -1)], axis=1)
+
+
 def _batch_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     """Every tensor field of a batch as numpy, from flattened Arrow columns (no per-protein Python)."""
     lengths = table["length"].to_numpy().astype(np.int64)
@@ -66,7 +77,7 @@ def _batch_arrays(table: pa.Table) -> dict[str, np.ndarray]:
     edge_index += np.repeat(ptr[:-1], num_edges)
     return {
         "aa": _flat(table, "aa").astype(np.int64),
-        "x": _flat(table, "node_features").astype(np.float32).reshape(-1, len(NODE_FEATURES)),
+        "x": _node_inputs(table),
         "edge_index": edge_index,
         "edge_attr": attr,
         "y": _labels(table, lengths),
@@ -90,7 +101,7 @@ def sequence_window(table: pa.Table, src: np.ndarray, dst: np.ndarray) -> int:
 def table_to_batch(table: pa.Table):
     """A `torch_geometric.data.Batch` of every row of `table` (vectorised, no per-protein Python).
 
-    Fields: aa [N], x [N, F], edge_index [2, E] (batch-global node ids), edge_attr [E, len(EDGE_FEATURES)],
+    Fields: aa [N], x [N, F] (F + D with embeddings), edge_index [2, E] (batch-global node ids), edge_attr [E, len(EDGE_FEATURES)],
     y [N] (IGNORE_LABEL for unlabelled proteins), batch [N], ptr [B+1], lengths [B], protein_id / ptype / sequence
     (lists of B strings), window (`sequence_window`: what lets the model run its GC layers densely);
     `num_graphs` = B. Slice bookkeeping matches `Batch.from_data_list`, so
@@ -133,10 +144,13 @@ def table_to_data_list(table: pa.Table) -> list:
         edge_index = np.array([row["edge_src"], row["edge_dst"]], dtype=np.int64).reshape(2, -1)
         distance = None if row["edge_distance"] is None else np.array(row["edge_distance"], dtype=np.float32)
         labels = row["labels"]
+        x = np.array(row["node_features"], dtype=np.float32).reshape(length, len(NODE_FEATURES))
+        if row.get("embedding") is not None:
+            x = np.concatenate([x, np.array(row["embedding"], dtype=np.float32).reshape(length, -1)], axis=1)
         y = [LABEL_INDEX[c] for c in labels] if labels else [IGNORE_LABEL] * length
         data_list.append(Data(
             aa=torch.tensor(row["aa"], dtype=torch.long),
-            x=torch.tensor(np.array(row["node_features"], dtype=np.float32).reshape(length, len(NODE_FEATURES))),
+            x=torch.from_numpy(x),
             edge_index=torch.from_numpy(edge_index),
             edge_attr=torch.from_numpy(edge_features(edge_index, distance)),
             y=torch.tensor(y, dtype=torch.long),
@@ -146,8 +160,12 @@ def table_to_data_list(table: pa.Table) -> list:
     return data_list
 
 
-def records_to_batch(records: Sequence[ProteinRecord], graphs: Sequence[ResidueGraph]):
-    """A Batch straight from in-memory records and graphs (prediction), through the same row encoding."""
-    if len(records) != len(graphs):
-        raise ValueError(f"{len(records)} records but {len(graphs)} graphs")
-    return table_to_batch(rows_to_table([record_to_row(r, g) for r, g in zip(records, graphs)]))
+def records_to_batch(records: Sequence[ProteinRecord], graphs: Sequence[ResidueGraph],
+                     embeddings: Sequence[np.ndarray] | None = None):
+    """A Batch straight from in-memory records and graphs (and [L, D] embeddings where the model takes them;
+    prediction), through the same row encoding."""
+    if len(records) != len(graphs) or (embeddings is not None and len(embeddings) != len(records)):
+        raise ValueError(f"{len(records)} records but {len(graphs)} graphs"
+                         + (f" and {len(embeddings)} embeddings" if embeddings is not None else ""))
+    embeddings = embeddings if embeddings is not None else [None] * len(records)
+    return table_to_batch(rows_to_table([record_to_row(r, g, e) for r, g, e in zip(records, graphs, embeddings)]))

@@ -64,14 +64,18 @@ SCHEMA = pa.schema([
     pa.field("edge_dst", pa.list_(pa.int32()), nullable=False),
     pa.field("edge_distance", pa.list_(pa.float16())),  # null for sequence graphs
     pa.field("ca", pa.list_(pa.float32())),  # flattened [L, 3]; null without a structure
+    # flattened [L, D] protein language model embeddings (protopo_ray.data.embeddings; the manifest's
+    # "embedding" says which); null in sets prepared without --embed-weights, and read as null from older files
+    pa.field("embedding", pa.list_(pa.float16())),
 ], metadata={"protopo_ray.schema_version": str(SCHEMA_VERSION)})
 
 _LIST_DTYPES = {"aa": np.int8, "node_features": np.float16, "edge_src": np.int32, "edge_dst": np.int32,
-                "edge_distance": np.float16, "ca": np.float32}
+                "edge_distance": np.float16, "ca": np.float32, "embedding": np.float16}
 
 
-def record_to_row(record: ProteinRecord, graph: ResidueGraph) -> dict[str, Any]:
-    """One shard row: strings as str, list columns as numpy arrays (None for null lists)."""
+def record_to_row(record: ProteinRecord, graph: ResidueGraph, embedding: np.ndarray | None = None) -> dict[str, Any]:
+    """One shard row: strings as str, list columns as numpy arrays (None for null lists); `embedding` is
+    [L, D] (protopo_ray.data.embeddings), None when the set has none."""
     length = len(record.sequence)
     if graph.num_nodes != length:
         raise ValueError(f"{record.id}: graph has {graph.num_nodes} nodes but the sequence has {length} residues")
@@ -87,6 +91,7 @@ def record_to_row(record: ProteinRecord, graph: ResidueGraph) -> dict[str, Any]:
         "edge_dst": graph.edge_index[1].astype(np.int32),
         "edge_distance": graph.edge_distance.astype(np.float16) if structure else None,
         "ca": graph.ca.astype(np.float32).reshape(-1) if structure and graph.ca is not None else None,
+        "embedding": None if embedding is None else np.asarray(embedding, np.float16).reshape(-1),
     }
 
 
@@ -156,13 +161,14 @@ class ShardWriter:
     def __init__(self, out_dir: str | os.PathLike, *, k: int, sources: dict[str, str] | None = None,
                  extra: dict[str, Any] | None = None, max_rows_per_shard: int = MAX_ROWS_PER_FILE,
                  max_bytes_per_shard: int = MAX_BYTES_PER_FILE, row_group_rows: int = ROW_GROUP_ROWS,
-                 row_group_bytes: int = ROW_GROUP_BYTES, file_prefix: str = "part", clear: bool = True) -> None:
+                 row_group_bytes: int = ROW_GROUP_BYTES, file_prefix: str = "part", clear: bool = True,
+                 embedding: dict[str, Any] | None = None) -> None:
         if min(max_rows_per_shard, max_bytes_per_shard, row_group_rows, row_group_bytes) < 1:
             raise ValueError("max_rows_per_shard, max_bytes_per_shard, row_group_rows and row_group_bytes "
                              "must be >= 1")
         self.out_dir = str(out_dir)
         self.fs, self.root = storage.filesystem(out_dir)
-        self.k, self.sources, self.extra = k, dict(sources or {}), dict(extra or {})
+        self.k, self.sources, self.extra, self.embedding = k, dict(sources or {}), dict(extra or {}), embedding
         self.layout = {"max_rows_per_file": max_rows_per_shard, "max_bytes_per_file": max_bytes_per_shard,
                        "row_group_rows": row_group_rows, "row_group_bytes": row_group_bytes}
         self.file_prefix = file_prefix
@@ -220,7 +226,7 @@ class ShardWriter:
             return self.manifest
         entries, histogram = self.finish()
         manifest = build_manifest(entries, [histogram], k=self.k, sources=self.sources, extra=self.extra,
-                                  layout=self.layout)
+                                  layout=self.layout, embedding=self.embedding)
         write_manifest(self.fs, self.root, manifest)
         self.manifest = manifest
         return manifest
@@ -247,8 +253,9 @@ def clear_shards(fs: pafs.FileSystem, root: str) -> None:
 
 def build_manifest(entries: Sequence[dict[str, Any]], histograms: Iterable[dict[str, list[int]]], *, k: int,
                    sources: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
-                   layout: dict[str, int] | None = None) -> dict[str, Any]:
-    """The manifest of shard files `entries` (ShardWriter's, in read order); totals are sums over the entries."""
+                   layout: dict[str, int] | None = None, embedding: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of shard files `entries` (ShardWriter's, in read order); totals are sums over the entries.
+    `embedding` (embeddings.EmbeddingSpec.to_json: model, weights, layer, dim, ...) when rows carry embeddings."""
     counts: dict[str, Counter] = {key: Counter() for key in COUNTED}
     residues: Counter = Counter()
     for entry in entries:
@@ -270,6 +277,7 @@ def build_manifest(entries: Sequence[dict[str, Any]], histograms: Iterable[dict[
         "k": k,
         "node_features": list(NODE_FEATURES),
         "edge_features": list(EDGE_FEATURES),
+        **({"embedding": dict(embedding)} if embedding else {}),
         "shards": list(entries),
         "shard_layout": dict(layout or {"max_rows_per_file": MAX_ROWS_PER_FILE,
                                         "max_bytes_per_file": MAX_BYTES_PER_FILE,
@@ -292,10 +300,11 @@ def write_manifest(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> 
 def write_shards(rows: Iterable[dict[str, Any]], out_dir: str | os.PathLike, *, k: int,
                  sources: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
                  max_rows_per_shard: int = MAX_ROWS_PER_FILE, max_bytes_per_shard: int = MAX_BYTES_PER_FILE,
-                 row_group_rows: int = ROW_GROUP_ROWS) -> dict[str, Any]:
+                 row_group_rows: int = ROW_GROUP_ROWS, embedding: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `record_to_row` dicts as shards + manifest under `out_dir`; returns the manifest."""
     with ShardWriter(out_dir, k=k, sources=sources, extra=extra, max_rows_per_shard=max_rows_per_shard,
-                     max_bytes_per_shard=max_bytes_per_shard, row_group_rows=row_group_rows) as writer:
+                     max_bytes_per_shard=max_bytes_per_shard, row_group_rows=row_group_rows,
+                     embedding=embedding) as writer:
         for row in rows:
             writer.add(row)
     return writer.close()
@@ -344,3 +353,8 @@ def read_table(path: str | os.PathLike, folds: Sequence[str] | None = None,
     # The filter runs inside the scan (row groups whose statistics exclude the folds are skipped).
     where = pc.field("fold").isin(list(folds)) if folds is not None else None
     return dataset.to_table(columns=columns, filter=where)
+
+
+def embedding_dim(manifest: dict[str, Any]) -> int:
+    """Embedding values per residue of a shard set (0 without embeddings): the model's extra input width."""
+    return int((manifest.get("embedding") or {}).get("dim", 0))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from protopo_ray.data import batching
+from protopo_ray.data import batching, embeddings
 from protopo_ray.data.collate import records_to_batch
 from protopo_ray.data.graphs import ResidueGraph, build_graph
 from protopo_ray.data.records import ProteinRecord
@@ -26,6 +26,25 @@ def build_graphs(records: list[ProteinRecord], structures: str | Path | None, k:
         ca, _ = load_aligned_ca(structures, record) if structures else (None, "")
         built.append(build_graph(record.sequence, ca, k=k))
     return built
+
+
+def embed_records(records: list[ProteinRecord], spec: dict | None, weights: str | None = None
+                  ) -> list[np.ndarray] | None:
+    """[L, D] embeddings of `records` with the model and layer the predictor was trained on (`spec`, its
+    checkpoint's `inputs.embedding`; None: it takes none), read from `weights` (default: the path recorded at
+    training). Raises embeddings.EmbeddingError (a ValueError) when the weights are not there or differ."""
+    if not spec:
+        return None
+    values = embeddings.EmbeddingSpec.from_json(spec)
+    if weights is not None:
+        values = embeddings.EmbeddingSpec.from_json({**values.to_json(), "weights": str(weights)})
+    try:
+        embedder = embeddings.cached_embedder(values)
+    except embeddings.EmbeddingError as error:
+        raise embeddings.EmbeddingError(f"this predictor was trained on {values.model} embeddings (layer "
+                                        f"{values.layer}) and needs its weights to embed new proteins: {error}; "
+                                        f"--embed-weights FILE overrides the recorded path") from None
+    return embedder.embed([record.sequence for record in records])
 
 
 @torch.no_grad()
@@ -46,12 +65,15 @@ def label_probabilities(model: nn.Module, batch, device: torch.device) -> list[n
 
 
 def predict_records(model: nn.Module, records: list[ProteinRecord], graph_list: list[ResidueGraph],
-                    device: torch.device, batch_size: int = 32) -> list[Prediction]:
-    """Decoded labels and label probabilities per protein, batched by length, in the order of `records`."""
+                    device: torch.device, batch_size: int = 32,
+                    embedding_list: list[np.ndarray] | None = None) -> list[Prediction]:
+    """Decoded labels and label probabilities per protein, batched by length, in the order of `records`
+    (`embedding_list`: `embed_records`' arrays, for a predictor trained on embeddings)."""
     lengths = [len(r.sequence) for r in records]
     found: dict[str, Prediction] = {}
     for idx in batching.eval_batches(lengths, batch_size):
-        batch = records_to_batch([records[i] for i in idx], [graph_list[i] for i in idx])
+        batch = records_to_batch([records[i] for i in idx], [graph_list[i] for i in idx],
+                                 None if embedding_list is None else [embedding_list[i] for i in idx])
         ((proteins, _, _),) = loop.predict_labels(model, [batch], device)
         for (pid, sequence, _, labels), probabilities in zip(proteins, label_probabilities(model, batch, device)):
             found[pid] = Prediction(pid, sequence, labels, probabilities)

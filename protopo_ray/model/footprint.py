@@ -12,9 +12,11 @@ count is scaled by what a step was measured to hold (MEASURED_ACTIVATION_SCALE).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from protopo_ray.config import Config, ModelConfig
+from protopo_ray.data import shards
 from protopo_ray.data.alphabet import NUM_LABELS
 from protopo_ray.data.graphs import DEFAULT_K
 from protopo_ray.model.features import feature_groups, num_features
@@ -57,12 +59,14 @@ class Footprint:
 ACTIVATION_SAFETY = 1.25
 
 
-def activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K) -> int:
+def activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K, embedding_dim: int = 0) -> int:
     """Elements kept for backward per padded residue, from the layer widths (coefficients fitted to the
-    saved-tensor measurements described at ACTIVATION_SAFETY; an int64 index counts as 2 elements)."""
+    saved-tensor measurements described at ACTIVATION_SAFETY; an int64 index counts as 2 elements).
+    `embedding_dim` embedding inputs per residue widen the node features and the concatenated input."""
     w, e, hdim = cfg.gc_size, cfg.aa_embed_dim, cfg.lstm_size
     directions = 2 if cfg.bidirectional else 1
-    n = e + (e + NUM_NODE_FEATURES) + 4 * w  # embedding, concatenated input, projection, LayerNorm in/out, padded
+    # embedding, concatenated input (with the embedding inputs, which x also holds), projection, LayerNorm in/out, padded
+    n = e + (e + NUM_NODE_FEATURES + embedding_dim) + embedding_dim + 4 * w
     for _ in range(cfg.gc_layers):
         if cfg.gc_operator == "cfconv":
             # per edge: RBF + edge features, filter hidden / SiLU / filter, gathered source features, message
@@ -89,17 +93,19 @@ def activation_elements_per_residue(cfg: ModelConfig, k: int = DEFAULT_K) -> int
     return n
 
 
-def footprint(cfg: ModelConfig, batch_size: int, max_len: int, dtype_bytes: int = 4) -> Footprint:
+def footprint(cfg: ModelConfig, batch_size: int, max_len: int, dtype_bytes: int = 4,
+              embedding_dim: int = 0) -> Footprint:
     """Memory to train `cfg` with AdamW on `batch_size` proteins padded to `max_len` residues.
 
     `dtype_bytes` is the activation dtype (2 under bf16 autocast); weights, grads and AdamW states stay fp32.
+    `embedding_dim`: embedding values per residue the shards add (`shards.embedding_dim`; 1280 for ESM-2 650M).
     The estimate is monotone in every size knob (gc_size, gc_layers, lstm_size, lstm_layers, batch, length).
     """
     if batch_size < 1 or max_len < 1 or dtype_bytes < 1:
         raise ValueError(f"footprint needs batch_size, max_len, dtype_bytes >= 1, got {batch_size}, {max_len}, {dtype_bytes}")
-    num_parameters = count_parameters(cfg)
+    num_parameters = count_parameters(cfg, embedding_dim)
     weights = 4 * num_parameters
-    per_residue = int(activation_elements_per_residue(cfg) * dtype_bytes * ACTIVATION_SAFETY)
+    per_residue = int(activation_elements_per_residue(cfg, embedding_dim=embedding_dim) * dtype_bytes * ACTIVATION_SAFETY)
     activations = per_residue * batch_size * max_len
     return Footprint(
         num_parameters=num_parameters,
@@ -128,10 +134,23 @@ def peak_padded_positions(config: Config, longest: int, world_size: int = 1) -> 
     return min(unbudgeted, max(budget, longest)) if budget else unbudgeted
 
 
-def trial_footprint(config: Config, longest: int, world_size: int = 1) -> TrialFootprint:
-    """Peak training memory of one worker of a run of `config` over data whose longest protein is `longest`."""
+@functools.lru_cache(maxsize=64)
+def _manifest_embedding_dim(path: str) -> int:
+    try:
+        return shards.embedding_dim(shards.read_manifest(path))
+    except (OSError, ValueError):  # no shards there yet (a dry run before prepare): plan for none
+        return 0
+
+
+def trial_footprint(config: Config, longest: int, world_size: int = 1,
+                    embedding_dim: int | None = None) -> TrialFootprint:
+    """Peak training memory of one worker of a run of `config` over data whose longest protein is `longest`
+    (and `embedding_dim` embedding inputs per residue; default: what the manifest at `config.data.path` records,
+    so the search plans ESM-2 inputs without being told)."""
+    if embedding_dim is None:
+        embedding_dim = _manifest_embedding_dim(str(config.data.path))
     positions = peak_padded_positions(config, longest, world_size)
-    estimate = footprint(config.model, batch_size=1, max_len=positions, dtype_bytes=4)
+    estimate = footprint(config.model, batch_size=1, max_len=positions, dtype_bytes=4, embedding_dim=embedding_dim)
     # Steady state: weights and AdamW's two moments live all the time; the activations of a step are freed
     # during backward while its gradients appear, so the peak holds one or the other, not both.
     persistent = estimate.weights_bytes + estimate.optimizer_bytes

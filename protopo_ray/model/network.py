@@ -199,16 +199,20 @@ class ChainLSTM(nn.Module):
 
 class TopologyModel(nn.Module):
     """Per-residue topology classifier built from a `ModelConfig` and the topology grammar its decoder uses
-    (default: the grammar of `grammar.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded)."""
+    (default: the grammar of `grammar.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded).
+    `embedding_dim`: per-residue embedding values the shards add to the node features (the manifest's
+    `embedding.dim`, `shards.embedding_dim`; 0 without), so `x` is [N, NUM_NODE_FEATURES + embedding_dim]."""
 
-    def __init__(self, cfg: ModelConfig, grammar: Grammar | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, grammar: Grammar | None = None, embedding_dim: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.embedding_dim = embedding_dim
         self.grammar = grammar or default_grammar()
         self.aa_embedding = nn.Embedding(NUM_AA_TOKENS, cfg.aa_embed_dim)
         groups = feature_groups(cfg.feature_hydropathy, cfg.feature_charge, cfg.feature_blosum)
         self.features = SequenceFeatures(groups) if groups else None
-        self.input_proj = nn.Linear(cfg.aa_embed_dim + NUM_NODE_FEATURES + num_features(groups), cfg.gc_size)
+        self.input_proj = nn.Linear(cfg.aa_embed_dim + NUM_NODE_FEATURES + embedding_dim + num_features(groups),
+                                    cfg.gc_size)
         self.gc_blocks = nn.ModuleList(
             GraphBlock(cfg.gc_operator, cfg.gc_size, cfg.dropout) for _ in range(cfg.gc_layers)
         )
@@ -343,15 +347,16 @@ def pad_by_protein(values: Tensor, batch) -> tuple[Tensor, Tensor, tuple[Tensor,
 
 
 @functools.lru_cache(maxsize=4096)
-def _count_config(cfg: ModelConfig) -> int:
+def _count_config(cfg: ModelConfig, embedding_dim: int = 0) -> int:
     # meta device: shapes only, no memory and no init cost, so the hardware planner can price many configs
     with torch.device("meta"):
-        model = TopologyModel(cfg)
+        model = TopologyModel(cfg, embedding_dim=embedding_dim)
     return sum(p.numel() for p in model.parameters())
 
 
-def count_parameters(model_or_config: nn.Module | ModelConfig) -> int:
-    """Number of trainable parameters of a model, or of the model a `ModelConfig` would build."""
+def count_parameters(model_or_config: nn.Module | ModelConfig, embedding_dim: int = 0) -> int:
+    """Number of trainable parameters of a model, or of the model a `ModelConfig` would build (with
+    `embedding_dim` embedding inputs per residue)."""
     if isinstance(model_or_config, ModelConfig):
-        return _count_config(model_or_config)
+        return _count_config(model_or_config, embedding_dim)
     return sum(p.numel() for p in model_or_config.parameters() if p.requires_grad)

@@ -52,12 +52,20 @@ class ModelInputs:
     """Training-shard proteins per graph source ('structure' / 'sequence'): what the model has seen."""
     node_features: tuple[str, ...]
     edge_features: tuple[str, ...]
+    embedding: dict[str, Any] | None = None
+    """The shards' per-residue embeddings (protopo_ray.data.embeddings.EmbeddingSpec: model, weights, layer, dim,
+    ...), None without: predict embeds new proteins with the same model and layer."""
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embedding["dim"]) if self.embedding else 0
 
     @classmethod
     def of_manifest(cls, manifest: dict[str, Any]) -> ModelInputs:
         """The inputs a shard set's manifest describes (`protopo_ray.data.shards.build_manifest`)."""
         return cls(graph_k=int(manifest["k"]), graph_sources=dict(manifest["counts"]["graph_source"]),
-                   node_features=tuple(manifest["node_features"]), edge_features=tuple(manifest["edge_features"]))
+                   node_features=tuple(manifest["node_features"]), edge_features=tuple(manifest["edge_features"]),
+                   embedding=manifest.get("embedding"))
 
     def check_builds_here(self, where: str) -> None:
         """Raise unless this code builds graphs with the same node and edge features as the checkpoint's."""
@@ -105,7 +113,8 @@ class CheckpointMeta:
                        config=Config.from_dict(values["config"], where=f"{where} config"),
                        inputs=ModelInputs(graph_k=int(inputs["graph_k"]), graph_sources=dict(inputs["graph_sources"]),
                                           node_features=tuple(inputs["node_features"]),
-                                          edge_features=tuple(inputs["edge_features"])),
+                                          edge_features=tuple(inputs["edge_features"]),
+                                          embedding=inputs.get("embedding")),
                        grammar=SegmentStats.from_json(values["grammar"]), format=int(values.get("format", FORMAT)))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where}: malformed ({type(error).__name__}: {error})") from None
@@ -165,7 +174,7 @@ class Checkpoint:
         """The trained network in eval mode on `device`, built with the checkpoint's own config and grammar;
         `overrides` change how it decodes (e.g. {"model.decoder": "viterbi"}), never its shape."""
         config = self.config.replace(overrides) if overrides else self.config
-        model = TopologyModel(config.model, build_grammar(self.meta.grammar))
+        model = TopologyModel(config.model, build_grammar(self.meta.grammar), self.meta.inputs.embedding_dim)
         model.load_state_dict(self.state.model)
         return model.to(device).eval()
 

@@ -124,7 +124,7 @@ def fit(config: Config, session: Session) -> dict[str, float]:
     # A run continues with the grammar its checkpoint was built with (a CRF's transitions are per grammar state);
     # a new one reads its grammar off its training folds.
     grammar = build_grammar(start.meta.grammar) if start is not None else training_grammar(config)
-    model = session.prepare_model(TopologyModel(config.model, grammar).to(device), device)
+    model = session.prepare_model(TopologyModel(config.model, grammar, inputs.embedding_dim).to(device), device)
     optimizer = loop.build_optimizer(model, cfg)
     loss_fn = loop.build_loss(cfg)
     best = BestTracker(cfg.objective)

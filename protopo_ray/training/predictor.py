@@ -85,10 +85,12 @@ def load_predictor(path: str | Path, device: torch.device | str = "cpu") -> Pred
         loaded = [load_checkpoint(member) for member in members]
         inputs = loaded[0].meta.inputs
         for checkpoint in loaded[1:]:
-            if (checkpoint.meta.inputs.graph_k, checkpoint.meta.inputs.node_features) != (inputs.graph_k,
-                                                                                          inputs.node_features):
+            other = checkpoint.meta.inputs
+            if (other.graph_k, other.node_features, other.embedding_dim) != (inputs.graph_k, inputs.node_features,
+                                                                             inputs.embedding_dim):
                 raise CheckpointError(f"{path}: member {checkpoint.path} was trained on other inputs than "
-                                      f"{loaded[0].path} (graph k, node features); an ensemble needs one input")
+                                      f"{loaded[0].path} (graph k, node features, embeddings); an ensemble needs one "
+                                      f"input")
         module: nn.Module = Ensemble([checkpoint.model() for checkpoint in loaded], decoding)
         config = loaded[0].config
     elif (path / META_FILE).exists():

@@ -42,8 +42,10 @@ def split_folds(config: Config, split: str) -> tuple[str, ...]:
 
 def bytes_per_residue(manifest: dict[str, Any]) -> int:
     """In-memory Arrow bytes of one residue in the shard schema: k edges x (src, dst int32 + distance fp16),
-    node features fp16, aa int8, C-alpha fp32 x 3 (when structures are present), label and sequence letters."""
-    return int(manifest.get("k", 16)) * 10 + 2 * len(manifest.get("node_features", ())) + 1 + 12 + 2
+    node features fp16, aa int8, C-alpha fp32 x 3 (when structures are present), label and sequence letters, and
+    the fp16 embeddings where the set has them (2,560 bytes at ESM-2 650M's 1,280 values: such sets stream sooner)."""
+    return (int(manifest.get("k", 16)) * 10 + 2 * len(manifest.get("node_features", ())) + 1 + 12 + 2
+            + 2 * shards.embedding_dim(manifest))
 
 
 def split_bytes(manifest: dict[str, Any], folds: Iterable[str]) -> float:

@@ -1,0 +1,241 @@
+"""Per-residue ESM-2 embeddings (fair-esm) as extra node features: load a local weights file, embed sequences.
+
+No Ray here: `prepare` runs `Embedder` in this process or its worker processes, and the Ray Data actor
+(protopo_ray.cluster.prepare_tasks.EmbedRows) holds one per actor. Weights come only from where the user put
+them (a local file in fair-esm's format, e.g. esm2_t33_650M_UR50D.pt, or an s3:// / gs:// object copied to a
+local cache once); nothing is downloaded from fair-esm's hub at run time.
+
+fair-esm 2.0.0's own `load_model_and_alphabet_local` cannot read ESM-2 files under torch >= 2.6 (torch.load's
+`weights_only` default rejects the argparse.Namespace stored in them) and demands the `-contact-regression.pt`
+file beside them, which embeddings never use. So the file is loaded with argparse.Namespace allow-listed and the
+model built with fair-esm's `load_model_and_alphabet_core`, the same code path minus the contact head.
+
+Proteins longer than ESM-2's 1,022-residue limit are embedded in windows of `window` residues overlapping by
+`overlap`; a residue covered by several windows gets the mean of their vectors. Embeddings are stored as float16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protopo_ray.data import storage
+
+MAX_RESIDUES = 1022
+"""ESM-2's longest input in residues (1,024 positions with the BOS and EOS tokens)."""
+DEFAULT_OVERLAP = 256
+"""Residues two neighbouring windows of a long protein share."""
+MAX_TOKENS_PER_BATCH = 8192
+"""Padded tokens per forward pass (memory bound of one call)."""
+INSTALL_HINT = "pip install 'protopo_ray[esm]'"
+FETCH_HINT = ("download it once, e.g. `curl -O https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t33_650M_UR50D.pt`, "
+              "onto every node (or object storage) and pass that path")
+
+
+class EmbeddingError(ValueError):
+    """The weights file is missing, unreadable or not ESM-2, or fair-esm is not installed."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbeddingSpec:
+    """What the manifest (and a checkpoint) records of the embeddings in a shard set."""
+
+    model: str
+    """ESM-2 model name (the weights file's stem, e.g. esm2_t33_650M_UR50D)."""
+    weights: str
+    """Where the weights were read from (local path or object-store URI); predict reuses it unless overridden."""
+    layer: int
+    """Transformer layer whose output is used (num_layers = the last, ESM's usual choice)."""
+    dim: int
+    """Values per residue (the model's embed_dim: 1280 for the 650M model)."""
+    num_layers: int
+    window: int = MAX_RESIDUES
+    overlap: int = DEFAULT_OVERLAP
+    dtype: str = "float16"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> EmbeddingSpec:
+        return cls(**values)
+
+
+def _import_esm():
+    try:
+        import esm
+        import esm.pretrained
+    except ImportError:
+        raise EmbeddingError(f"ESM-2 embeddings need the fair-esm package: {INSTALL_HINT}") from None
+    return esm
+
+
+def local_weights(weights: str | os.PathLike) -> Path:
+    """A local path of `weights`: itself, or an object-store URI copied once into a cache directory
+    ($PROTOPO_RAY_CACHE, else ~/.cache/protopo_ray/esm)."""
+    if not storage.is_uri(weights):
+        path = Path(weights)
+        if not path.is_file():
+            raise EmbeddingError(f"{path}: ESM-2 weights file not found; {FETCH_HINT}")
+        return path
+    cache = Path(os.environ.get("PROTOPO_RAY_CACHE", Path.home() / ".cache" / "protopo_ray")) / "esm"
+    name = str(weights).rstrip("/").rsplit("/", 1)[-1]
+    path = cache / hashlib.sha256(str(weights).encode()).hexdigest()[:12] / name
+    if path.is_file():
+        return path
+    fs, key = storage.filesystem(str(weights))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with fs.open_input_stream(key) as src, tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+    except (FileNotFoundError, OSError) as error:
+        raise EmbeddingError(f"{weights}: ESM-2 weights not readable ({error}); {FETCH_HINT}") from None
+    os.replace(dst.name, path)
+    return path
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:  # mapped, not read: the driver only needs the config of a 2.5 GB file
+                data = torch.load(str(path), map_location="cpu", mmap=True)
+            except RuntimeError:  # files saved in torch's legacy (non-zip) format cannot be mapped
+                data = torch.load(str(path), map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same located message
+        raise EmbeddingError(f"{path}: not a readable fair-esm weights file ({type(error).__name__}: {error}); "
+                             f"{FETCH_HINT}") from None
+    if not isinstance(data, dict) or "cfg" not in data or "model" not in data:
+        raise EmbeddingError(f"{path}: not an ESM-2 weights file (fair-esm's format holds 'model' and 'cfg'); "
+                             f"{FETCH_HINT}")
+    return data
+
+
+def _resolve_layer(layer: int, num_layers: int, path: Path) -> int:
+    resolved = num_layers if layer == -1 else layer
+    if not 0 <= resolved <= num_layers:
+        raise EmbeddingError(f"--embed-layer {layer}: {path.stem} has layers 0..{num_layers} (-1 = the last)")
+    return resolved
+
+
+def read_spec(weights: str | os.PathLike, layer: int = -1) -> EmbeddingSpec:
+    """The spec of `weights` at `layer` (-1: the last), read from the file's config without building the model;
+    raises EmbeddingError for a missing or unreadable file, or without fair-esm."""
+    _import_esm()
+    path = local_weights(weights)
+    cfg = _read_weights(path)["cfg"]["model"]
+    num_layers = int(cfg.encoder_layers)
+    return EmbeddingSpec(model=path.stem, weights=str(weights), layer=_resolve_layer(layer, num_layers, path),
+                         dim=int(cfg.encoder_embed_dim), num_layers=num_layers)
+
+
+def windows(length: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, stop) residue ranges covering `length` residues in windows of <= `window`, neighbours sharing
+    `overlap` residues; one window when the protein fits."""
+    if length <= window:
+        return [(0, length)]
+    stride = window - overlap
+    if stride < 1:
+        raise ValueError(f"overlap {overlap} must be smaller than the window {window}")
+    starts = list(range(0, length - window, stride)) + [length - window]
+    return [(start, start + window) for start in starts]
+
+
+class Embedder:
+    """An ESM-2 model in memory: `embed(sequences)` -> one float16 [L, dim] array per sequence."""
+
+    def __init__(self, spec: EmbeddingSpec, device: str | None = None,
+                 max_tokens: int = MAX_TOKENS_PER_BATCH) -> None:
+        import torch
+
+        esm = _import_esm()
+        path = local_weights(spec.weights)
+        # The name only routes fair-esm to its ESM-2 builder; the file's own config sets the sizes.
+        name = path.stem if path.stem.startswith("esm2") else f"esm2_{path.stem}"
+        with warnings.catch_warnings():  # "Regression weights not found": the contact head, which we never use
+            warnings.filterwarnings("ignore", message="Regression weights not found")
+            model, alphabet = esm.pretrained.load_model_and_alphabet_core(name, _read_weights(path), None)
+        if (model.embed_dim, model.num_layers) != (spec.dim, spec.num_layers):
+            raise EmbeddingError(f"{spec.weights}: holds a {model.num_layers}-layer, {model.embed_dim}-wide ESM-2, "
+                                 f"but the shards were embedded with {spec.model} ({spec.num_layers} layers, "
+                                 f"{spec.dim} wide): pass the weights file they were made with")
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.alphabet = alphabet
+        self.converter = alphabet.get_batch_converter()
+        self.max_tokens = max_tokens
+
+    def embed(self, sequences: list[str]) -> list[np.ndarray]:
+        import torch
+
+        spec = self.spec
+        pieces = [(i, start, stop) for i, seq in enumerate(sequences)
+                  for start, stop in windows(len(seq), spec.window, spec.overlap)]
+        sums = [np.zeros((len(seq), spec.dim), np.float32) for seq in sequences]
+        counts = [np.zeros((len(seq), 1), np.float32) for seq in sequences]
+        pieces.sort(key=lambda piece: piece[2] - piece[1])  # similar lengths together: little padding
+        batch: list[tuple[int, int, int]] = []
+        for piece in [*pieces, None]:
+            longest = max([p[2] - p[1] for p in batch] + ([piece[2] - piece[1]] if piece else [0])) + 2
+            if batch and (piece is None or longest * (len(batch) + 1) > self.max_tokens):
+                _, _, tokens = self.converter([(str(n), sequences[i][a:b]) for n, (i, a, b) in enumerate(batch)])
+                with torch.inference_mode():
+                    out = self.model(tokens.to(self.device), repr_layers=[spec.layer])["representations"][spec.layer]
+                out = out.float().cpu().numpy()
+                for row, (i, a, b) in enumerate(batch):
+                    sums[i][a:b] += out[row, 1:1 + b - a]  # drop BOS; padding and EOS lie beyond b - a
+                    counts[i][a:b] += 1
+                batch = []
+            if piece is not None:
+                batch.append(piece)
+        return [(s / np.maximum(c, 1)).astype(np.float16) for s, c in zip(sums, counts)]
+
+
+_EMBEDDERS: dict[EmbeddingSpec, Embedder] = {}
+
+
+def cached_embedder(spec: EmbeddingSpec) -> Embedder:
+    """One Embedder per spec and process (worker processes of the local path load the model once)."""
+    if spec not in _EMBEDDERS:
+        _EMBEDDERS[spec] = Embedder(spec)
+    return _EMBEDDERS[spec]
+
+
+def embed_rows(rows: list[tuple[dict, str]], spec: EmbeddingSpec) -> list[tuple[dict, str]]:
+    """Shard rows (with their graph sources) with the `embedding` column filled in (flattened float16 [L, dim])."""
+    vectors = cached_embedder(spec).embed([row["sequence"] for row, _ in rows])
+    for (row, _), vector in zip(rows, vectors):
+        row["embedding"] = vector.reshape(-1)
+    return rows
+
+
+def write_random_esm2(path: str | os.PathLike, num_layers: int = 2, dim: int = 16, heads: int = 2,
+                      seed: int = 0) -> Path:
+    """An ESM-2 with random weights saved as fair-esm's released files are (esm2_t33_650M_UR50D.pt): {"model": the
+    state dict under fairseq's prefixes, "cfg": {"model": argparse.Namespace(encoder_layers, encoder_embed_dim,
+    encoder_attention_heads, token_dropout)}}, the contact regression left out as the released files keep it in
+    a separate -contact-regression.pt. For tests and benchmarks: the whole loading path runs without a download."""
+    import torch
+
+    esm = _import_esm()
+    torch.manual_seed(seed)
+    model = esm.model.esm2.ESM2(num_layers=num_layers, embed_dim=dim, attention_heads=heads, alphabet="ESM-1b",
+                                token_dropout=True)
+    state = {("encoder." if name.startswith(("lm_head", "contact_head")) else "encoder.sentence_encoder.") + name:
+             value for name, value in model.state_dict().items() if not name.startswith("contact_head.regression")}
+    cfg = argparse.Namespace(encoder_layers=num_layers, encoder_embed_dim=dim, encoder_attention_heads=heads,
+                             token_dropout=True)
+    path = Path(path)
+    torch.save({"model": state, "cfg": {"model": cfg}}, path)
+    return path
