@@ -20,6 +20,11 @@ weights are read only from the file you name (fair-esm's format, e.g. esm2_t33_6
 https://dl.fbaipublicfiles.com/fair-esm/models/) or an s3:// / gs:// object; nothing is downloaded at run time.
 Proteins over 1,022 residues are embedded in overlapping windows. With --ray a pool of actors holds the model
 (a GPU each where the cluster has GPUs, or --embed-gpus of one); without, this process embeds. See docs/data.md.
+
+Embedding runs are resumable per shard: finished shards (512 proteins each) wait in <out>.partial beside --out
+until the set is complete. If a run is interrupted, rerun the same command: it reuses the finished shards (the
+summary says how many) and embeds only the rest. Other inputs or arguments than the interrupted run's are
+refused, or with --overwrite start over; delete <out>.partial to discard it.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "local one); --structures must then be visible to every node")
     parser.add_argument("--ray-address", metavar="ADDRESS", help="the Ray cluster for --ray (implies it): 'auto', "
                         "host:port, ray://host:10001, or 'local' for a new private local cluster")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out "
+                        "(and discard an interrupted embedding run's <out>.partial made with other arguments)")
     embed = parser.add_argument_group("ESM-2 embeddings (optional; pip install 'protopo_ray[esm]')")
     embed.add_argument("--embed-weights", metavar="FILE", help="add per-residue ESM-2 embeddings as node features, "
                        "read from this fair-esm weights file (local path, or s3:// / gs://; e.g. "

@@ -123,3 +123,85 @@ def test_prepare_on_ray_then_train_then_predict_with_embeddings(tmp_path, tiny_e
                              "--embed-weights", str(moved)]) == 0
     finally:
         moved.rename(tiny_esm2)
+
+
+def _interrupted(monkeypatch, out: Path, spec: EmbeddingSpec, fail_at: int, **kwargs) -> None:
+    """An embedding run of 10 synthetic proteins (units of 4) that dies while building protein `fail_at`."""
+    from protopo_ray.data import build
+
+    real = build.synthetic_rows
+
+    def dies(jobs, *args):
+        if any(index == fail_at for index, _, _ in jobs):
+            raise RuntimeError("interrupted")
+        return real(jobs, *args)
+
+    monkeypatch.setattr(build, "synthetic_rows", dies)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build.prepare_synthetic(10, out, embedding=spec, **kwargs)
+    monkeypatch.setattr(build, "synthetic_rows", real)
+    assert not out.exists() and (build.staging_dir(out) / "done-00000.json").is_file()
+
+
+def _same_set(a: Path, b: Path) -> None:
+    """Same rows and the same manifest (but for its date)."""
+    ma, mb = (shards.read_manifest(path) for path in (a, b))
+    ma.pop("created_at"), mb.pop("created_at")
+    assert ma == mb
+    assert shards.read_table(a).equals(shards.read_table(b))
+
+
+def test_an_interrupted_embedding_run_resumes_per_shard(tmp_path, tiny_esm2, monkeypatch, capsys):
+    from protopo_ray.data import build
+
+    monkeypatch.setattr(build, "RESUME_UNIT", 4)  # 10 proteins: 3 shard units
+    spec = read_spec(tiny_esm2)
+    whole = tmp_path / "whole"
+    build.prepare_synthetic(10, whole, embedding=spec)
+
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, out, spec, fail_at=5)  # unit 0 finished, unit 1 died
+    built = []
+    real = build.synthetic_rows
+    monkeypatch.setattr(build, "synthetic_rows", lambda jobs, *args: built.extend(jobs) or real(jobs, *args))
+    # Rerunning the same command resumes: unit 0 reused, only the other 6 proteins built and embedded.
+    assert prepare.main(["--synthetic", "10", "--out", str(out), "--embed-weights", str(tiny_esm2)]) == 0
+    assert "resumed: 1 of 3 shards reused" in capsys.readouterr().out
+    assert [index for index, _, _ in built] == list(range(4, 10))
+    _same_set(out, whole)
+    assert not build.staging_dir(out).exists() and not list(out.glob("done-*")) and not (out / "resume.json").exists()
+
+
+def test_a_rerun_with_other_arguments_never_mixes_shards(tmp_path, tiny_esm2, monkeypatch, capsys):
+    from protopo_ray.data import build
+
+    monkeypatch.setattr(build, "RESUME_UNIT", 4)
+    spec = read_spec(tiny_esm2)
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, out, spec, fail_at=5)
+    assert prepare.main(["--synthetic", "10", "--seed", "1", "--out", str(out),
+                         "--embed-weights", str(tiny_esm2)]) == 2
+    error = capsys.readouterr().err
+    assert "interrupted run with other inputs or arguments (differing: arguments, sources)" in error
+    assert "--overwrite" in error and not out.exists()
+    # --overwrite starts over: nothing of the seed-0 run in the seed-1 set.
+    summary = build.prepare_synthetic(10, out, seed=1, embedding=spec, overwrite=True)
+    assert summary.shards_reused == 0 and "discarding them and starting over" in capsys.readouterr().out
+    whole = tmp_path / "whole"
+    build.prepare_synthetic(10, whole, seed=1, embedding=spec)
+    _same_set(out, whole)
+
+
+def test_an_interrupted_local_embedding_run_resumes_on_ray(tmp_path, tiny_esm2, monkeypatch, ray_cluster):
+    from protopo_ray.cluster.prepare_tasks import RayBuilder
+    from protopo_ray.data import build
+
+    monkeypatch.setattr(build, "RESUME_UNIT", 4)  # read on the driver: the same units on both builders
+    spec = read_spec(tiny_esm2)
+    whole = tmp_path / "whole"
+    build.prepare_synthetic(10, whole, embedding=spec)
+    out = tmp_path / "out"
+    _interrupted(monkeypatch, out, spec, fail_at=9)  # units 0 and 1 finished
+    summary = build.prepare_synthetic(10, out, embedding=spec, builder=RayBuilder(2))
+    assert (summary.shards_reused, summary.shard_units, summary.num_written) == (2, 3, 10)
+    _same_set(out, whole)

@@ -11,7 +11,9 @@ and is retried rewrites the same files.
 
 With ESM-2 embeddings (`prepare --embed-weights`) the pipeline has three stages: tasks build the rows, a pool of
 `EmbedRows` actors (each holding the model once: a share of a GPU where the cluster has GPUs, else CPU cores)
-adds the embeddings, and tasks write the shard files as above.
+adds the embeddings, and tasks write the shard files as above. Such runs are resumable: the batches are
+`build.resume_units` (the process-pool path's), each recorded in the driver's `build.ShardLedger` as its report
+arrives, and a rerun submits only the batches not recorded yet.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ import ray.data
 
 from protopo_ray.cluster.connect import ray_init, started_local_cluster
 from protopo_ray.data import shards, storage
-from protopo_ray.data.build import PrepareSummary, RowFunction, count_row, progress_bar
+from protopo_ray.data.build import (
+    PrepareSummary,
+    RowFunction,
+    ShardLedger,
+    finish_set,
+    progress_bar,
+    resume_units,
+    write_unit,
+)
 from protopo_ray.data.embeddings import Embedder, EmbeddingSpec
 
 TASKS_PER_CPU = 4
@@ -63,19 +73,13 @@ def task_size(num_inputs: int, parallelism: int) -> int:
 def build_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tuple, root: str,
                write_args: dict[str, Any]) -> dict[str, np.ndarray]:
     """The Ray Data task: rows of `rows_of(jobs, *args)` for each input batch, written as that batch's shard
-    files; returns one JSON report per batch (shard entries, length histogram, (id, graph source or fallback
-    reason) per protein, CPU seconds)."""
+    files; returns one JSON report per batch (build.write_unit's: shard entries, length histogram, (id, graph
+    source or fallback reason) per protein, CPU seconds)."""
     reports = []
     for task, payload in zip(batch["task"], batch["payload"]):
         start = time.process_time()
-        writer = shards.ShardWriter(root, file_prefix=f"part-{int(task):05d}", clear=False, **write_args)
-        sources = []
-        for row, source in rows_of(pickle.loads(payload), *args):
-            writer.add(row)
-            sources.append((row["id"], source))
-        entries, histogram = writer.finish()
-        reports.append(json.dumps({"task": int(task), "sources": sources, "shards": entries,
-                                   "histogram": histogram, "cpu_s": time.process_time() - start}))
+        rows = rows_of(pickle.loads(payload), *args)
+        reports.append(json.dumps(write_unit(root, int(task), rows, write_args["k"], time.process_time() - start)))
     return {"report": np.array(reports, dtype=object)}
 
 
@@ -107,17 +111,8 @@ class EmbedRows:
 
 def write_task(batch: dict[str, np.ndarray], *, root: str, write_args: dict[str, Any]) -> dict[str, np.ndarray]:
     """Stage 3: each batch's rows written as its shard files; the same report as `build_task`."""
-    reports = []
-    for task, payload, cpu_s in zip(batch["task"], batch["rows"], batch["cpu_s"]):
-        start = time.process_time()
-        writer = shards.ShardWriter(root, file_prefix=f"part-{int(task):05d}", clear=False, **write_args)
-        sources = []
-        for row, source in pickle.loads(payload):
-            writer.add(row)
-            sources.append((row["id"], source))
-        entries, histogram = writer.finish()
-        reports.append(json.dumps({"task": int(task), "sources": sources, "shards": entries, "histogram": histogram,
-                                   "cpu_s": float(cpu_s) + time.process_time() - start}))
+    reports = [json.dumps(write_unit(root, int(task), pickle.loads(payload), write_args["k"], float(cpu_s)))
+               for task, payload, cpu_s in zip(batch["task"], batch["rows"], batch["cpu_s"])]
     return {"report": np.array(reports, dtype=object)}
 
 
@@ -150,41 +145,43 @@ class RayBuilder:
         fs, root = storage.filesystem(target)
         fs.create_dir(root, recursive=True)
         parallelism = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        size = task_size(len(jobs), parallelism)
-        items = [{"task": i, "payload": pickle.dumps(jobs[start:start + size])}
-                 for i, start in enumerate(range(0, len(jobs), size))]
+        if embedding is None:
+            size = task_size(len(jobs), parallelism)
+            units = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+            ledger, done = None, {}
+        else:  # resumable: build.resume_units, the units an interrupted run finished skipped
+            units, ledger = resume_units(jobs), ShardLedger(target)
+            done = ledger.finished()
+            summary.shard_units, summary.shards_reused = len(units), sum(i in done for i in range(len(units)))
+        items = [{"task": i, "payload": pickle.dumps(unit)} for i, unit in enumerate(units) if i not in done]
         # Our own bar counts proteins; Ray Data's operator bars would draw over it.
         context = ray.data.DataContext.get_current()
         shown, context.enable_progress_bars = context.enable_progress_bars, False
         compute = ray.data.TaskPoolStrategy(size=self.workers) if self.workers else None
-        done: list[dict[str, Any]] = []
         try:
-            inputs = ray.data.from_items(items, override_num_blocks=len(items))
-            if embedding is None:
-                reports = inputs.map_batches(build_task, batch_size=1, batch_format="numpy", num_cpus=1,
-                                             compute=compute, fn_kwargs={"rows_of": rows_of, "args": args,
-                                                                         "root": root, "write_args": {"k": k}})
-            else:
-                rows = inputs.map_batches(rows_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
-                                          fn_kwargs={"rows_of": rows_of, "args": args})
-                reports = self._embed_stage(rows, embedding).map_batches(
-                    write_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
-                    fn_kwargs={"root": root, "write_args": {"k": k}})
+            reports = self._pipeline(items, rows_of, args, root, k, compute, embedding) if items else None
             progress, bar = progress_bar(len(jobs), f"{what} (Ray, {len(items)} tasks)")
             with progress:
-                for row in reports.iter_rows():
+                progress.advance(bar, sum(len(units[i]) for i in done))  # reused from an interrupted run
+                for row in reports.iter_rows() if reports is not None else ():
                     report = json.loads(row["report"])
-                    done.append(report)
+                    done[report["task"]] = ledger.record(report) if ledger else report
                     progress.advance(bar, len(report["sources"]))
         finally:
             context.enable_progress_bars = shown
-        done.sort(key=lambda report: report["task"])  # input order, whatever order the tasks finished in
-        for report in done:
-            for protein_id, source in report["sources"]:
-                count_row(summary, protein_id, source)
-        summary.task_cpu_s = sum(report["cpu_s"] for report in done)
-        entries = [entry for report in done for entry in report["shards"]]
-        manifest = shards.build_manifest(entries, [report["histogram"] for report in done], k=k, sources=sources,
-                                         extra=extra, embedding=embedding.to_json() if embedding else None)
-        shards.write_manifest(fs, root, manifest)
-        return manifest
+        summary.task_cpu_s = sum(report["cpu_s"] for report in done.values())
+        return (ledger.finish if ledger else finish_set)(list(done.values()), target, summary, k=k, sources=sources,
+                                                         extra=extra, embedding=embedding)
+
+    def _pipeline(self, items: list[dict[str, Any]], rows_of: RowFunction, args: tuple, root: str, k: int,
+                  compute: Any, embedding: EmbeddingSpec | None) -> ray.data.Dataset:
+        inputs = ray.data.from_items(items, override_num_blocks=len(items))
+        if embedding is None:
+            return inputs.map_batches(build_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                      fn_kwargs={"rows_of": rows_of, "args": args, "root": root,
+                                                 "write_args": {"k": k}})
+        rows = inputs.map_batches(rows_task, batch_size=1, batch_format="numpy", num_cpus=1, compute=compute,
+                                  fn_kwargs={"rows_of": rows_of, "args": args})
+        return self._embed_stage(rows, embedding).map_batches(write_task, batch_size=1, batch_format="numpy",
+                                                              num_cpus=1, compute=compute,
+                                                              fn_kwargs={"root": root, "write_args": {"k": k}})

@@ -8,11 +8,18 @@ entry point `python -m protopo_ray.prepare` chooses). Either way the set lands t
 crash never leaves a directory that looks complete, and overwriting replaces an existing set only once the new
 one is finished; on object storage (no rename) the old manifest goes first and the new one is written last.
 
+Runs with ESM-2 embeddings (hours for 200,000 proteins) are resumable per shard: the jobs are cut into fixed units
+of `RESUME_UNIT` (the same on both builders), each written as its own files `part-<unit>-<n>.parquet` and recorded
+by a `ShardLedger` as it finishes, in `<out>.partial` beside `out` (kept when a run fails; `resume.json` there
+records the inputs and arguments). Rerunning the same command reuses the finished units; other inputs or
+arguments are refused (or, with --overwrite, start over), so shards of two runs never mix.
+
 `ensure_data` is the one rule every entry point (tune, train, predict) follows for the embedded synthetic set.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -56,6 +63,10 @@ class PrepareSummary:
     got the sequence graph."""
     skipped: list[str] = field(default_factory=list)
     """Invalid records left out (--skip-invalid): one located message each."""
+    shards_reused: int = 0
+    """Shard units taken over from an interrupted run (resumable embedding runs)."""
+    shard_units: int = 0
+    """Shard units of a resumable run, reused or written."""
     elapsed_s: float = 0.0
     task_cpu_s: float | None = None
     """CPU seconds the Ray tasks spent building and writing (--ray only): proteins / task_cpu_s is per core."""
@@ -69,6 +80,8 @@ class PrepareSummary:
         lines = [f"prepared {self.out}: {self.num_written} of {self.num_read} records written in "
                  f"{self.elapsed_s:.1f} s ({self.proteins_per_s:.1f} proteins/s)",
                  f"  graphs: {self.num_structure} from structure, {self.num_sequence} sequence fallback"]
+        if self.shards_reused:
+            lines.append(f"  resumed: {self.shards_reused} of {self.shard_units} shards reused from an interrupted run")
         if self.task_cpu_s:
             lines.append(f"  Ray tasks: {self.task_cpu_s:.1f} CPU s ({self.num_written / self.task_cpu_s:.1f} "
                          f"proteins per CPU second)")
@@ -150,6 +163,76 @@ def count_row(summary: PrepareSummary, protein_id: str, source: str) -> None:
     summary.num_written += 1
 
 
+RESUME_UNIT = shards.MAX_ROWS_PER_FILE
+"""Jobs per resumable shard unit (embedding runs): fixed, so both builders and every rerun cut the same units."""
+
+RESUME_KEY = "resume.json"
+
+
+def resume_units(jobs: list) -> list[list]:
+    """The resumable shard units of `jobs`, in order (unit i is written as part-<i>-<n>.parquet)."""
+    return _chunks(jobs, RESUME_UNIT)
+
+
+def write_unit(root: str, unit: int, rows: Iterable[tuple[dict, str]], k: int, cpu_s: float = 0.0) -> dict[str, Any]:
+    """Write one unit's rows as its shard files under `root`; its report: unit index, (id, source) per protein,
+    shard entries, length histogram, CPU seconds."""
+    start = time.process_time()
+    writer = shards.ShardWriter(root, k=k, file_prefix=f"part-{unit:05d}", clear=False)
+    sources = []
+    for row, source in rows:
+        writer.add(row)
+        sources.append((row["id"], source))
+    entries, histogram = writer.finish()
+    return {"task": unit, "sources": sources, "shards": entries, "histogram": histogram,
+            "cpu_s": cpu_s + time.process_time() - start}
+
+
+class ShardLedger:
+    """The finished units of a resumable run, one `done-<unit>.json` report each beside their shard files
+    (written after them, so a listed unit is complete). Local directories only; elsewhere it records nothing."""
+
+    def __init__(self, root: str) -> None:
+        self.root = None if storage.is_uri(root) else Path(root)
+
+    def finished(self) -> dict[int, dict[str, Any]]:
+        if self.root is None:
+            return {}
+        return {int(path.stem.split("-")[1]): json.loads(path.read_text()) for path in self.root.glob("done-*.json")}
+
+    def record(self, report: dict[str, Any]) -> dict[str, Any]:
+        if self.root is not None:
+            tmp = self.root / f"done-{report['task']:05d}.json.tmp"
+            tmp.write_text(json.dumps(report))
+            os.replace(tmp, self.root / f"done-{report['task']:05d}.json")
+        return report
+
+    def finish(self, reports: list[dict[str, Any]], target: str, summary: PrepareSummary,
+               **manifest_args: Any) -> dict[str, Any]:
+        """`finish_set` over every unit's report, then drop the ledger."""
+        manifest = finish_set(reports, target, summary, **manifest_args)
+        if self.root is not None:
+            for path in self.root.glob("done-*.json"):
+                path.unlink()
+        return manifest
+
+
+def finish_set(reports: list[dict[str, Any]], target: str, summary: PrepareSummary, *, k: int,
+               sources: dict[str, str] | None, extra: dict[str, Any] | None,
+               embedding: EmbeddingSpec | None) -> dict[str, Any]:
+    """Count every unit's proteins into `summary` and write the manifest of all units' files, in unit order
+    (whatever order they finished in)."""
+    reports = sorted(reports, key=lambda report: report["task"])
+    for report in reports:
+        for protein_id, source in report["sources"]:
+            count_row(summary, protein_id, source)
+    manifest = shards.build_manifest([entry for report in reports for entry in report["shards"]],
+                                     [report["histogram"] for report in reports], k=k, sources=sources,
+                                     extra=extra, embedding=embedding.to_json() if embedding else None)
+    shards.write_manifest(*storage.filesystem(target), manifest)
+    return manifest
+
+
 EMBED_CHUNK = 64
 """Proteins embedded per call on the local path (the model batches their windows by tokens inside)."""
 
@@ -167,11 +250,28 @@ class LocalBuilder:
                  what: str, embedding: EmbeddingSpec | None = None, **write_args: Any) -> dict[str, Any]:
         """Shards + manifest of `rows_of`'s rows over `jobs` under `target` (with `embedding`'s per-residue
         embeddings); returns the manifest."""
-        rows = self._rows(rows_of, jobs, args)
         if embedding is not None:
-            rows = self._embedded(rows, embedding)
-            write_args["embedding"] = embedding.to_json()
+            return self._resumable(rows_of, jobs, args, target, summary, what=what, embedding=embedding,
+                                   **write_args)
+        rows = self._rows(rows_of, jobs, args)
         return shards.write_shards(self._counted(rows, summary, len(jobs), what), target, **write_args)
+
+    def _resumable(self, rows_of: RowFunction, jobs: list, args: tuple, target: str, summary: PrepareSummary, *,
+                   what: str, embedding: EmbeddingSpec, k: int, sources: dict[str, str] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Embedding runs: unit by unit, skipping the units an interrupted run finished (ShardLedger)."""
+        ledger = ShardLedger(target)
+        done, units = ledger.finished(), resume_units(jobs)
+        summary.shard_units, summary.shards_reused = len(units), sum(i in done for i in range(len(units)))
+        progress, task = progress_bar(len(jobs), what)
+        with progress:
+            for i, unit in enumerate(units):
+                if i not in done:
+                    rows = self._embedded(self._rows(rows_of, unit, args), embedding)
+                    done[i] = ledger.record(write_unit(target, i, rows, k))
+                progress.advance(task, len(unit))
+        return ledger.finish([done[i] for i in range(len(units))], target, summary, k=k, sources=sources,
+                             extra=extra, embedding=embedding)
 
     @staticmethod
     def _embedded(rows: Iterable[tuple[dict, str]], spec: EmbeddingSpec) -> Iterator[tuple[dict, str]]:
@@ -241,6 +341,18 @@ def _remove_stale_temps(out: Path) -> None:
             pass
 
 
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished set `tmp` to `out` (replacing `out` only now)."""
+    if out.exists():
+        check_out(out, overwrite)  # another run may have finished first
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def _write_atomic(write: Callable[[str], dict], out: Path, overwrite: bool) -> dict[str, Any]:
     """`write(dir)` shards into a temp dir beside `out`, then rename it into place (replacing `out` only when
     complete)."""
@@ -250,24 +362,54 @@ def _write_atomic(write: Callable[[str], dict], out: Path, overwrite: bool) -> d
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = write(str(tmp))
-        if out.exists():
-            check_out(out, overwrite)  # another run may have finished first
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite: bool) -> dict[str, Any]:
-    """Run `write(target)` for `out`: atomically via a temp dir when local; on object storage straight into
-    `out` after deleting an old set's manifest (first) and part files, the new manifest written last."""
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where a resumable run keeps its finished shards until the set is complete: `<out>.partial` beside `out`."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
+
+
+def _write_resumable(write: Callable[[str], dict], out: Path, overwrite: bool, key: dict[str, Any]) -> dict[str, Any]:
+    """`write(dir)` into the staging dir, kept when the run fails so a rerun with the same `key` (inputs and
+    arguments) resumes there; renamed into place when complete. A staging dir of another key is refused, or
+    discarded with --overwrite."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
+    staging, key = staging_dir(out), json.loads(json.dumps(key))
+    recorded = staging / RESUME_KEY
+    if staging.exists():
+        made = json.loads(recorded.read_text()) if recorded.is_file() else {}
+        if made != key:
+            differs = sorted(name for name in key.keys() | made.keys() if made.get(name) != key.get(name))
+            message = (f"{staging} holds the finished shards of an interrupted run with other inputs or arguments "
+                       f"(differing: {', '.join(differs)})")
+            if not overwrite:
+                raise OutputExists(f"{message}; rerun that command to finish it, or pass --overwrite to discard "
+                                   f"them and start over")
+            print(f"{message}: discarding them and starting over (--overwrite)", flush=True)
+            shutil.rmtree(staging)
+    staging.mkdir(exist_ok=True)
+    recorded.write_text(json.dumps(key, indent=2) + "\n")
+    manifest = write(str(staging))
+    recorded.unlink()
+    _move_into_place(staging, out, overwrite)
+    return manifest
+
+
+def write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite: bool,
+                 resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `write(target)` for `out`: atomically via a temp dir when local (via the resumable staging dir when
+    `resume`, the inputs and arguments that make the set, is given); on object storage straight into `out` after
+    deleting an old set's manifest (first) and part files, the new manifest written last."""
     if not storage.is_uri(out):
+        if resume is not None:
+            return _write_resumable(write, Path(out), overwrite, resume)
         return _write_atomic(write, Path(out), overwrite)
     check_out(out, overwrite)
     shards.clear_shards(*storage.filesystem(str(out)))
@@ -275,6 +417,16 @@ def write_output(write: Callable[[str], dict], out: str | os.PathLike, overwrite
 
 
 # --------------------------------------------------------------------------------------------- entry points
+
+
+def _resume_key(sources: dict[str, str], extra: dict[str, Any], k: int,
+                embedding: EmbeddingSpec | None) -> dict[str, Any] | None:
+    """What a resumable run's shards are made from (the input's identity, the prepare arguments, the embedding
+    spec, the unit size); None (not resumable) without embeddings."""
+    if embedding is None:
+        return None
+    return {"sources": sources, "arguments": {"k": k, **extra}, "embedding": embedding.to_json(),
+            "rows_per_shard": RESUME_UNIT}
 
 
 def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, structures: str | os.PathLike | None = None,
@@ -300,11 +452,11 @@ def prepare_records(labels_path: str | os.PathLike, out: str | os.PathLike, *, s
     extra = {"graph_builder": GRAPH_BUILDER, "labels_file": labels_path.name,
              "structures": str(structures) if structures else None, "skipped": summary.skipped}
     build = builder or LocalBuilder()
+    sources = {labels_path.name: shards.sha256_file(labels_path)}
     summary.manifest = write_output(
         lambda target: build(record_rows, result.records, args, target, summary, what="graphs", k=k,
-                             sources={labels_path.name: shards.sha256_file(labels_path)}, extra=extra,
-                             **({"embedding": embedding} if embedding else {})),
-        out, overwrite)
+                             sources=sources, extra=extra, **({"embedding": embedding} if embedding else {})),
+        out, overwrite, resume=_resume_key(sources, extra, k, embedding))
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
@@ -327,12 +479,12 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     summary = PrepareSummary(out=str(out), num_read=n)
     generator = {"module": SYNTHETIC_MODULE, "n": n, "seed": seed, **({"mix": synthetic.check_mix(mix)} if mix else {})}
     build = builder or LocalBuilder()
+    sources = {"synthetic": f"{SYNTHETIC_MODULE} n={n} seed={seed}"}
+    extra = {"graph_builder": GRAPH_BUILDER, "generator": generator}
     summary.manifest = write_output(
         lambda target: build(synthetic_rows, jobs, (seed, k), target, summary, what="synthetic", k=k,
-                             sources={"synthetic": f"{SYNTHETIC_MODULE} n={n} seed={seed}"},
-                             extra={"graph_builder": GRAPH_BUILDER, "generator": generator},
-                             **({"embedding": embedding} if embedding else {})),
-        out, overwrite)
+                             sources=sources, extra=extra, **({"embedding": embedding} if embedding else {})),
+        out, overwrite, resume=_resume_key(sources, extra, k, embedding))
     summary.elapsed_s = time.perf_counter() - start
     return summary
 
