@@ -127,7 +127,7 @@ def test_prepare_on_ray_then_train_then_predict_with_embeddings(tmp_path, tiny_e
 
 def _interrupted(monkeypatch, out: Path, spec: EmbeddingSpec, fail_at: int, **kwargs) -> None:
     """An embedding run of 10 synthetic proteins (units of 4) that dies while building protein `fail_at`."""
-    from protopo_ray.data import build
+    from protopo_ray.data import build, output
 
     real = build.synthetic_rows
 
@@ -140,7 +140,7 @@ def _interrupted(monkeypatch, out: Path, spec: EmbeddingSpec, fail_at: int, **kw
     with pytest.raises(RuntimeError, match="interrupted"):
         build.prepare_synthetic(10, out, embedding=spec, **kwargs)
     monkeypatch.setattr(build, "synthetic_rows", real)
-    assert not out.exists() and (build.staging_dir(out) / "done-00000.json").is_file()
+    assert not out.exists() and (output.staging_dir(out) / "done-00000.json").is_file()
 
 
 def _same_set(a: Path, b: Path) -> None:
@@ -152,9 +152,9 @@ def _same_set(a: Path, b: Path) -> None:
 
 
 def test_an_interrupted_embedding_run_resumes_per_shard(tmp_path, tiny_esm2, monkeypatch, capsys):
-    from protopo_ray.data import build
+    from protopo_ray.data import build, output
 
-    monkeypatch.setattr(build, "RESUME_UNIT", 4)  # 10 proteins: 3 shard units
+    monkeypatch.setattr(output, "RESUME_UNIT", 4)  # 10 proteins: 3 shard units
     spec = read_spec(tiny_esm2)
     whole = tmp_path / "whole"
     build.prepare_synthetic(10, whole, embedding=spec)
@@ -169,13 +169,13 @@ def test_an_interrupted_embedding_run_resumes_per_shard(tmp_path, tiny_esm2, mon
     assert "resumed: 1 of 3 shards reused" in capsys.readouterr().out
     assert [index for index, _, _ in built] == list(range(4, 10))
     _same_set(out, whole)
-    assert not build.staging_dir(out).exists() and not list(out.glob("done-*")) and not (out / "resume.json").exists()
+    assert not output.staging_dir(out).exists() and not list(out.glob("done-*")) and not (out / "resume.json").exists()
 
 
 def test_a_rerun_with_other_arguments_never_mixes_shards(tmp_path, tiny_esm2, monkeypatch, capsys):
-    from protopo_ray.data import build
+    from protopo_ray.data import build, output
 
-    monkeypatch.setattr(build, "RESUME_UNIT", 4)
+    monkeypatch.setattr(output, "RESUME_UNIT", 4)
     spec = read_spec(tiny_esm2)
     out = tmp_path / "out"
     _interrupted(monkeypatch, out, spec, fail_at=5)
@@ -194,9 +194,9 @@ def test_a_rerun_with_other_arguments_never_mixes_shards(tmp_path, tiny_esm2, mo
 
 def test_an_interrupted_local_embedding_run_resumes_on_ray(tmp_path, tiny_esm2, monkeypatch, ray_cluster):
     from protopo_ray.cluster.prepare_tasks import RayBuilder
-    from protopo_ray.data import build
+    from protopo_ray.data import build, output
 
-    monkeypatch.setattr(build, "RESUME_UNIT", 4)  # read on the driver: the same units on both builders
+    monkeypatch.setattr(output, "RESUME_UNIT", 4)  # read on the driver: the same units on both builders
     spec = read_spec(tiny_esm2)
     whole = tmp_path / "whole"
     build.prepare_synthetic(10, whole, embedding=spec)

@@ -12,7 +12,7 @@ and is retried rewrites the same files.
 With ESM-2 embeddings (`prepare --embed-weights`) the pipeline has three stages: tasks build the rows, a pool of
 `EmbedRows` actors (each holding the model once: a share of a GPU where the cluster has GPUs, else CPU cores)
 adds the embeddings, and tasks write the shard files as above. Such runs are resumable: the batches are
-`build.resume_units` (the process-pool path's), each recorded in the driver's `build.ShardLedger` as its report
+`output.resume_units` (the process-pool path's), each recorded in the driver's `output.ShardLedger` as its report
 arrives, and a rerun submits only the batches not recorded yet.
 """
 
@@ -32,16 +32,9 @@ import ray.data
 
 from protopo_ray.cluster.connect import ray_init, started_local_cluster
 from protopo_ray.data import shards, storage
-from protopo_ray.data.build import (
-    PrepareSummary,
-    RowFunction,
-    ShardLedger,
-    finish_set,
-    progress_bar,
-    resume_units,
-    write_unit,
-)
+from protopo_ray.data.build import PrepareSummary, RowFunction, finish_set, progress_bar
 from protopo_ray.data.embeddings import Embedder, EmbeddingSpec
+from protopo_ray.data.output import ShardLedger, resume_units, write_unit
 
 TASKS_PER_CPU = 4
 """Batches per CPU at least (smaller batches for small inputs), so long and short proteins even out."""
@@ -73,7 +66,7 @@ def task_size(num_inputs: int, parallelism: int) -> int:
 def build_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tuple, root: str,
                write_args: dict[str, Any]) -> dict[str, np.ndarray]:
     """The Ray Data task: rows of `rows_of(jobs, *args)` for each input batch, written as that batch's shard
-    files; returns one JSON report per batch (build.write_unit's: shard entries, length histogram, (id, graph
+    files; returns one JSON report per batch (output.write_unit's: shard entries, length histogram, (id, graph
     source or fallback reason) per protein, CPU seconds)."""
     reports = []
     for task, payload in zip(batch["task"], batch["payload"]):
@@ -149,7 +142,7 @@ class RayBuilder:
             size = task_size(len(jobs), parallelism)
             units = [jobs[start:start + size] for start in range(0, len(jobs), size)]
             ledger, done = None, {}
-        else:  # resumable: build.resume_units, the units an interrupted run finished skipped
+        else:  # resumable: output.resume_units, the units an interrupted run finished skipped
             units, ledger = resume_units(jobs), ShardLedger(target)
             done = ledger.finished()
             summary.shard_units, summary.shards_reused = len(units), sum(i in done for i in range(len(units)))
@@ -170,8 +163,11 @@ class RayBuilder:
         finally:
             context.enable_progress_bars = shown
         summary.task_cpu_s = sum(report["cpu_s"] for report in done.values())
-        return (ledger.finish if ledger else finish_set)(list(done.values()), target, summary, k=k, sources=sources,
-                                                         extra=extra, embedding=embedding)
+        manifest = finish_set(list(done.values()), target, summary, k=k, sources=sources, extra=extra,
+                              embedding=embedding)
+        if ledger:
+            ledger.clear()
+        return manifest
 
     def _pipeline(self, items: list[dict[str, Any]], rows_of: RowFunction, args: tuple, root: str, k: int,
                   compute: Any, embedding: EmbeddingSpec | None) -> ray.data.Dataset:
