@@ -74,8 +74,9 @@ def write_checkpoint():
     """`write_checkpoint(directory, config, ...)`: a checkpoint of a freshly initialised model of `config`, written
     through the real classes (meta with inputs and grammar, state), as training writes one."""
     from protopo_ray.data.graphs import DEFAULT_K, EDGE_FEATURES, NODE_FEATURES
-    from protopo_ray.model.grammar import DEFAULT_STATS, build_grammar
+    from protopo_ray.model.grammar import build_grammar
     from protopo_ray.model.network import TopologyModel
+    from protopo_ray.model.segments import DEFAULT_STATS
     from protopo_ray.training.checkpoint import CheckpointMeta, ModelInputs, TrainState, rng_state, save_checkpoint
 
     def write(directory: Path, config, *, epoch: int = 1, metrics: dict | None = None, best_value=None,

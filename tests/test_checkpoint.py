@@ -10,7 +10,8 @@ import torch
 
 from protopo_ray.config import Config, Objective
 from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES
-from protopo_ray.model.grammar import DEFAULT_STATS, SegmentStats, build_grammar
+from protopo_ray.model.grammar import build_grammar
+from protopo_ray.model.segments import DEFAULT_STATS, SegmentStats
 from protopo_ray.training.checkpoint import (
     BestTracker,
     CheckpointError,

@@ -10,7 +10,8 @@ import torch
 
 from protopo_ray.data.alphabet import LABELS, encode_labels
 from protopo_ray.model.crf import CRF
-from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar, segment_stats
+from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar
+from protopo_ray.model.segments import segment_stats
 
 TINY = build_grammar(segment_stats([("TM", "IMMOOMMMI"), ("SP", "SOO"), ("GLOBULAR", "II"), ("BETA", "SPBBOBBP")]))
 

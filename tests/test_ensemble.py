@@ -12,8 +12,9 @@ from torch_geometric.data import Batch, Data
 from protopo_ray.config import Config, ModelConfig
 from protopo_ray.data.alphabet import LABELS
 from protopo_ray.model.ensemble import Ensemble, vote
-from protopo_ray.model.grammar import DEFAULT_STATS, Decoding, build_grammar, default_grammar
+from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar
 from protopo_ray.model.network import TopologyModel
+from protopo_ray.model.segments import DEFAULT_STATS
 from protopo_ray.training.checkpoint import CheckpointError
 from protopo_ray.training.predictor import load_predictor, write_ensemble
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from protopo_ray.data.records import read_records
-from protopo_ray.model.grammar import DEFAULT_STATS, build_grammar, default_grammar, segment_stats
+from protopo_ray.model.grammar import build_grammar, default_grammar
+from protopo_ray.model.segments import DEFAULT_STATS, segment_stats
 
 TINY = [("TM", "IIMMMOOMMMI"), ("SP", "SSOOO"), ("GLOBULAR", "IIII"), ("BETA", "SPPBBBOBBBPP")]
 

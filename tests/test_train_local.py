@@ -9,8 +9,8 @@ import torch
 
 from protopo_ray import predict, train
 from protopo_ray.data import collate, shards
-from protopo_ray.model.grammar import segment_stats
 from protopo_ray.model.metrics import protein_type
+from protopo_ray.model.segments import segment_stats
 from protopo_ray.training.checkpoint import ModelInputs, find_checkpoints, load_checkpoint, load_latest_valid
 from protopo_ray.training.evaluation import evaluate_checkpoint
 from protopo_ray.training.predictor import load_predictor

@@ -199,7 +199,7 @@ class ChainLSTM(nn.Module):
 
 class TopologyModel(nn.Module):
     """Per-residue topology classifier built from a `ModelConfig` and the topology grammar its decoder uses
-    (default: the grammar of `grammar.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded).
+    (default: the grammar of `segments.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded).
     `embedding_dim`: per-residue embedding values the shards add to the node features (the manifest's
     `embedding.dim`, `shards.embedding_dim`; 0 without), so `x` is [N, NUM_NODE_FEATURES + embedding_dim]."""
 

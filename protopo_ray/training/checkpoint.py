@@ -28,8 +28,9 @@ from pyarrow import fs as pafs
 from protopo_ray.config import Config, Objective
 from protopo_ray.data import storage
 from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES
-from protopo_ray.model.grammar import SegmentStats, build_grammar
+from protopo_ray.model.grammar import build_grammar
 from protopo_ray.model.network import TopologyModel
+from protopo_ray.model.segments import SegmentStats
 from protopo_ray.training.layout import META_FILE, STATE_FILE, checkpoint_epoch
 
 log = logging.getLogger(__name__)

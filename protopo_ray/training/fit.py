@@ -21,9 +21,10 @@ import torch
 from protopo_ray.config import Config
 from protopo_ray.config.objective import finite
 from protopo_ray.data import shards, storage
-from protopo_ray.model.grammar import Grammar, build_grammar, default_grammar, segment_stats
+from protopo_ray.model.grammar import Grammar, build_grammar, default_grammar
 from protopo_ray.model.metrics import METRIC_KEYS
 from protopo_ray.model.network import TopologyModel
+from protopo_ray.model.segments import segment_stats
 from protopo_ray.training import loop
 from protopo_ray.training.checkpoint import (
     BestTracker,
@@ -89,7 +90,7 @@ class EpochLog:
 
 def training_grammar(config: Config) -> Grammar:
     """The topology grammar of the run's training folds: their segments, contexts and length distributions (the
-    labels column only; DeepTMHMM's cv0 + cv3 + cv4 give `grammar.DEFAULT_STATS`)."""
+    labels column only; DeepTMHMM's cv0 + cv3 + cv4 give `segments.DEFAULT_STATS`)."""
     table = shards.read_table(config.data.path, folds=config.data.train_folds, columns=["id", "type", "labels"])
     if config.data.max_proteins:  # the same proteins `splits.MemorySplit` trains on
         table = table.sort_by("id").slice(0, config.data.max_proteins)
