@@ -12,6 +12,7 @@ entry point `python -m protopo_ray.prepare` chooses). Either way the set lands t
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -232,7 +233,10 @@ class LocalBuilder:
             return
         # Several chunks per worker balance long and short proteins; each chunk is one pickled task, not one per record.
         size = max(1, min(64, math.ceil(len(jobs) / (self.workers * 8))))
-        with ProcessPoolExecutor(max_workers=self.workers) as pool:
+        # forkserver, not fork: a fork copies whatever threads the parent runs (a Ray driver's core worker among
+        # them), and a child touching that copy can break the parent's connection to its raylet.
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=context) as pool:
             for rows in pool.map(rows_of, _chunks(jobs, size), *[[a] * math.ceil(len(jobs) / size) for a in args]):
                 yield from rows
 
