@@ -27,7 +27,7 @@ lint: $(VENV)/.installed
 
 # `-m "not long"`: multi-minute end-to-end tests run by hand (`.venv/bin/python -m pytest tests -m long`).
 test: lint
-	$(PY) -m pytest -q tests -m "not long"
+	$(PY) -m pytest -q tests -m "not long" --durations=20
 
 # Resolve pyproject.toml's ranges afresh in a scratch venv and freeze the result into requirements.lock (its
 # header comment is kept). Commit the new lock; the next `make` rebuilds .venv from it.
