@@ -46,10 +46,7 @@ class ExperimentSettings:
         """From a parsed `[experiment]` table; every error names `where` and the key."""
         if not isinstance(values, dict):
             raise ValueError(f"{where}: [experiment] must be a table, got {values!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: [experiment] unknown key(s) {unknown}; known: {sorted(known)}")
+        run.reject_unknown_keys(cls, values, f"{where}: [experiment]")
         for key in ("synthetic", "seed"):
             value = values.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

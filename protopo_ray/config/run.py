@@ -275,15 +275,21 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def reject_unknown_keys(cls: type, values: Any, where: str) -> None:
+    """The one rule for every table read into a dataclass (run sections, [experiment], [prices], [budget]): a key
+    that is not a field is a typo, named with the keys that exist."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     """Build dataclass `cls` from a (nested) dict, naming the offending key on any error."""
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a table, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    reject_unknown_keys(cls, values, where)
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}")

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from protopo_ray.config.run import reject_unknown_keys
+
 
 def _positive(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -45,10 +47,7 @@ class BudgetConfig:
     def from_dict(cls, values: Mapping[str, Any], where: str = "[budget]") -> BudgetConfig:
         if not isinstance(values, Mapping):
             raise ValueError(f"{where}: must be a table, got {values!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(cls, values, where)
         try:
             return cls(**values)
         except ValueError as error:

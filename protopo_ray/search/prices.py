@@ -21,8 +21,10 @@ Pure module: no Ray.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from protopo_ray.config.run import reject_unknown_keys
 
 if TYPE_CHECKING:  # annotations only: inventory prices its nodes with this module
     from protopo_ray.search.inventory import NodeInventory
@@ -59,10 +61,7 @@ class PriceConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "[prices]") -> PriceConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(cls, values, where)
         for name in ("node_types", "gpu_hour", "spot_gpu_hour"):
             if name in values and not isinstance(values[name], Mapping):
                 raise ValueError(f"{where}: {name} must be a table of name = USD per hour, got {values[name]!r}")
