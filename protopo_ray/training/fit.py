@@ -151,7 +151,7 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         steps, tables = train.train_epoch(epoch, session.rank, session.world_size)
         scheduler.start_epoch(epoch, steps)
         trained = EpochLog()
-        batches = trained.watch(lockstep(loop.collated(tables), session.all_min))
+        batches = trained.watch(lockstep(loop.collated(tables, pin=device.type == "cuda"), session.all_min))
         stats = loop.train_epoch(model, batches, optimizer, scheduler, loss_fn, cfg, device)
         # Which proteins each rank trained on this epoch (unique per rank; resampling may repeat one within a rank).
         seen = session.gather(trained.seen())

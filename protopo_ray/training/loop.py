@@ -7,17 +7,19 @@ these same functions; only where batches come from and how results are reported 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from protopo_ray.config import TrainConfig
 from protopo_ray.data.alphabet import IGNORE_LABEL, LABEL_INDEX, LABELS, NUM_LABELS
@@ -113,9 +115,15 @@ def prefetch(make_batch: Callable[[np.ndarray], object], plan: Sequence[np.ndarr
         yield item
 
 
-def collated(tables: Iterable[pa.Table], depth: int = 2) -> Iterator:
-    """PyG batches of a stream of Arrow batch tables, collated in a prefetch thread ahead of the step."""
-    return prefetch(table_to_batch, tables, depth)
+def collated(tables: Iterable[pa.Table], depth: int = 2, pin: bool = False) -> Iterator:
+    """PyG batches of a stream of Arrow batch tables, collated in a prefetch thread ahead of the step; `pin`
+    (for a CUDA device) puts each in pinned memory there too, so its copy to the device can be asynchronous."""
+    return prefetch(functools.partial(_collate, pin=pin), tables, depth)
+
+
+def _collate(table: pa.Table, pin: bool):
+    batch = table_to_batch(table)
+    return batch.pin_memory() if pin else batch
 
 
 def iter_batches(table: pa.Table, plan: list[np.ndarray], prefetch_depth: int = 2) -> Iterator:
@@ -129,6 +137,87 @@ def _autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def to_device(batch, device: torch.device):
+    """`batch` on `device`, with what the forward pass would otherwise read back from the device taken on the
+    host first: `max_length` (the longest protein) and `host_lengths` (the packed LSTM's lengths). On CUDA
+    the copy is from pinned memory (pinned here unless `collated(pin=True)` did it) and asynchronous. The
+    caller's batch is left as it was (a shallow copy moves), so a tool can hand the same batches in again."""
+    batch = copy.copy(batch)
+    ptr = getattr(batch, "ptr", None)
+    if ptr is not None and ptr.device.type == "cpu":
+        lengths = ptr[1:] - ptr[:-1]
+        batch.max_length = int(lengths.max()) if lengths.numel() else 0
+    if device.type == "cuda":
+        if batch.x.device.type == "cpu" and not batch.x.is_pinned():
+            batch = batch.pin_memory()
+        batch = batch.to(device, non_blocking=True)
+    else:
+        batch = batch.to(device)
+    if ptr is not None and ptr.device.type == "cpu":
+        batch.host_lengths = lengths  # set after the copy: it stays on the host
+    return batch
+
+
+class StepTotals:
+    """An epoch's running sums, kept on the device so that no step reads anything back (`read` is the sync)."""
+
+    def __init__(self, device: torch.device, clip: float) -> None:
+        zero = functools.partial(torch.zeros, (), device=device)
+        self.clip = clip
+        self.loss_sum, self.norm_sum = zero(dtype=torch.float64), zero(dtype=torch.float64)
+        self.norm_max = torch.full((), -math.inf, dtype=torch.float64, device=device)
+        self.residues, self.finite_norms, self.clipped = (zero(dtype=torch.int64) for _ in range(3))
+
+    def add(self, loss: Tensor, residues: Tensor, norm: Tensor) -> None:
+        # float64 sums of the float32 values: what the loop summed in Python floats before (tests/test_loop.py)
+        self.loss_sum += loss.double() * residues
+        self.residues += residues
+        norm = norm.double()
+        finite = torch.isfinite(norm)
+        self.norm_sum += torch.where(finite, norm, 0.0)
+        self.norm_max = torch.maximum(self.norm_max, torch.where(finite, norm, -math.inf))
+        self.finite_norms += finite
+        if self.clip > 0:
+            self.clipped += norm > self.clip
+
+    def read(self) -> dict[str, float]:
+        """Every sum in one copy to the host (one sync)."""
+        values = torch.stack([self.loss_sum, self.residues.double(), self.norm_sum, self.norm_max,
+                              self.finite_norms.double(), self.clipped.double()]).tolist()
+        return dict(zip(("loss_sum", "residues", "norm_sum", "norm_max", "finite_norms", "clipped"), values))
+
+
+def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
+               cfg: TrainConfig, totals: StepTotals) -> None:
+    """One optimiser step on a batch already on the device (`to_device`); adds its loss, labelled residues and
+    gradient norm to `totals` on the device and reads nothing back (tests/test_loop.py counts it: 0 syncs)."""
+    with _autocast(batch.x.device, cfg.bf16):
+        logits = model(batch)
+    # through the (DDP) wrapper for the forward, the bare model for the loss its decoder calls for (CE or CRF NLL)
+    loss = unwrap(model).loss(batch, logits, loss_fn)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # clip_grad_norm_ returns the norm before clipping: exactly the spike statistic the seed watched.
+    max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    scheduler.step()
+    totals.add(loss.detach(), (batch.y != IGNORE_LABEL).sum(), norm)
+
+
+def _fill(stats: EpochStats, totals: StepTotals, optimizer: torch.optim.Optimizer, start: float) -> EpochStats:
+    sums = totals.read()  # before the clock stops: the device work of the last steps is then inside `seconds`
+    stats.seconds = time.perf_counter() - start
+    stats.num_residues = int(sums["residues"])
+    stats.loss = sums["loss_sum"] / max(1, stats.num_residues)
+    finite = int(sums["finite_norms"])
+    stats.grad_norm_mean = sums["norm_sum"] / finite if finite else float("nan")
+    stats.grad_norm_max = sums["norm_max"] if finite else float("nan")
+    stats.clipped_steps = int(sums["clipped"])
+    stats.lr = float(optimizer.param_groups[0]["lr"])
+    return stats
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -137,12 +226,20 @@ def train_epoch(
     loss_fn: nn.Module,
     cfg: TrainConfig,
     device: torch.device,
+    *,
+    on_progress: Callable[[EpochStats], None] | None = None,
+    progress_every: int = 0,
 ) -> EpochStats:
-    """One pass over `batches` (an iterable of PyG Batches). Returns loss and gradient-norm statistics."""
+    """One pass over `batches` (an iterable of PyG Batches). Returns loss and gradient-norm statistics.
+
+    The statistics add up on the device and are read back once at the end of the epoch, so no step waits for
+    the device (on CUDA: one more sync after the first step, for `first_step_unix`). With `on_progress`, every
+    `progress_every` steps the statistics so far are read (one sync each) and handed to it: live metrics.
+    """
     model.train()
     loss_fn = loss_fn.to(device)
-    stats, norms = EpochStats(), []
-    loss_sum = 0.0
+    stats = EpochStats()
+    totals = StepTotals(device, cfg.clip_grad_norm)
     start = time.perf_counter()
     iterator = iter(batches)
     while True:
@@ -151,34 +248,17 @@ def train_epoch(
         stats.data_wait_s += time.perf_counter() - wait_start
         if batch is None:
             break
-        batch = batch.to(device, non_blocking=True)
-        with _autocast(device, cfg.bf16):
-            logits = model(batch)
-        # through the (DDP) wrapper for the forward, the bare model for the loss its decoder calls for (CE or CRF NLL)
-        loss = unwrap(model).loss(batch, logits, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # clip_grad_norm_ returns the norm before clipping: exactly the spike statistic the seed watched.
-        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        optimizer.step()
-        scheduler.step()
-        residues = int((batch.y != IGNORE_LABEL).sum())
-        loss_sum += float(loss.detach()) * residues
-        norms.append(norm)
-        stats.clipped_steps += int(cfg.clip_grad_norm > 0 and norm > cfg.clip_grad_norm)
-        stats.num_residues += residues
+        batch = to_device(batch, device)
+        train_step(model, batch, optimizer, scheduler, loss_fn, cfg, totals)
         stats.num_proteins += int(batch.num_graphs)
         stats.steps += 1
         if stats.steps == 1:
+            if device.type == "cuda":  # "when the first step finished", as the field says, not when it was queued
+                torch.cuda.synchronize(device)
             stats.first_step_unix = time.time()
-    stats.seconds = time.perf_counter() - start
-    stats.loss = loss_sum / max(1, stats.num_residues)
-    finite = [n for n in norms if math.isfinite(n)]
-    stats.grad_norm_mean = float(np.mean(finite)) if finite else float("nan")
-    stats.grad_norm_max = float(np.max(finite)) if finite else float("nan")
-    stats.lr = float(optimizer.param_groups[0]["lr"])
-    return stats
+        if on_progress is not None and progress_every > 0 and stats.steps % progress_every == 0:
+            on_progress(_fill(replace(stats), totals, optimizer, start))
+    return _fill(stats, totals, optimizer, start)
 
 
 @torch.no_grad()
