@@ -16,7 +16,7 @@ from protopo_ray.data.collate import records_to_batch
 from protopo_ray.data.graphs import build_graph
 from protopo_ray.data.records import ProteinRecord
 from protopo_ray.model.footprint import footprint
-from protopo_ray.model.network import TopologyModel, count_parameters, reverse_within_length
+from protopo_ray.model.network import ChainLSTM, TopologyModel, count_parameters, reverse_within_length
 
 SMALL = ModelConfig(gc_size=16, gc_layers=2, lstm_size=12, lstm_layers=2, aa_embed_dim=8, dropout=0.2)
 
@@ -253,3 +253,81 @@ def test_sequence_window_graphs_run_densely_with_the_same_outputs(operator, k):
     sparse = batch.clone()
     sparse.window = -1
     torch.testing.assert_close(model(batch), model(sparse), atol=1e-5, rtol=1e-5)
+
+
+# ---- the two LSTM paths (issue 30): padded (CPU) and cuDNN-style packed, on the same parameters ----
+
+
+def lstm_inputs(lengths: list[int], width: int = 7, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(lengths), max(lengths), width, generator=g), torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_packed_lstm_gives_the_padded_outputs_and_gradients(bidirectional, num_layers):
+    torch.manual_seed(0)
+    lstm = ChainLSTM(7, 6, num_layers, bidirectional, dropout=0.3, impl="padded").eval()  # eval: dropout off
+    padded, lengths = lstm_inputs([9, 1, 5, 9, 3])
+    real = torch.arange(padded.size(1))[None, :] < lengths[:, None]
+    outputs, grads = {}, {}
+    for impl in ("padded", "packed"):
+        lstm.impl = impl
+        lstm.zero_grad()
+        x = padded.clone().requires_grad_()
+        out = lstm(x, lengths)
+        assert out.shape == (5, 9, lstm.output_size)
+        (out[real] ** 2).sum().backward()  # a loss over real positions only, as the model's head reads them
+        outputs[impl], grads[impl] = out[real], [x.grad[real]] + [p.grad for p in lstm.parameters()]
+    torch.testing.assert_close(outputs["packed"], outputs["padded"], atol=1e-6, rtol=1e-5)
+    for packed_grad, padded_grad in zip(grads["packed"], grads["padded"], strict=True):
+        torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_lstm_paths_share_parameters_and_state_dict_keys():
+    """A checkpoint of either path loads into the other: the keys are today's (one nn.LSTM per layer and direction)."""
+    cfg = dataclasses.replace(SMALL, dropout=0.0)
+    padded = build(dataclasses.replace(cfg, lstm_impl="padded")).eval()
+    packed = TopologyModel(dataclasses.replace(cfg, lstm_impl="packed")).eval()
+    assert [k for k in padded.state_dict() if k.startswith("lstm.")] == [
+        f"lstm.{side}_layers.{i}.{name}_l0" for side in ("forward", "backward") for i in range(2)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    packed.load_state_dict(padded.state_dict())
+    batch = Batch.from_data_list([protein(5, 0), protein(11, 1), protein(2, 2)])
+    torch.testing.assert_close(packed(batch), padded(batch), atol=1e-5, rtol=1e-5)
+    window = records_to_batch(*sequence_proteins([30, 7, 18]))  # the dense GC path, host lengths from the batch
+    torch.testing.assert_close(packed(window), padded(window), atol=1e-5, rtol=1e-5)
+
+
+def sequence_proteins(lengths: list[int]) -> tuple[list[ProteinRecord], list]:
+    rng = np.random.default_rng(0)
+    records = [ProteinRecord(id=f"p{i}", type="GLOBULAR", fold="train",
+                             sequence="".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), n)), labels="O" * n)
+               for i, n in enumerate(lengths)]
+    return records, [build_graph(r.sequence) for r in records]
+
+
+def test_auto_runs_padded_on_cpu_and_packed_on_cuda():
+    lstm = ChainLSTM(4, 3, 1, True, 0.0)
+    assert lstm.impl == "auto"
+    assert lstm.path(torch.device("cpu")) == "padded" and lstm.path(torch.device("cuda")) == "packed"
+    assert ChainLSTM(4, 3, 1, True, 0.0, impl="packed").path(torch.device("cpu")) == "packed"
+    with pytest.raises(ValueError, match="lstm_impl"):
+        ModelConfig(lstm_impl="cudnn")
+
+
+@pytest.mark.parametrize("impl", ["padded", "packed"])
+def test_lstm_runs_in_bf16_under_autocast_only_when_asked(impl):
+    torch.manual_seed(0)
+    lstm = ChainLSTM(7, 6, 2, True, 0.0, impl=impl).eval()
+    padded, lengths = lstm_inputs([8, 3, 6])
+    real = torch.arange(padded.size(1))[None, :] < lengths[:, None]
+    exact = lstm(padded, lengths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = lstm(padded.bfloat16(), lengths)  # lstm_bf16 off: fp32 inside autocast, as before issue 30
+        lstm.bf16 = True
+        low = lstm(padded, lengths)
+    assert kept.dtype == torch.float32 and low.dtype == torch.bfloat16
+    torch.testing.assert_close(kept[real], exact[real], atol=1e-2, rtol=0)  # only the bf16 input rounding
+    torch.testing.assert_close(low.float()[real], exact[real], atol=3e-2, rtol=0)
+    assert not torch.equal(low.float()[real], exact[real])

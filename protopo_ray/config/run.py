@@ -20,6 +20,7 @@ from protopo_ray.data.alphabet import LABELS, PROTEIN_TYPES
 GC_OPERATORS = ("gcn", "graphconv", "cfconv")
 DECODERS = ("argmax", "viterbi", "crf")
 SCHEDULES = ("constant", "linear", "cosine")
+LSTM_IMPLS = ("auto", "padded", "packed")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -119,6 +120,14 @@ class ModelConfig:
     """Add residue charge (K, R +1; D, E -1) and its 15-residue window mean to the residue inputs."""
     feature_blosum: bool = False
     """Add the residue's BLOSUM62 row (20 values) to the residue inputs."""
+    lstm_impl: str = "auto"
+    """How the LSTM runs (same parameters, same outputs up to float tolerance, `model.recurrence.ChainLSTM`): padded (one
+    unidirectional LSTM per layer and direction on right-padded input; ~11x faster than packing on CPU), packed
+    (one bidirectional multi-layer LSTM over packed sequences, cuDNN's fused kernel), or auto: padded on CPU,
+    packed on CUDA. The CUDA choice is not measured yet (docs/benchmarks.md "GPU readiness (issue 30)")."""
+    lstm_bf16: bool = False
+    """Under train.bf16 on CUDA, run the LSTM in bf16 too (False: fp32, TF32 on Ampere+). Open until a GPU run
+    measures its speed and accuracy (docs/benchmarks.md "GPU precision (open)")."""
 
     def __post_init__(self) -> None:
         _check(self.gc_size >= 1, f"model.gc_size must be >= 1, got {self.gc_size}")
@@ -135,6 +144,7 @@ class ModelConfig:
                f"model.duration_weight must be a finite number >= 0, got {self.duration_weight}")
         _check(math.isfinite(self.beta_offset), f"model.beta_offset must be a finite number, got {self.beta_offset}")
         _check(self.min_loop >= 1, f"model.min_loop must be >= 1, got {self.min_loop}")
+        _check(self.lstm_impl in LSTM_IMPLS, f"model.lstm_impl must be one of {LSTM_IMPLS}, got {self.lstm_impl!r}")
 
 
 @dataclass(kw_only=True, frozen=True, slots=True)

@@ -6,10 +6,9 @@ labels are read off those logits follows `cfg.decoder`: `model.loss(batch, logit
 the grammar CRF's NLL) and `model.decode(batch, logits) -> label indices [N]` (argmax, Viterbi over the
 softmax with fixed moves, or the CRF's Viterbi). The training loop and every consumer call only these.
 
-The LSTM runs on right-padded tensors, never on PackedSequence: packing was ~11x slower on CPU (DESIGN.md,
-re-measured by tools/bench_model.py). Padding stays exact because the forward direction only ever reads real
-positions before the padding, and the backward direction runs on each sequence reversed *within its own
-length* (padding stays at the end), so a protein's logits do not depend on what it is batched with.
+The LSTM (`recurrence.ChainLSTM`) runs on right-padded tensors on CPU (packing was ~11x slower there) and, by
+default, as cuDNN's bidirectional LSTM over packed sequences on CUDA; both are exact under padding, so a
+protein's logits do not depend on what it is batched with.
 """
 
 from __future__ import annotations
@@ -27,9 +26,12 @@ from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES, SEPARATION_SCA
 from protopo_ray.model.crf import CRF
 from protopo_ray.model.features import SequenceFeatures, feature_groups, num_features
 from protopo_ray.model.grammar import Decoding, Grammar, default_grammar
+from protopo_ray.model.recurrence import ChainLSTM, reverse_within_length
 
 NUM_NODE_FEATURES = len(NODE_FEATURES)
 NUM_EDGE_FEATURES = len(EDGE_FEATURES)
+
+__all__ = ["ChainLSTM", "TopologyModel", "count_parameters", "pad_by_protein", "reverse_within_length"]
 
 
 class CFConv(MessagePassing):
@@ -141,62 +143,6 @@ class GraphBlock(nn.Module):
         return h + self.dropout(self.act(out))
 
 
-def reverse_within_length(lengths: Tensor, max_len: int) -> Tensor:
-    """Index [B, T] that reverses positions 0..L_b-1 of each row and leaves the padding where it is.
-
-    It is its own inverse, so the same gather turns the backward direction's output back into chain order.
-    """
-    t = torch.arange(max_len, device=lengths.device)
-    rev = lengths[:, None] - 1 - t[None, :]
-    return torch.where(rev >= 0, rev, t[None, :])
-
-
-class ChainLSTM(nn.Module):
-    """Stacked (bi)LSTM on right-padded [B, T, D] input, exact under padding (see the module docstring).
-
-    One single-direction nn.LSTM per layer and direction, because each layer's backward input has to be
-    re-reversed from the previous layer's concatenated output; the parameter count equals nn.LSTM's own.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, dropout: float):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.bidirectional = bidirectional
-        self.output_size = hidden_size * (2 if bidirectional else 1)
-        sizes = [input_size] + [self.output_size] * (num_layers - 1)
-        self.forward_layers = nn.ModuleList(nn.LSTM(size, hidden_size, batch_first=True) for size in sizes)
-        self.backward_layers = (
-            nn.ModuleList(nn.LSTM(size, hidden_size, batch_first=True) for size in sizes) if bidirectional else None
-        )
-        self.dropout = nn.Dropout(dropout)
-        for lstm in self.modules():
-            if isinstance(lstm, nn.LSTM):
-                # forget-gate bias 1 (gate order i, f, g, o): remember by default, which helps ~1000-residue chains
-                with torch.no_grad():
-                    lstm.bias_ih_l0[hidden_size : 2 * hidden_size].fill_(1.0)
-                    lstm.bias_hh_l0[hidden_size : 2 * hidden_size].fill_(0.0)
-
-    def forward(self, padded: Tensor, lengths: Tensor) -> Tensor:
-        # fp32 (TF32 on Ampere+) even under bf16 autocast: autocast's cuDNN RNN path runs in fp16, and without a
-        # GradScaler fp16 gradients of ~1000-step recurrences underflow. The GC layers keep bf16.
-        with torch.autocast(device_type=padded.device.type, enabled=False):
-            return self._forward_fp32(padded.float(), lengths)
-
-    def _forward_fp32(self, padded: Tensor, lengths: Tensor) -> Tensor:
-        rev = reverse_within_length(lengths, padded.size(1)) if self.bidirectional else None
-        h = padded
-        for i, forward_lstm in enumerate(self.forward_layers):
-            if i > 0:
-                h = self.dropout(h)
-            out, _ = forward_lstm(h)
-            if self.backward_layers is not None:
-                back, _ = self.backward_layers[i](h.gather(1, rev[..., None].expand(-1, -1, h.size(-1))))
-                back = back.gather(1, rev[..., None].expand(-1, -1, back.size(-1)))
-                out = torch.cat([out, back], dim=-1)
-            h = out
-        return h
-
-
 class TopologyModel(nn.Module):
     """Per-residue topology classifier built from a `ModelConfig` and the topology grammar its decoder uses
     (default: the grammar of `segments.DEFAULT_STATS`; a checkpoint rebuilds the model with the one it recorded).
@@ -217,7 +163,8 @@ class TopologyModel(nn.Module):
             GraphBlock(cfg.gc_operator, cfg.gc_size, cfg.dropout) for _ in range(cfg.gc_layers)
         )
         self.norm = nn.LayerNorm(cfg.gc_size)
-        self.lstm = ChainLSTM(cfg.gc_size, cfg.lstm_size, cfg.lstm_layers, cfg.bidirectional, cfg.dropout)
+        self.lstm = ChainLSTM(cfg.gc_size, cfg.lstm_size, cfg.lstm_layers, cfg.bidirectional, cfg.dropout,
+                              impl=cfg.lstm_impl, bf16=cfg.lstm_bf16)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.lstm.output_size, NUM_LABELS)
         # crf: learned transition scores (in the state dict); viterbi: fixed ones (not saved, so any checkpoint
@@ -247,16 +194,22 @@ class TopologyModel(nn.Module):
         batch_vec: Tensor | None = None,
         ptr: Tensor | None = None,
         window: int = -1,
+        max_length: int | None = None,
+        host_lengths: Tensor | None = None,
     ) -> Tensor:
         """Logits [N, NUM_LABELS] for a PyG Batch (`data`), or for the same tensors passed by keyword.
 
         `window` >= 0 (a batch's `window`, set by `collate` when every graph in it is a sequence window of that
         half-width) runs the GC layers as dense window sums: the same function, faster (`GraphBlock.forward_window`).
+        `max_length` (the longest protein) and `host_lengths` (lengths [B] on the host), which `loop.to_device`
+        sets on a batch before its copy to the device, spare the forward pass reading them back from the device.
         """
         if data is not None:
             aa, x, edge_index, edge_attr = data.aa, data.x, data.edge_index, data.edge_attr
             batch_vec, ptr = data.batch, getattr(data, "ptr", None)
             window = int(getattr(data, "window", -1))
+            max_length = getattr(data, "max_length", None)
+            host_lengths = getattr(data, "host_lengths", None)
         if batch_vec is None:  # a single graph
             batch_vec = torch.zeros(aa.numel(), dtype=torch.long, device=aa.device)
         if ptr is None:
@@ -271,8 +224,10 @@ class TopologyModel(nn.Module):
         # the LSTM output back to the flat order of batch.y
         lengths = ptr[1:] - ptr[:-1]
         position = torch.arange(h.size(0), device=h.device) - ptr[batch_vec]
+        if max_length is None:  # read back from the device: a sync on CUDA
+            max_length = int(lengths.max()) if lengths.numel() else 0
         if window >= 0:  # sequence-window graphs: the GC layers as window sums on the padded tensor
-            padded = h.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, h.size(-1))
+            padded = h.new_zeros(lengths.numel(), max_length, h.size(-1))
             padded[batch_vec, position] = h
             mask = torch.arange(padded.size(1), device=h.device)[None, :] < lengths[:, None]
             for block in self.gc_blocks:
@@ -282,9 +237,9 @@ class TopologyModel(nn.Module):
             for block in self.gc_blocks:
                 h = block(h, edge_index, edge_attr)
             h = self.norm(h)
-            padded = h.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, h.size(-1))
+            padded = h.new_zeros(lengths.numel(), max_length, h.size(-1))
             padded[batch_vec, position] = h
-        out = self.lstm(padded, lengths)[batch_vec, position]
+        out = self.lstm(padded, lengths, host_lengths)[batch_vec, position]
         return self.head(self.dropout(out))
 
     def loss(self, batch, logits: Tensor, loss_fn: nn.Module | None = None, reduction: str = "mean") -> Tensor:
@@ -341,7 +296,10 @@ def pad_by_protein(values: Tensor, batch) -> tuple[Tensor, Tensor, tuple[Tensor,
         ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     lengths = ptr[1:] - ptr[:-1]
     position = torch.arange(values.size(0), device=values.device) - ptr[batch_vec]
-    padded = values.new_zeros(lengths.numel(), int(lengths.max()) if lengths.numel() else 0, values.size(-1))
+    max_length = getattr(batch, "max_length", None)  # set on the host by loop.to_device: no read from the device
+    if max_length is None:
+        max_length = int(lengths.max()) if lengths.numel() else 0
+    padded = values.new_zeros(lengths.numel(), max_length, values.size(-1))
     padded[batch_vec, position] = values
     return padded, lengths, (batch_vec, position)
 
