@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from protopo_ray.cluster.connect import SharedStorageError, ray_init, require_shared_storage
+from protopo_ray.cluster.connect import ClusterAuthError, SharedStorageError, ray_init, require_shared_storage
 from protopo_ray.cluster.logs import quiet_output
 from protopo_ray.cluster.sessions import NoCudaError
 from protopo_ray.config import describe_keys, parse_overrides
@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run and args.cluster:  # plan before the cluster exists: its YAML fully scaled out
         inventory = inventory_from_cluster_yaml(args.cluster)
     else:
-        ray_init(log_to_driver=log_path is None)
+        try:  # the dashboard's Jobs page names the driver job after the experiment
+            ray_init(log_to_driver=log_path is None, job_name=experiment.name)
+        except ClusterAuthError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         inventory = read_inventory(args.cluster)
     longest = longest_protein(experiment.base)
     try:

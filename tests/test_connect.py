@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,100 @@ def test_gpu_trial_without_cuda_ends_the_search(two_nodes):
     assert summary["reserved_at_end"] == [summary["other"]]  # the failed trials reserve nothing
     print(f"two-node cluster up in {summary['cluster_up_s']:.0f} s; refused: tune {summary['tune_local']['seconds']:.1f} s, "
           f"train {summary['train_local']['seconds']:.1f} s; no-CUDA search ended in {result['seconds']:.0f} s")
+
+
+# -- joining a `ray start` head, with token authentication on and off ------------------------------------------------
+# Each head is this test's own (its own port and --temp-dir, stopped by killing its processes: `ray stop` would stop
+# every cluster on the machine), alive only for the test. The joining commands run in subprocesses.
+
+from test_cluster_jobs import free_port, kill_cluster, run_cli  # noqa: E402
+
+JOIN_SCRIPT = """
+import sys
+from protopo_ray.cluster.connect import ClusterAuthError, prepare_auth
+try:
+    prepare_auth(sys.argv[1], "RAY_ADDRESS")
+    print("joinable")
+except ClusterAuthError as error:
+    print(error)
+"""
+
+
+def start_head(temp_dir: Path, *, token: bool) -> tuple[dict[str, str], str]:
+    """A `ray start --head` on 127.0.0.1 with (or without) token authentication; the environment of a user of that
+    machine (no RAY_AUTH_MODE, the token where the head's was, no RAY_ADDRESS) and the head's GCS address."""
+    token_file = temp_dir / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    base.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}",
+                 "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                 "RAY_TMPDIR": str(temp_dir), "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
+                 "WANDB_MODE": "offline"})
+    head_env = {**base, "RAY_AUTH_MODE": "token" if token else "disabled"}
+    port = free_port()
+    for _ in range(2):  # Ray gives a raylet 30 s to register: a loaded machine can miss that once
+        start = run_cli(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--dashboard-host",
+                         "127.0.0.1", "--dashboard-port", str(free_port()), "--num-cpus", "2", "--temp-dir",
+                         str(temp_dir), "--disable-usage-stats", "--dashboard-agent-listen-port", str(free_port()),
+                         "--ray-client-server-port", str(free_port())], head_env, timeout_s=180)
+        if start.returncode == 0:
+            break
+        kill_cluster(temp_dir)
+    assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
+    return base, f"127.0.0.1:{port}"
+
+
+def dry_run(smoke_shards, tmp: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "protopo_ray.tune", "experiments/smoke.toml", "--data",
+                           str(smoke_shards), "--storage", str(tmp / "runs"), "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def join(address: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", JOIN_SCRIPT, address], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def head_dir():
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="rcn", dir="/tmp"))  # Ray's socket paths must stay short
+    yield path
+    kill_cluster(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_search_joins_a_ray_start_head_with_token_auth(smoke_shards, head_dir):
+    env, address = start_head(head_dir, token=True)
+    # RAY_ADDRESS named, RAY_AUTH_MODE unset: Ray itself would go in without the token and be refused
+    done = dry_run(smoke_shards, head_dir, {**env, "RAY_ADDRESS": address})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in done.stderr and "search" in done.stdout
+    # Without the head's token, or with another one: one line saying what to set, at once.
+    started = time.time()
+    missing = join(address, {**env, "RAY_AUTH_TOKEN_PATH": str(head_dir / "nothing"), "HOME": str(head_dir)})
+    wrong_file = head_dir / "other_token"
+    wrong_file.write_text(secrets.token_hex(32))
+    wrong = join(address, {**env, "RAY_AUTH_TOKEN_PATH": str(wrong_file)})
+    disabled = join(address, {**env, "RAY_AUTH_MODE": "disabled"})
+    assert "requires token authentication" in missing and "set RAY_AUTH_TOKEN_PATH" in missing, missing
+    assert "refuses the token" in wrong and "set RAY_AUTH_TOKEN_PATH" in wrong, wrong
+    assert "RAY_AUTH_MODE=disabled" in disabled and "set RAY_AUTH_MODE=token" in disabled, disabled
+    assert time.time() - started < 60  # the probes answer at once (ray.init retries ~20 s, then a bare ConnectionError)
+    cli = subprocess.run([sys.executable, "-m", "protopo_ray.tune", "experiments/smoke.toml", "--data", str(smoke_shards),
+                          "--storage", str(head_dir / "runs"), "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                         env={**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(wrong_file)}, timeout=300)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1].startswith("error: the Ray cluster at"), cli.stderr
+
+
+@pytest.mark.ray
+def test_search_joins_a_ray_start_head_without_auth_found_on_this_machine(smoke_shards, head_dir):
+    env, address = start_head(head_dir, token=False)
+    assert join(address, env) == "joinable"  # a token at hand is not sent where none is asked for
+    done = dry_run(smoke_shards, head_dir, env)  # no RAY_ADDRESS: the live `ray start` of RAY_TMPDIR
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in done.stderr

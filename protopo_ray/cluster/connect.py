@@ -1,14 +1,22 @@
-"""Connecting to Ray: join the cluster this process belongs to, or start a local one bound to 127.0.0.1; what a run
-requires of the cluster it joined (storage every node sees) and the placement groups it must not leave behind."""
+"""Connecting to Ray: join the cluster this process belongs to (whatever its authentication mode), or start a local
+one bound to 127.0.0.1; what a run requires of the cluster it joined (storage every node sees) and the placement
+groups it must not leave behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
+import grpc
 import ray
 from ray._private import services
+from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _enable_token_auth
+from ray._raylet import AuthenticationTokenLoader
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+from ray.exceptions import AuthenticationError
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from protopo_ray.data import storage
@@ -34,18 +42,94 @@ def running_cluster() -> str | None:
     return next(iter(live)) if len(live) == 1 else None
 
 
-def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | None = None, **kwargs: Any):
+class ClusterAuthError(ValueError):
+    """A running cluster this process cannot join as configured: its token authentication refuses it."""
+
+
+#: Ray Train keeps runs, attempts and workers for the dashboard (its Train page, /api/train/v2/runs) only with this
+#: set in the process that calls `fit()`; cluster.train_run sets it there too (0 turns it off).
+TRAIN_STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+_HOST_PORT = re.compile(r"^[\w.\-\[\]:]+:\d+$")
+
+
+def head_requires_token(address: str, timeout_s: float = 5.0, token: str | None = None) -> bool | None:
+    """Whether the GCS at `address` (host:port) refuses a client that sends `token` (None: no token): True or
+    False, None when nothing answers there. One small RPC: `ray.init` against a head that refuses it retries for
+    ~20 s and ends in a bare ConnectionError."""
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return True
+            return None if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else False
+    return False
+
+
+def _token_source() -> str:
+    """Where Ray's token loader looks first, as a user would set it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
+    return str(Path.home() / ".ray" / "auth_token")
+
+
+def prepare_auth(address: str, source: str) -> None:
+    """Switch this process to token authentication when the head at `address` requires it, as `ray.init(address=
+    "auto")` does for a local cluster (Ray never does for an explicit address: RAY_ADDRESS, or the address of a
+    `ray start` found here); raise ClusterAuthError with what to set where it cannot join.
+
+    The token is sent only to a head that has refused a client without one, and checked before `ray.init`.
+    RAY_AUTH_MODE=token set by the user (or by the head, for a job it runs) is left to Ray.
+    """
+    mode = os.environ.get(AUTH_MODE_ENV_VAR)
+    if (mode or "").lower() == "token" or not _HOST_PORT.match(address) or os.environ.get("RAY_USE_TLS") == "1":
+        return
+    if not head_requires_token(address):
+        return  # no authentication, or nothing answers (ray.init says so in its own words)
+    where = f"the Ray cluster at {address} ({source}) requires token authentication"
+    if mode is not None:
+        raise ClusterAuthError(f"{where}, but {AUTH_MODE_ENV_VAR}={mode}: set {AUTH_MODE_ENV_VAR}=token (or unset it)")
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()
+    try:
+        has_token = loader.has_token(ignore_auth_mode=True)
+    except AuthenticationError:  # RAY_AUTH_TOKEN_PATH names a file that is missing or empty
+        has_token = False
+    if not has_token:
+        raise ClusterAuthError(f"{where} and this process has no token ({_token_source()} is missing or empty): set "
+                               f"RAY_AUTH_TOKEN_PATH to the token file the head was started with (`ray get-auth-token` "
+                               f"on the head prints it) and {AUTH_MODE_ENV_VAR}=token")
+    if head_requires_token(address, token=loader.get_raw_token(ignore_auth_mode=True)):
+        raise ClusterAuthError(f"{where} and refuses the token of {_token_source()}: set RAY_AUTH_TOKEN_PATH to the "
+                               f"token file the head was started with (`ray get-auth-token` on the head prints it)")
+    _enable_token_auth()  # RAY_AUTH_MODE=token for this process and what it starts, and Ray's config re-read
+
+
+def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | None = None, job_name: str | None = None,
+             **kwargs: Any):
     """Join the running cluster (RAY_ADDRESS, or a live local `ray start`), else start one bound to 127.0.0.1.
 
     Returns Ray's context (None when this process was already connected). `log_to_driver` (forward the
     workers' output to this process) and `logging_level` (of the driver's "ray" logger) apply either way,
-    Ray's defaults when None; `kwargs` go to a new local cluster.
+    Ray's defaults when None; `job_name` is the driver job's Name on the dashboard's Jobs page (a job submitted
+    with `ray job submit` keeps the name its submission gives, `--metadata-json '{"job_name": ...}'`); `kwargs`
+    go to a new local cluster. Joining a head with token authentication needs its token (`prepare_auth`).
     """
     if ray.is_initialized():
         return None
-    driver = {k: v for k, v in (("log_to_driver", log_to_driver), ("logging_level", logging_level)) if v is not None}
-    address = os.environ.get("RAY_ADDRESS") or running_cluster()
+    driver: dict[str, Any] = {k: v for k, v in (("log_to_driver", log_to_driver), ("logging_level", logging_level))
+                              if v is not None}
+    if job_name:
+        driver["job_config"] = ray.job_config.JobConfig(metadata={"job_name": job_name})
+    os.environ.setdefault(TRAIN_STATE_TRACKING_ENV, "1")  # a local cluster's processes inherit it
+    explicit = os.environ.get("RAY_ADDRESS")
+    address = explicit or running_cluster()
     if address and address != "local":  # RAY_ADDRESS=local: always a new local cluster (tests, benchmarks)
+        prepare_auth(address, "RAY_ADDRESS" if explicit else "a `ray start` running on this machine")
         context = ray.init(address=address, **driver)
     else:
         # Ray starts workers at nice 15 by default; on a machine shared with other jobs that starves the

@@ -59,7 +59,7 @@ def run(config: Config, resume: bool = False) -> dict[str, float]:
     run_dir = Path(storage.resolve(config.resources.storage)) / config.name
     if not storage.is_uri(config.resources.storage) and run_dir.exists() and not resume:
         raise FileExistsError(f"{run_dir} exists; pass --resume to continue that run or choose another name (--set name=...)")
-    ray_init()
+    ray_init(job_name=config.name)
     require_shared_storage(config.resources.storage, shared=config.resources.shared_storage,
                            num_nodes=cluster_node_count(), what=f"run {config.name}")
     result = build_trainer(config).fit()
