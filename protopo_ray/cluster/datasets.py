@@ -56,8 +56,8 @@ def load_datasets(config: Config) -> dict[str, Any]:
     hands the same datasets to every trial)."""
     _quiet_progress()
     if run_mode(config) == "memory":
-        return {split: ray.data.from_arrow(shards.read_table(config.data.path, folds=split_folds(config, split)))
-                for split in ("train", "val")}
+        return {split: named(ray.data.from_arrow(shards.read_table(config.data.path, folds=split_folds(config, split))),
+                             config, split) for split in ("train", "val")}
     files, _ = shards.shard_files(config.data.path)
 
     def dataset(split: str, shuffle: bool):
@@ -68,7 +68,13 @@ def load_datasets(config: Config) -> dict[str, Any]:
         return ds.map_batches(read_shard_files, fn_kwargs={"path": config.data.path, "folds": split_folds(config, split)},
                               batch_size=1, batch_format="pyarrow", num_cpus=DATA_CPUS)
 
-    return {"train": dataset("train", True), "val": dataset("val", False)}
+    return {"train": named(dataset("train", True), config, "train"), "val": named(dataset("val", False), config, "val")}
+
+
+def named(dataset, config: Config, split: str):
+    """`dataset` named after its run and split: the dashboard's Data page and Ray Data's metrics say which it is."""
+    dataset.set_name(f"{config.name}/{split}")
+    return dataset
 
 
 def read_shard_files(batch: pa.Table, *, path: str, folds: tuple[str, ...]) -> Iterator[pa.Table]:

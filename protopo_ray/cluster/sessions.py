@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from protopo_ray.cluster.datasets import worker_split
 from protopo_ray.config import Config
 from protopo_ray.data import shards, storage
+from protopo_ray.monitoring.metrics import TrialLabels, emit_epoch
 from protopo_ray.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -59,13 +61,18 @@ def require_cuda(config: Config, gpu_ids: list[str], cuda_available: bool, node:
 
 class StorageSession:
     """What every Ray-side run writes beside its checkpoints in `<storage>/<name>/`, local or object storage:
-    metrics.jsonl (every epoch), workers.json (where each rank ran) and best/ (the best epoch's checkpoint)."""
+    metrics.jsonl (every epoch), workers.json (where each rank ran) and best/ (the best epoch's checkpoint); and
+    each epoch's figures as live metrics tagged with `labels` (protopo_ray.monitoring.metrics; a run outside a search
+    is experiment = stage "train" = its name)."""
 
     rank: int
     world_size: int
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, labels: TrialLabels | None = None) -> None:
         self.config = config
+        self.labels = labels or TrialLabels(experiment=config.name, stage="train", trial=config.name)
+        self.emit_s = 0.0
+        """Seconds this rank has spent setting live metrics (what they cost the run)."""
         self.history: list[str] = []
         runtime = ray.get_runtime_context()
         # Where this rank landed: node and accelerator ids (written to <run>/workers.json by rank 0).
@@ -85,6 +92,10 @@ class StorageSession:
         peaks = process_watch().peaks().as_dict()  # rss (shared pages too), anon (private), shmem (object store)
         placements = self.gather({**self.placement, **{f"peak_{k}": v for k, v in peaks.items()}})
         if self.rank == 0:
+            began = time.perf_counter()
+            cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+            emit_epoch(self.labels, metrics, metric=self.config.train.metric, cuda_peak_bytes=cuda_peak)
+            self.emit_s += time.perf_counter() - began
             self._write_file("workers.json", json.dumps(placements, indent=1))
             self._write_metrics(metrics)
             if checkpoint_dir is not None and is_best:
@@ -118,11 +129,11 @@ class StorageSession:
 class RaySession(StorageSession):
     """A rank of a Ray Train worker group: its split streamed through Ray Data, DDP, checkpoints via Train."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, labels: TrialLabels | None = None) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
-        super().__init__(config)
+        super().__init__(config, labels)
 
     def split(self, name: str) -> Split:
         return worker_split(name, self.config)
@@ -273,8 +284,14 @@ class TuneSession(StorageSession):
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
+LABELS_KEY = "monitor_labels"
+"""The key of `train_loop_config` that carries the run's TrialLabels beside the config (`cluster.train_run`)."""
+
+
 def train_fn_per_worker(config_dict: dict[str, Any]) -> None:
-    """Ray Train entry point: one call per worker, the config as a plain dict."""
+    """Ray Train entry point: one call per worker, the config as a plain dict (and its live metrics' labels)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config_dict = dict(config_dict)
+    labels = config_dict.pop(LABELS_KEY, None)
     config = Config.from_dict(config_dict)
-    fit(config, RaySession(config))
+    fit(config, RaySession(config, TrialLabels.from_json(labels) if labels else None))

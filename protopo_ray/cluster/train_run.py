@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from protopo_ray.cluster.connect import cluster_node_count, ray_init, require_shared_storage
+from protopo_ray.cluster.connect import TRAIN_STATE_TRACKING_ENV, cluster_node_count, ray_init, require_shared_storage
 from protopo_ray.cluster.datasets import data_config, load_datasets
-from protopo_ray.cluster.sessions import train_fn_per_worker
+from protopo_ray.cluster.sessions import LABELS_KEY, train_fn_per_worker
 from protopo_ray.config import Config, save_config
 from protopo_ray.data import storage
+from protopo_ray.monitoring.metrics import TrialLabels
 from protopo_ray.training.fit import validate_data
 
 
 def build_trainer(config: Config, run_name: str | None = None, callbacks: list | None = None,
-                  datasets: dict[str, Any] | None = None) -> TorchTrainer:
-    """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention."""
+                  datasets: dict[str, Any] | None = None, labels: TrialLabels | None = None) -> TorchTrainer:
+    """A TorchTrainer for `config`: datasets, scaling, storage, failures and checkpoint retention; `labels` tag its
+    live metrics (a search's trial; default: the run's own name)."""
+    # Read by the trainer in this process at fit(), which hands it on to the controller: the run, its attempts and
+    # workers show on the dashboard's Train page. A search's trial processes do not inherit the driver's environment.
+    os.environ.setdefault(TRAIN_STATE_TRACKING_ENV, "1")
     res = config.resources
     use_gpu = res.gpus_per_worker > 0
     resources_per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
@@ -39,7 +45,7 @@ def build_trainer(config: Config, run_name: str | None = None, callbacks: list |
     datasets = datasets or load_datasets(config)
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=config.to_dict(),
+        train_loop_config={**config.to_dict(), **({LABELS_KEY: labels.to_json()} if labels else {})},
         scaling_config=scaling,
         run_config=run_config,
         datasets=datasets,

@@ -30,6 +30,7 @@ from protopo_ray.cluster.datasets import load_datasets
 from protopo_ray.config import Config
 from protopo_ray.data import shards, storage
 from protopo_ray.model.footprint import trial_footprint
+from protopo_ray.monitoring.progress import StageMonitor
 from protopo_ray.search import trials
 from protopo_ray.search.console import SearchConsole
 from protopo_ray.search.experiment import Experiment
@@ -37,7 +38,14 @@ from protopo_ray.search.fatal_errors import FatalTrialErrors
 from protopo_ray.search.guard import BudgetGuard, NodeWatch, clear_marker, pool_node_types
 from protopo_ray.search.inventory import Inventory, cluster_node_types, read_inventory
 from protopo_ray.search.plan import driver_resources, format_plan
-from protopo_ray.search.results import BudgetStop, ExperimentDir, ExperimentRecord, StageRecord, WinnerRecord
+from protopo_ray.search.results import (
+    BudgetStop,
+    ExperimentDir,
+    ExperimentRecord,
+    StageRecord,
+    WinnerRecord,
+    held_devices,
+)
 from protopo_ray.search.stages import PromotionStage, SearchStage, Stage
 from protopo_ray.search.tracking import wandb_callbacks
 from protopo_ray.training.checkpoint import load_checkpoint
@@ -150,7 +158,7 @@ def run_stage(stage: Stage, base: Config, *, experiment: Experiment, exp_uri: st
     if marker:
         clear_marker(marker)
     ctx = trials.StageContext(stage=stage, base=base, plan=plan, train_storage=ExperimentDir.train_uri(exp_uri),
-                              longest=longest, budget_marker=marker)
+                              longest=longest, budget_marker=marker, experiment=experiment.name)
     if budget.max_usd is not None and plan.usd_per_device_hour is None:
         display.console.print(f"budget: stage {stage.name}'s pool has no price ([prices]): its trials count $0 "
                               f"against max_usd", soft_wrap=True)
@@ -158,6 +166,10 @@ def run_stage(stage: Stage, base: Config, *, experiment: Experiment, exp_uri: st
     guard = BudgetGuard(budget, stage=stage.name, rate=functools.partial(trials.trial_usd_per_hour, ctx),
                         spent_usd=spent_usd, spent_wall_s=spent_wall_s, marker=marker, console=display.console)
     view.stop_reason = guard.stop_reason
+    monitor = StageMonitor(experiment=experiment.name, stage=stage.name, max_epochs=stage.max_epochs,
+                           labels=functools.partial(trials.trial_labels, ctx),
+                           held_devices=lambda params: held_devices(trials.trial_config(ctx, params, "cost").resources),
+                           usd_per_device_hour=plan.usd_per_device_hour, spent_usd=guard.spent, max_usd=budget.max_usd)
     watch = NodeWatch(pool_node_types(plan, cluster_node_types(options.cluster_file)), stage=stage.name,
                       wait_s=budget.node_wait_s, console=display.console)
     started = time.time()
@@ -166,7 +178,7 @@ def run_stage(stage: Stage, base: Config, *, experiment: Experiment, exp_uri: st
     shared_data = plan.num_workers > 1 and all(_datasets_of(c) == _datasets_of(base)
                                                for c in stage.planned_configs(base, promoted))
     tuner = trials.build_tuner(ctx, tune_dir=tune_dir, driver_resources=driver_resources(inventory),
-                               callbacks=[*callbacks, view, fatal, guard, watch],
+                               callbacks=[*callbacks, view, fatal, guard, watch, monitor],
                                stop=CombinedStopper(guard, fatal), seed=experiment.settings.seed,
                                datasets=load_datasets(base) if shared_data else None,
                                keep_checkpoints=base.train.keep_checkpoints, promoted=promoted, restore=restore,

@@ -10,6 +10,9 @@ Two kinds of trial, chosen by the plan's worker count:
   `tune.with_resources` as a function of the trial's config) and runs `training.fit` in its own process;
 - several workers (final runs): the trial is a 0-CPU driver that fits a Ray Train DDP run named after the
   trial id (so a restored trial continues from its own Train checkpoints) and forwards rank 0's reports.
+
+On the Ray dashboard a trial's actor is of class `Trial_<stage>` and its repr names the trial and its searched values
+(`describe_trial`); its live metrics carry the same trial id (`trial_labels`, protopo_ray.monitoring).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import ray.tune
 from ray import tune
 from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.trainable.function_trainable import wrap_function
 
 from protopo_ray.cluster.sessions import TuneSession
 from protopo_ray.cluster.train_run import build_trainer
@@ -31,6 +35,7 @@ from protopo_ray.config import Config
 from protopo_ray.config.objective import finite
 from protopo_ray.data import storage
 from protopo_ray.model.footprint import trial_footprint
+from protopo_ray.monitoring.metrics import NO_MEMBER, TrialLabels
 from protopo_ray.search.guard import BUDGET_KEY
 from protopo_ray.search.plan import StagePlan
 from protopo_ray.search.results import (
@@ -41,7 +46,7 @@ from protopo_ray.search.results import (
     finite_metrics,
     held_devices,
 )
-from protopo_ray.search.stages import CONTINUE_KEY, Stage
+from protopo_ray.search.stages import CONTINUE_KEY, ROTATION_KEY, Stage
 from protopo_ray.training.fit import fit
 
 CHECKPOINT_KEY = "checkpoint_path"  # what TuneReportCallback adds to a report that carried a checkpoint
@@ -62,6 +67,28 @@ class StageContext:
     budget_marker: str = ""
     """Written when the search's budget runs out (protopo_ray.search.guard): a trial starting after it trains
     nothing ("" = no budget)."""
+    experiment: str = ""
+    """The experiment's name: the `experiment` tag of the trials' live metrics."""
+
+
+def trial_labels(ctx: StageContext, trial_id: str, params: dict[str, Any]) -> TrialLabels:
+    """The tags of a trial's live metrics: experiment, stage, Tune trial id, ensemble member (its validation fold)."""
+    member = f"fold {params[ROTATION_KEY]}" if ROTATION_KEY in params else NO_MEMBER
+    return TrialLabels(experiment=ctx.experiment or ctx.base.name, stage=ctx.stage.name, trial=trial_id, member=member)
+
+
+def describe_trial(stage: str, trial_id: str, params: dict[str, Any]) -> str:
+    """One line naming a trial and what it tries: the repr of its actor on the dashboard, and its log's first line.
+    `architecture 5e1f2_00001 model.lstm_size=16 train.lr=0.003`; a promotion names the trial it continues."""
+    parts = [stage, trial_id]
+    for key, value in params.items():
+        if key == CONTINUE_KEY and isinstance(value, dict):
+            parts.append(f"from {value.get('from_stage')}/{value.get('from_trial')} at epoch {value.get('start_epoch')}")
+        elif key == ROTATION_KEY:
+            parts.append(f"member fold {value}")
+        else:
+            parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
 
 
 def trial_config(ctx: StageContext, params: dict[str, Any], trial_id: str) -> Config:
@@ -114,13 +141,17 @@ def run_trial(params: dict[str, Any], *, ctx: StageContext, datasets: dict[str, 
         # wants its metric in every trial's results; the guard stops the trial on it.
         ray.tune.report({ctx.stage.metric: float("nan"), "epoch": 0, BUDGET_KEY: 1.0})
         return
-    config = trial_config(ctx, params, ray.tune.get_context().get_trial_id())
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config(ctx, params, trial_id)
+    labels = trial_labels(ctx, trial_id, params)
+    # A reused actor keeps the repr of the first trial it ran (Ray sets it once): its log says which one runs now.
+    print(f"trial {describe_trial(ctx.stage.name, trial_id, params)}", flush=True)
     if config.resources.num_workers <= 1:
-        session = TuneSession(config)
+        session = TuneSession(config, labels)
         session.report = _with_startup_times(session.report, entered)
         fit(config, session)
         return
-    build_trainer(config, callbacks=[TuneReportCallback()], datasets=datasets).fit()
+    build_trainer(config, callbacks=[TuneReportCallback()], datasets=datasets, labels=labels).fit()
 
 
 def _with_startup_times(report, entered: float):
@@ -140,14 +171,31 @@ def _with_startup_times(report, entered: float):
     return first_report
 
 
+def trial_trainable(ctx: StageContext, datasets: dict[str, Any] | None, driver_resources: dict[str, float]) -> type:
+    """The stage's Tune trainable: `run_trial` in a class `Trial_<stage>` whose repr describes its trial, so the
+    dashboard's Actors page tells the trials apart (a plain function trainable is `ImplicitFunc`, repr `run_trial`);
+    its resources per trial as `tune.with_resources` would set them (whose subclass would rename the class)."""
+    stage, resources = ctx.stage.name, trial_resources(ctx, driver_resources)
+
+    class Trial(wrap_function(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets))):
+        @classmethod
+        def default_resource_request(cls, config: dict[str, Any]):
+            return resources(config)
+
+        def __repr__(self) -> str:
+            return describe_trial(stage, self.trial_id, self.config)
+
+    Trial.__name__ = Trial.__qualname__ = f"Trial_{stage}"
+    return Trial
+
+
 def build_tuner(ctx: StageContext, *, tune_dir: str, driver_resources: dict[str, float], callbacks: list, seed: int,
                 datasets: dict[str, Any] | None, keep_checkpoints: int, halving_file: Path,
                 promoted: list[Continuation] | None = None, restore: bool = False, verbose: int | None = 0,
                 stop: tune.Stopper | None = None):
     """The stage's Tuner. `verbose` is Tune's own console output: 0 (none: protopo_ray.search.console shows the
     stage through a callback), None for Tune's default trial tables (`--verbose`)."""
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, datasets=datasets),
-                                    trial_resources(ctx, driver_resources))
+    trainable = trial_trainable(ctx, datasets, driver_resources)
     if restore:
         # Tune unpickles the stage's scheduler; SynchronousHalving then reads its rung decisions back from its file.
         return tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
