@@ -11,12 +11,13 @@ from torch_geometric.data import Batch, Data
 
 from protopo_ray.config import Config, ModelConfig
 from protopo_ray.data.alphabet import LABELS
-from protopo_ray.model.ensemble import Ensemble, vote
+from protopo_ray.model.ensemble import Ensemble, choose_decoding, grammar_decode, vote
 from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar
 from protopo_ray.model.network import TopologyModel
-from protopo_ray.model.segments import DEFAULT_STATS
+from protopo_ray.model.segments import DEFAULT_STATS, label_runs
 from protopo_ray.training.checkpoint import CheckpointError
 from protopo_ray.training.predictor import load_predictor, write_ensemble
+from tests.test_grammar import barrel, barrel_posteriors
 
 SMALL = ModelConfig(gc_size=8, gc_layers=1, lstm_size=8, lstm_layers=1, aa_embed_dim=4)
 
@@ -107,3 +108,20 @@ def test_a_vote_takes_the_topology_most_members_agree_on():
     assert winner == one_b
     log_probs[torch.arange(40), decoded[0]] = 0.0  # likelier still, but outvoted two to one
     assert "".join(LABELS[i] for i in vote(batch, log_probs, decoded).tolist()) == one_b
+
+
+def test_choose_decoding_gives_barrels_their_own_strand_penalty():
+    """A 22-strand barrel whose strands the helices' entry penalty (4, held fixed) loses whole: the old rule
+    (strands pay the entry penalty) scores it 0; choosing the strand penalty gets all 22 strands and the
+    topology, and a grid of None alone is the old rule."""
+    labels = barrel(22)
+    batch = Batch.from_data_list([Data(y=torch.tensor([LABELS.index(c) for c in labels]), num_nodes=len(labels))])
+    log_probs = [barrel_posteriors(labels, strand=0.45, loop=0.6)]
+    fixed = {"penalties": (4.0,), "min_loops": (1,), "beta_offsets": (0.0,)}
+    old = choose_decoding([batch], log_probs, **fixed, strand_penalties=(None,))
+    assert old.decoding.strand_penalty is None and old.figures["topo_beta"] == 0.0
+    chosen = choose_decoding([batch], log_probs, **fixed)
+    assert chosen.decoding.entry_penalty == 4.0 and chosen.decoding.strand_penalty is not None
+    assert chosen.figures["topo_beta"] == 1.0 and "penalty=4 loop=1 beta=0 strand=4" in chosen.topo_mean
+    decoded = grammar_decode([batch], log_probs, chosen.decoding)[0]
+    assert sum(1 for c, _ in label_runs("".join(LABELS[i] for i in decoded.tolist())) if c == "B") == 22

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
+from protopo_ray.data.alphabet import LABEL_INDEX, LABELS
 from protopo_ray.data.records import read_records
-from protopo_ray.model.grammar import build_grammar, default_grammar
-from protopo_ray.model.segments import DEFAULT_STATS, segment_stats
+from protopo_ray.model.crf import CRF
+from protopo_ray.model.grammar import Decoding, build_grammar, default_grammar
+from protopo_ray.model.segments import DEFAULT_STATS, label_runs, segment_stats
 
 TINY = [("TM", "IIMMMOOMMMI"), ("SP", "SSOOO"), ("GLOBULAR", "IIII"), ("BETA", "SPPBBBOBBBPP")]
 
@@ -89,3 +94,63 @@ def test_a_beta_protein_needs_a_strand_and_statistics_without_lengths_build_the_
     grammar = build_grammar(old)
     assert grammar.num_states == 196 and not any(grammar.edge_priors)  # the grammar before lengths were evidence
     assert grammar.accepts("IIIII" + "M" * 21 + "O" * 3 + "M" * 21 + "III")
+
+
+def barrel(strands: int) -> str:
+    """A hand-built barrel: signal peptide, periplasm, then hairpins strand-outside-strand-turn, periplasmic tail."""
+    return "S" * 22 + "P" * 10 + ("B" * 9 + "O" * 14 + "B" * 9 + "P" * 5) * (strands // 2)
+
+
+def barrel_posteriors(labels: str, strand: float, loop: float) -> torch.Tensor:
+    """Log-posteriors of a barrel as a weak network gives them: B at `strand` on strands (the rest O and P), a
+    loop's side at `loop` with most of the rest on the other side; S certain."""
+    p = torch.full((len(labels), len(LABELS)), 0.01)
+    for t, c in enumerate(labels):
+        if c == "B":
+            p[t, LABEL_INDEX["B"]] = strand
+            p[t, LABEL_INDEX["O"]] = p[t, LABEL_INDEX["P"]] = (1 - strand) / 2
+        elif c in "OP":
+            p[t, LABEL_INDEX[c]], p[t, LABEL_INDEX["OP".replace(c, "")]], p[t, LABEL_INDEX["B"]] = loop, 0.9 - loop, 0.1
+        else:
+            p[t, LABEL_INDEX[c]] = 0.9
+    return (p / p.sum(1, keepdim=True)).log()
+
+
+def decoded_strands(log_probs: torch.Tensor, decoding: Decoding) -> int:
+    path = CRF.fixed(default_grammar(), decoding).decode(log_probs[None], torch.tensor([len(log_probs)]))[0]
+    return sum(1 for letter, _ in label_runs("".join(LABELS[i] for i in path.tolist())) if letter == "B")
+
+
+def test_a_22_strand_barrel_with_clear_evidence_decodes_with_22_strands():
+    labels = barrel(22)
+    assert default_grammar().accepts(labels)
+    clear = barrel_posteriors(labels, strand=0.45, loop=0.6)
+    assert decoded_strands(clear, Decoding()) == 22
+    # The members' entry penalty (4, chosen for helices) paid by each of 22 strands: 88 nats against the one
+    # signal peptide of an SP path, and the barrel is lost whole. Its own strand penalty gives it back.
+    assert decoded_strands(clear, Decoding(entry_penalty=4.0)) == 0
+    assert decoded_strands(clear, Decoding(entry_penalty=4.0, strand_penalty=0.0)) == 22
+
+
+def test_a_bonus_per_strand_pays_the_length_priors_weak_evidence_cannot():
+    """~2 nats of length prior per strand and per loop add up to ~100 over a 22-strand barrel: at no penalty
+    weak posteriors lose it; a bonus per strand (a negative strand penalty) keeps all 22, and none spill into
+    a protein without strands."""
+    weak = barrel_posteriors(barrel(22), strand=0.4, loop=0.5)
+    assert decoded_strands(weak, Decoding()) == 0
+    assert decoded_strands(weak, Decoding(strand_penalty=-4.0)) == 22
+    globular = torch.full((200, len(LABELS)), 0.02)
+    globular[:, LABEL_INDEX["I"]] = 0.9
+    assert decoded_strands(globular.log(), Decoding(strand_penalty=-4.0)) == 0
+
+
+def test_decoding_files_from_before_the_strand_penalty_decode_as_they_did():
+    old = Decoding.from_json({"entry_penalty": 4.0, "duration_weight": 1.0, "beta_offset": 2.0, "min_loop": 3,
+                              "rule": "mean"})
+    assert old.strand_penalty is None and old.entry_cost("B") == old.entry_cost("M") == 4.0
+    assert old.entry_cost("P") == old.entry_cost("") == 0.0
+    new = Decoding(entry_penalty=4.0, strand_penalty=-2.0)
+    assert Decoding.from_json(new.to_json()) == new and new.entry_cost("B") == -2.0 and new.entry_cost("M") == 4.0
+    assert Decoding.from_json(old.to_json()) == old
+    with pytest.raises(ValueError, match="strand_penalty"):
+        Decoding(strand_penalty=float("nan"))

@@ -27,8 +27,6 @@ from protopo_ray.model.grammar import Decoding, Grammar
 NEG = -1e4
 #: Smallest step normaliser of the scaled forward pass; below it no path is left (the labels are rejected).
 TINY = 1e-30
-#: Chain labels the decode-only penalty applies to: entering a membrane segment.
-MEMBRANE_LABELS = "MB"
 
 
 class CRF(nn.Module):
@@ -67,15 +65,15 @@ class CRF(nn.Module):
     @classmethod
     def fixed(cls, grammar: Grammar, decoding: Decoding | None = None) -> CRF:
         """Fixed transitions: `duration_weight` x the grammar's segment-length log-priors on the moves that commit
-        to a length, -entry_penalty on entering an M or B segment, +beta_offset on starting a beta-world path,
-        NEG (forbidden) on entering a helix-helix loop shorter than `min_loop`, 0 on every other allowed move."""
+        to a length, -entry_penalty on entering an M or B segment (-strand_penalty for B when set), +beta_offset on
+        starting a beta-world path, NEG (forbidden) on entering a helix-helix loop shorter than `min_loop`, 0 on
+        every other allowed move."""
         decoding = decoding or Decoding()
         crf = cls(grammar, learn=False)
 
         def scores(labels: tuple[str, ...], priors: tuple[float, ...], worlds: tuple[str, ...]) -> Tensor:
             priors, worlds = priors or (0.0,) * len(labels), worlds or ("",) * len(labels)
-            return torch.tensor([decoding.duration_weight * p
-                                 - (decoding.entry_penalty if c and c in MEMBRANE_LABELS else 0.0)
+            return torch.tensor([decoding.duration_weight * p - decoding.entry_cost(c)
                                  + (decoding.beta_offset if w == "beta" else 0.0)
                                  for c, p, w in zip(labels, priors, worlds)])
 

@@ -35,6 +35,9 @@ PENALTIES = (0.0, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
 BETA_OFFSETS = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 #: Floors on helix-helix loops tried at the chosen penalty (1: no floor).
 MIN_LOOPS = (1, 2, 3, 4, 5)
+#: Strand entry costs tried at the chosen penalty and floor (None first: the entry penalty, as before; negative
+#: values are a bonus per strand, see `grammar.Decoding.strand_penalty`).
+STRAND_PENALTIES: tuple[float | None, ...] = (None, 4.0, 2.0, 0.0, -2.0, -4.0, -6.0, -8.0)
 _LETTERS = np.array(list(LABELS))
 #: Posteriors are clamped here before the log, so one member's certainty never makes a label impossible.
 MIN_PROBABILITY = 1e-6
@@ -151,11 +154,13 @@ class DecodingChoice:
 def choose_decoding(batches: list, log_probs: list[Tensor], grammar: Grammar | None = None,
                     start: Decoding | None = None, penalties: tuple[float, ...] = PENALTIES,
                     beta_offsets: tuple[float, ...] = BETA_OFFSETS,
-                    min_loops: tuple[int, ...] = MIN_LOOPS) -> DecodingChoice:
+                    min_loops: tuple[int, ...] = MIN_LOOPS,
+                    strand_penalties: tuple[float | None, ...] = STRAND_PENALTIES) -> DecodingChoice:
     """The decoding with the best topo_mean on these (validation) batches, one number at a time: the entry
-    penalty (at no beta offset), the helix-loop floor at that penalty, the penalty again at that floor, then
-    the beta offset; ties go to the smaller number. `start` gives the other settings (duration weight, rule);
-    pass a one-value tuple to hold a number fixed."""
+    penalty (at no beta offset, strands paying it too), the helix-loop floor at that penalty, the penalty again
+    at that floor, the strand penalty, then the beta offset; ties go to the smaller number (the strand penalty's
+    to None: strands pay the entry penalty). `start` gives the other settings (duration weight, rule); pass a
+    one-value tuple to hold a number fixed."""
     start = start or Decoding()
     tried: dict[Decoding, dict[str, float]] = {}
 
@@ -163,15 +168,21 @@ def choose_decoding(batches: list, log_probs: list[Tensor], grammar: Grammar | N
         for option in options:
             if option not in tried:
                 tried[option] = score(batches, grammar_decode(batches, log_probs, option, grammar))
-        return max(options, key=lambda d: (tried[d]["topo_mean"], -d.entry_penalty, -d.min_loop, -d.beta_offset))
+        return max(options, key=lambda d: (tried[d]["topo_mean"], -d.entry_penalty, -d.min_loop, -d.beta_offset,
+                                           d.strand_penalty is None))
 
-    start = dataclasses.replace(start, beta_offset=0.0, min_loop=min_loops[0])
+    start = dataclasses.replace(start, beta_offset=0.0, min_loop=min_loops[0], strand_penalty=strand_penalties[0])
     chosen = best([dataclasses.replace(start, entry_penalty=p) for p in penalties])
     if len(min_loops) > 1:
         chosen = best([dataclasses.replace(chosen, min_loop=n) for n in min_loops])
         chosen = best([dataclasses.replace(chosen, entry_penalty=p) for p in penalties])
+    chosen = best([dataclasses.replace(chosen, strand_penalty=s) for s in strand_penalties])
     chosen = best([dataclasses.replace(chosen, beta_offset=b) for b in beta_offsets])
     return DecodingChoice(decoding=chosen, figures=tried[chosen],
-                          topo_mean={f"penalty={d.entry_penalty:g} loop={d.min_loop} beta={d.beta_offset:g}":
-                                     f["topo_mean"]
-                                     for d, f in tried.items()})
+                          topo_mean={_setting(d): f["topo_mean"] for d, f in tried.items()})
+
+
+def _setting(d: Decoding) -> str:
+    """A decoding's chosen numbers as one key, e.g. "penalty=8 loop=3 beta=0" (+ " strand=-4" when set)."""
+    strand = "" if d.strand_penalty is None else f" strand={d.strand_penalty:g}"
+    return f"penalty={d.entry_penalty:g} loop={d.min_loop} beta={d.beta_offset:g}{strand}"

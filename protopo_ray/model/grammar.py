@@ -48,6 +48,9 @@ from protopo_ray.model.segments import (
     segment_stats,
 )
 
+#: Chain labels the decode-only entry penalty applies to: entering a membrane segment.
+MEMBRANE_LABELS = "MB"
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Decoding:
@@ -67,20 +70,39 @@ class Decoding:
     rule: str = "mean"
     """Ensembles: mean (decode the members' mean posteriors) or vote (each member decodes; the topology most
     members agree on wins, ties to the likeliest under the mean posteriors)."""
+    strand_penalty: float | None = None
+    """Log-score cost of entering a B segment (None: `entry_penalty`, as before this field existed). Apart from
+    the helices' because it is paid once per strand: a 22-strand barrel pays it 22 times against a path with a
+    few strands fewer, on top of the ~2 nats each strand's and loop's length prior costs, so a penalty chosen for
+    helices (alpha proteins outnumber barrels 40 to 1 in validation) under-calls barrels. May be negative: a bonus
+    per strand where the network's B posteriors are too weak to pay the length priors (issue 27 item 4)."""
 
     def __post_init__(self) -> None:
         if self.rule not in ("mean", "vote"):
             raise ValueError(f"decoding rule must be mean or vote, got {self.rule!r}")
+        if self.strand_penalty is not None and not math.isfinite(self.strand_penalty):
+            raise ValueError(f"decoding strand_penalty must be a finite number or None, got {self.strand_penalty}")
 
-    def to_json(self) -> dict[str, float | str]:
+    def entry_cost(self, label: str) -> float:
+        """The log-score cost of entering a segment of `label` ('' for moves that enter none)."""
+        if label == "B" and self.strand_penalty is not None:
+            return self.strand_penalty
+        return self.entry_penalty if label and label in MEMBRANE_LABELS else 0.0
+
+    def to_json(self) -> dict[str, float | str | None]:
         return {"entry_penalty": self.entry_penalty, "duration_weight": self.duration_weight,
-                "beta_offset": self.beta_offset, "min_loop": self.min_loop, "rule": self.rule}
+                "beta_offset": self.beta_offset, "min_loop": self.min_loop, "rule": self.rule,
+                "strand_penalty": self.strand_penalty}
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> Decoding:
+        """The inverse of `to_json`; fields a file does not name (one written before they existed) take their
+        defaults, which decode as that file's writer did."""
         names = ("entry_penalty", "duration_weight", "beta_offset")
+        strand = values.get("strand_penalty")
         return cls(**{k: float(values[k]) for k in names if k in values}, min_loop=int(values.get("min_loop", 1)),
-                   rule=str(values.get("rule", "mean")))
+                   rule=str(values.get("rule", "mean")),
+                   strand_penalty=None if strand in (None, "", "none", "None") else float(strand))
 
 
 @dataclass(frozen=True, slots=True)

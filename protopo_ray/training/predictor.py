@@ -147,7 +147,10 @@ def choose_checkpoint_decoding(path: str | Path) -> DecodingChoice:
     batches = list(loop.collated(split.eval_batches(0, 1), depth=0))
     with torch.no_grad():
         log_probs = [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in batches]
-    choice = choose_decoding(batches, log_probs, grammar=model.grammar, start=model.decoding)
+    # The strand penalty stays as the model's config decodes (strands pay the entry penalty): the model config
+    # has no field to carry a chosen one; an ensemble's (ensemble.json) does.
+    choice = choose_decoding(batches, log_probs, grammar=model.grammar, start=model.decoding,
+                             strand_penalties=(model.decoding.strand_penalty,))
     chosen = choice.decoding
     config = checkpoint.config.replace({"model.entry_penalty": chosen.entry_penalty, "model.min_loop": chosen.min_loop,
                                         "model.beta_offset": chosen.beta_offset})
