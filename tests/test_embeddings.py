@@ -107,7 +107,8 @@ def test_prepare_on_ray_then_train_then_predict_with_embeddings(tmp_path, tiny_e
 
     fasta = tmp_path / "new.fasta"
     fasta.write_text(">new1\nMKTLLVAGLLLAVSAQAAPLLIVAVLAGLFYLRKK\n>new2\nMSEEKKDEQ\n")
-    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "p.3line")]) == 0
+    assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "p.3line"),
+                         "--allow-input-shift"]) == 0  # synthetic structures in training, sequence graphs here
     lines = (tmp_path / "p.3line").read_text().splitlines()
     assert lines[0].startswith(">new1") and len(lines[2]) == 35
     # The recorded weights gone: a clear refusal, and --embed-weights points at them again.
@@ -117,10 +118,11 @@ def test_prepare_on_ray_then_train_then_predict_with_embeddings(tmp_path, tiny_e
         from protopo_ray.data import embeddings
 
         embeddings._EMBEDDERS.clear()
-        assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "q")]) == 2
+        assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "q"),
+                             "--allow-input-shift"]) == 2
         assert "trained on esm2_t2_16_tiny embeddings" in capsys.readouterr().err
         assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out", str(tmp_path / "q"),
-                             "--embed-weights", str(moved)]) == 0
+                             "--embed-weights", str(moved), "--allow-input-shift"]) == 0
     finally:
         moved.rename(tiny_esm2)
 

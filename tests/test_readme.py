@@ -61,7 +61,7 @@ def test_train_then_predict_as_written_in_a_fresh_directory(tmp_path):
     checkpoint = next((work / "runs").rglob("best/meta.json")).parent
     (work / "proteins.fasta").write_text(">P1\nMKTLLILAVVAAALAVPSFAQEGKLLVLLVLGLLAG\n>P2\nMSDNQKSLLEKAKELLG\n")
     predict = subprocess.run([*env_cmd, "protopo_ray.predict", "--checkpoint", str(checkpoint), "--input",
-                              "proteins.fasta", "--out-dir", "predictions", "--plots"], cwd=work, capture_output=True,
+                              "proteins.fasta", "--out-dir", "predictions", "--plots", "--allow-input-shift"], cwd=work, capture_output=True,
                              text=True, timeout=600)
     assert predict.returncode == 0, predict.stdout[-2000:] + predict.stderr[-2000:]
     out = work / "predictions"

@@ -104,7 +104,7 @@ def test_ensemble_stage_trains_a_member_per_fold_and_its_ensemble_is_the_winner(
     fasta.write_text(">p1\nMKTLLILAVLAAALAGCSSEKKPQWERTYLLLIVVAFAGSSKKR\n")
     out = tmp_path / "pred"
     subprocess.run([sys.executable, "-m", "protopo_ray.predict", "--checkpoint", str(exp_dir / "winner" / "checkpoint"),
-                    "--input", str(fasta), "--out-dir", str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
+                    "--input", str(fasta), "--out-dir", str(out), "--allow-input-shift"], cwd=REPO, check=True, capture_output=True, timeout=120)
     assert (out / "predicted.3line").read_text().startswith(">p1")
 
 

@@ -5,8 +5,13 @@ protein id and what to do about it. With `skip_invalid=True` a reader keeps the 
 bad ones in `ReadResult.skipped`, so one broken entry never takes a whole data set down.
 
 Decisions worth knowing:
-- Lowercase residues are rejected (with a hint to uppercase them) rather than silently uppercased: in FASTA
-  files lowercase often marks masked or low-confidence regions, and the user should make that call.
+- Lowercase residues are rejected (with a hint to uppercase them) rather than silently uppercased when data is
+  prepared for training: in FASTA files lowercase often marks masked or low-confidence regions, and the user
+  should make that call. Prediction reads with `lenient=True`, accepting what the field's tools accept:
+  lowercase is upper-cased and one terminal `*` (a translated stop codon, as Prodigal writes) dropped, each
+  counted in `ReadResult.fixed` so the caller can say so.
+- `stream_fasta` reads FASTA lazily, record by record, from a local path or an object-store URI (plain or .gz),
+  yielding each record or its `RecordError`: a 500,000-sequence proteome never sits in memory.
 - `source` holds the file *name* (not the full path) plus the line or JSON path, so prepared shards stay
   meaningful when moved to another machine; `RecordError` messages use the full path as given.
 - Files ending in `.gz` are read transparently; the format is chosen from the suffix before `.gz`.
@@ -15,11 +20,14 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import gzip
+import io
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protopo_ray.data import storage
 from protopo_ray.data.alphabet import AMINO_ACIDS, INVALID_TYPE, LABELS, PROTEIN_TYPES, RARE_AMINO_ACIDS, protein_type
 
 
@@ -61,6 +69,8 @@ class ReadResult:
 
     records: list[ProteinRecord] = field(default_factory=list)
     skipped: list[RecordError] = field(default_factory=list)
+    fixed: Counter = field(default_factory=Counter)
+    """lenient reading: records whose sequence was repaired, per repair ('lowercase', 'stop')."""
 
 
 VALID_RESIDUES = frozenset(AMINO_ACIDS) | frozenset(RARE_AMINO_ACIDS)
@@ -108,12 +118,28 @@ def _labels_problem(sequence: str, labels: str) -> tuple[str, str] | None:
     return None
 
 
+#: The repairs lenient reading makes, by the name `ReadResult.fixed` counts them under.
+FIXES = {"lowercase": "upper-cased (lowercase residues)", "stop": "terminal '*' dropped"}
+
+
+def repair_sequence(sequence: str) -> tuple[str, tuple[str, ...]]:
+    """(sequence, repairs) as prediction reads it: one terminal '*' dropped, lowercase letters upper-cased, so
+    soft-masked regions and translated stop codons are predicted; anything else is left for validation."""
+    repairs = []
+    if sequence.endswith("*"):
+        sequence, repairs = sequence[:-1], ["stop"]
+    if sequence != sequence.upper():
+        sequence, repairs = sequence.upper(), [*repairs, "lowercase"]
+    return sequence, tuple(repairs)
+
+
 class _Validator:
     """Shared checks for one file: sequence, labels, header type and duplicate ids."""
 
-    def __init__(self, path: Path, skip_invalid: bool):
+    def __init__(self, path: Path, skip_invalid: bool, lenient: bool = False):
         self.path = path
         self.skip_invalid = skip_invalid
+        self.lenient = lenient
         self.result = ReadResult()
         self.seen: dict[str, str] = {}  # id -> where it was first read, for duplicate messages
 
@@ -138,6 +164,9 @@ class _Validator:
         """Validate one record and keep it, or report it (labels=None means unlabelled)."""
         if not protein_id:
             return self.fail(where, None, "empty protein id", "give every record a unique id")
+        repairs: tuple[str, ...] = ()
+        if self.lenient:
+            sequence, repairs = repair_sequence(sequence)
         problem = _sequence_problem(sequence)
         if problem:
             return self.fail(sequence_where or where, protein_id, *problem)
@@ -172,7 +201,14 @@ class _Validator:
             )
         source = f"{self.path.name}:{where}"
         self.seen[protein_id] = source
+        self.result.fixed.update(repairs)
         self.result.records.append(ProteinRecord(protein_id, sequence, labels or "", kind, fold, source))
+
+    def drain(self) -> list[ProteinRecord | RecordError]:
+        """The record or error added since the last drain (`_fasta_entries` drains after each one)."""
+        found = [*self.result.records, *self.result.skipped]
+        self.result.records, self.result.skipped = [], []
+        return found
 
 
 def _read_text(path: Path) -> str:
@@ -190,10 +226,10 @@ def _numbered_lines(text: str) -> Iterator[tuple[int, str]]:
             yield number, line
 
 
-def read_3line(path: str | Path, skip_invalid: bool = False) -> ReadResult:
+def read_3line(path: str | Path, skip_invalid: bool = False, lenient: bool = False) -> ReadResult:
     """Read `>ID|TYPE[|FOLD]`, sequence and label lines. TYPE and FOLD are optional; TYPE must match labels."""
     path = Path(path)
-    check = _Validator(path, skip_invalid)
+    check = _Validator(path, skip_invalid, lenient)
     lines = list(_numbered_lines(_read_text(path)))
     i = 0
     while i < len(lines):
@@ -235,10 +271,10 @@ def read_3line(path: str | Path, skip_invalid: bool = False) -> ReadResult:
     return check.result
 
 
-def read_partitions_json(path: str | Path, skip_invalid: bool = False) -> ReadResult:
+def read_partitions_json(path: str | Path, skip_invalid: bool = False, lenient: bool = False) -> ReadResult:
     """Read `{"cv0": [{"id", "sequence", "labels"}, ...], ...}`; the key becomes each record's fold."""
     path = Path(path)
-    check = _Validator(path, skip_invalid)
+    check = _Validator(path, skip_invalid, lenient)
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
@@ -285,27 +321,67 @@ def _fasta_id(header: str) -> str:
     return parts[0]
 
 
-def read_fasta(path: str | Path, skip_invalid: bool = False) -> ReadResult:
-    """Read unlabelled records (labels="" and type="") from FASTA; sequences may wrap over several lines."""
-    path = Path(path)
-    check = _Validator(path, skip_invalid)
+def _fasta_entries(check: _Validator, lines: Iterable[tuple[int, str]]) -> Iterator[None]:
+    """Validate FASTA records from numbered non-blank lines into `check`, one yield per record (or orphan-line
+    error) added; sequences may wrap over several lines."""
     header_line, protein_id, chunks = 0, "", []
-
-    def flush() -> None:
-        if header_line > 0:
-            check.add(protein_id, "".join(chunks), None, where=header_line)
-
-    for number, line in _numbered_lines(_read_text(path)):
+    for number, line in lines:
         if line.startswith(">"):
-            flush()
+            if header_line > 0:
+                check.add(protein_id, "".join(chunks), None, where=header_line)
+                yield
             header_line, protein_id, chunks = number, _fasta_id(line[1:]), []
         elif not header_line:
             check.fail(number, None, f"sequence before the first '>' header: {line[:30]!r}", "add a '>ID' header")
             header_line = -1  # report once; the orphan lines are dropped with it
+            yield
         elif header_line > 0:
             chunks.append(line.replace(" ", ""))
-    flush()
+    if header_line > 0:
+        check.add(protein_id, "".join(chunks), None, where=header_line)
+        yield
+
+
+def read_fasta(path: str | Path, skip_invalid: bool = False, lenient: bool = False) -> ReadResult:
+    """Read unlabelled records (labels="" and type="") from FASTA; sequences may wrap over several lines."""
+    path = Path(path)
+    check = _Validator(path, skip_invalid, lenient)
+    for _ in _fasta_entries(check, _numbered_lines(_read_text(path))):
+        pass
     return check.result
+
+
+class FastaStream:
+    """The records of one FASTA file (local path or s3:// / gs:// URI, plain or .gz), read lazily: iterating
+    yields each record, or the `RecordError` of a bad one, in file order (read as `lenient` says; duplicate ids
+    are errors within the file). `fixed` counts the repairs made so far."""
+
+    def __init__(self, path: str | Path, lenient: bool = True) -> None:
+        self.path = str(path)
+        self.check = _Validator(Path(self.path), skip_invalid=True, lenient=lenient)
+
+    @property
+    def fixed(self) -> Counter:
+        return self.check.result.fixed
+
+    def __iter__(self) -> Iterator[ProteinRecord | RecordError]:
+        with open_text(self.path) as handle:
+            for _ in _fasta_entries(self.check, _stripped(handle)):
+                yield from self.check.drain()
+
+
+def _stripped(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if line:
+            yield number, line
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """A text stream of a local file or object-store URI, gunzipped when its name ends in .gz."""
+    fs, inner = storage.filesystem(str(path))
+    compression = "gzip" if str(path).endswith(".gz") else None
+    return io.TextIOWrapper(fs.open_input_stream(inner, compression=compression), encoding="utf-8")
 
 
 _EXPECTED = {read_3line: "3-line records ('>ID|TYPE' header, sequence line, label line)",
@@ -319,7 +395,8 @@ class NoRecordsError(ValueError):
     """An input file without a single valid record: empty, only blank lines, or every record invalid."""
 
 
-def read_records(path: str | Path, skip_invalid: bool = False, *, allow_empty: bool = True) -> ReadResult:
+def read_records(path: str | Path, skip_invalid: bool = False, *, allow_empty: bool = True,
+                 lenient: bool = False) -> ReadResult:
     """Read any supported file, choosing the format from the suffix (ignoring a trailing .gz).
 
     With `allow_empty=False` a file that yields no valid record raises `NoRecordsError` naming the file
@@ -331,7 +408,7 @@ def read_records(path: str | Path, skip_invalid: bool = False, *, allow_empty: b
     if reader is None:
         raise RecordError(path, 0, None, f"unknown file type {suffix!r}",
                           f"use one of {', '.join(READERS)} (optionally .gz)")
-    result = reader(path, skip_invalid=skip_invalid)
+    result = reader(path, skip_invalid=skip_invalid, lenient=lenient)
     if not result.records and not allow_empty:
         if result.skipped:
             raise NoRecordsError(f"{path}: none of its {len(result.skipped)} record(s) is valid, so there is nothing "

@@ -8,7 +8,11 @@
   (source `protopo_ray`, the region name as the type, the region's mean probability as the score,
   strand and phase `.`, an `ID` attribute);
 - `summary.tsv`: id, length, predicted type, membrane segments (TM helices + beta strands), mean confidence;
-- `plots/<id>.png` (on request): per-residue label probabilities under the decoded topology.
+- `plots/<id>.png` (on request): per-residue label probabilities under the decoded topology;
+- `rejects.tsv` (when a record was not predicted): id, where it stood, the reason.
+
+The writers stream: they take any iterable of predictions (a `Prediction`, or a `Topology` read back from a
+result shard), so outputs of any size are written without holding them in memory.
 
 Pure: numpy and matplotlib (Agg, imported only for plots); no torch, no Ray.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +42,42 @@ LABEL_NAMES = {"I": "inside", "O": "outside", "P": "periplasm", "S": "signal pep
 
 GFF_SOURCE = "protopo_ray"
 SUMMARY_COLUMNS = ("id", "length", "predicted_type", "num_membrane_segments", "mean_confidence")
-FILES = {"3line": "predicted.3line", "gff3": "predicted.gff3", "summary": "summary.tsv", "plots": "plots"}
+FILES = {"3line": "predicted.3line", "gff3": "predicted.gff3", "summary": "summary.tsv", "plots": "plots",
+         "rejects": "rejects.tsv"}
+REJECT_COLUMNS = ("id", "source", "reason")
+
+
+class _Decoded:
+    """What every writer reads of a prediction: id, sequence, labels, confidence (and what follows from them)."""
+
+    id: str
+    sequence: str
+    labels: str
+
+    @property
+    def type(self) -> str:
+        return protein_type(self.labels)
+
+    @property
+    def num_membrane_segments(self) -> int:
+        return sum(1 for letter, _, _ in segments(self.labels) if letter in MEMBRANE_LABELS)
 
 
 @dataclass(frozen=True, slots=True)
-class Prediction:
+class Topology(_Decoded):
+    """A prediction as a result shard keeps it: labels and the probability of each decoded label (the per-residue
+    distribution itself only when asked for)."""
+
+    id: str
+    sequence: str
+    labels: str
+    confidence: np.ndarray
+    """float [L]: the probability of the decoded label at each residue."""
+    probabilities: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction(_Decoded):
     """One protein's decoded labels and per-residue label probabilities."""
 
     id: str
@@ -59,14 +94,6 @@ class Prediction:
                              f"{self.probabilities.shape} for {length} residues; expected ({length}, {NUM_LABELS})")
 
     @property
-    def type(self) -> str:
-        return protein_type(self.labels)
-
-    @property
-    def num_membrane_segments(self) -> int:
-        return sum(1 for letter, _, _ in segments(self.labels) if letter in MEMBRANE_LABELS)
-
-    @property
     def confidence(self) -> np.ndarray:
         """float [L]: the probability of the decoded label at each residue."""
         columns = np.fromiter((LABELS.index(c) for c in self.labels), dtype=np.int64, count=len(self.labels))
@@ -81,7 +108,7 @@ def regions(labels: str) -> list[tuple[str, int, int]]:
 # ------------------------------------------------------------------------------------------------ writers
 
 
-def write_3line(path: str | Path, predictions: Sequence[Prediction]) -> Path:
+def write_3line(path: str | Path, predictions: Iterable[_Decoded]) -> Path:
     path = Path(path)
     with path.open("w") as handle:
         for p in predictions:
@@ -108,37 +135,55 @@ def gff3_attribute(value: str) -> str:
     return _ATTRIBUTE_UNSAFE.sub(_percent, value)
 
 
-def write_gff3(path: str | Path, predictions: Sequence[Prediction]) -> Path:
-    """One GFF3 file for all proteins: sequence-region pragmas first, then each protein's comment block and regions."""
+def write_gff3(path: str | Path, predictions: Iterable[_Decoded],
+               sequence_regions: Iterable[tuple[str, int]] | None = None) -> Path:
+    """One GFF3 file for all proteins: sequence-region pragmas first, then each protein's comment block and regions.
+    `sequence_regions` ((id, length) per protein, in order) lets `predictions` be a stream read once; without it
+    they are held to write the pragmas first."""
     path = Path(path)
-    lines = ["##gff-version 3"]
-    lines += [f"##sequence-region {gff3_seqid(p.id)} 1 {len(p.sequence)}" for p in predictions]
-    for p in predictions:
-        seqid = gff3_seqid(p.id)
-        lines += [f"# {seqid} Length: {len(p.sequence)}", f"# {seqid} Number of predicted TMRs: {p.num_membrane_segments}"]
-        confidence = p.confidence
-        for number, (letter, start, end) in enumerate(regions(p.labels), start=1):
-            score = f"{confidence[start - 1:end].mean():.3f}"
-            attributes = f"ID={gff3_attribute(p.id)}_{number}"
-            lines.append("\t".join((seqid, GFF_SOURCE, REGION_NAMES[letter], str(start), str(end), score, ".", ".",
-                                    attributes)))
-    path.write_text("\n".join(lines) + "\n")
+    if sequence_regions is None:
+        predictions = list(predictions)
+        sequence_regions = [(p.id, len(p.sequence)) for p in predictions]
+    with path.open("w") as handle:
+        handle.write("##gff-version 3\n")
+        for protein_id, length in sequence_regions:
+            handle.write(f"##sequence-region {gff3_seqid(protein_id)} 1 {length}\n")
+        for p in predictions:
+            seqid = gff3_seqid(p.id)
+            handle.write(f"# {seqid} Length: {len(p.sequence)}\n# {seqid} Number of predicted TMRs: "
+                         f"{p.num_membrane_segments}\n")
+            confidence = p.confidence
+            for number, (letter, start, end) in enumerate(regions(p.labels), start=1):
+                score = f"{confidence[start - 1:end].mean():.3f}"
+                attributes = f"ID={gff3_attribute(p.id)}_{number}"
+                handle.write("\t".join((seqid, GFF_SOURCE, REGION_NAMES[letter], str(start), str(end), score, ".",
+                                        ".", attributes)) + "\n")
     return path
 
 
-def summary_rows(predictions: Sequence[Prediction]) -> list[dict[str, str | int | float]]:
-    return [{"id": p.id, "length": len(p.sequence), "predicted_type": p.type,
-             "num_membrane_segments": p.num_membrane_segments,
-             "mean_confidence": round(float(p.confidence.mean()), 4)}
-            for p in predictions]
+def summary_rows(predictions: Iterable[_Decoded]) -> Iterable[dict[str, str | int | float]]:
+    for p in predictions:
+        yield {"id": p.id, "length": len(p.sequence), "predicted_type": p.type,
+               "num_membrane_segments": p.num_membrane_segments,
+               "mean_confidence": round(float(p.confidence.mean()), 4)}
 
 
-def write_summary(path: str | Path, predictions: Sequence[Prediction]) -> Path:
+def write_summary(path: str | Path, predictions: Iterable[_Decoded]) -> Path:
     path = Path(path)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_COLUMNS, delimiter="\t", lineterminator="\n")
         writer.writeheader()
         writer.writerows(summary_rows(predictions))
+    return path
+
+
+def write_rejects(path: str | Path, rejects: Iterable) -> Path:
+    """rejects.tsv: one line per record that was not predicted (anything with id, source and reason)."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(REJECT_COLUMNS)
+        writer.writerows((r.id, r.source, " ".join(r.reason.split())) for r in rejects)
     return path
 
 
@@ -205,13 +250,17 @@ def plot_prediction(path: str | Path, prediction: Prediction) -> Path:
     return path
 
 
-def write_outputs(out_dir: str | Path, predictions: Sequence[Prediction], plots: bool = False) -> dict[str, Path]:
-    """predicted.3line, predicted.gff3, summary.tsv (and plots/<id>.png) under `out_dir`; returns their paths."""
+def write_outputs(out_dir: str | Path, predictions: Sequence[Prediction], plots: bool = False,
+                  rejects: Sequence = ()) -> dict[str, Path]:
+    """predicted.3line, predicted.gff3, summary.tsv (and plots/<id>.png, rejects.tsv where a record was not
+    predicted) under `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"3line": write_3line(out_dir / FILES["3line"], predictions),
                "gff3": write_gff3(out_dir / FILES["gff3"], predictions),
                "summary": write_summary(out_dir / FILES["summary"], predictions)}
+    if rejects:
+        written["rejects"] = write_rejects(out_dir / FILES["rejects"], rejects)
     if plots:
         plot_dir = out_dir / FILES["plots"]
         plot_dir.mkdir(exist_ok=True)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from protopo_ray.config import Config
+from protopo_ray.data import shards
 from protopo_ray.model.metrics import aggregate
 from protopo_ray.training import loop
-from protopo_ray.training.predictor import load_predictor
-from protopo_ray.training.splits import Split, local_split
+from protopo_ray.training.input_shift import InputShift, find_input_shifts
+from protopo_ray.training.predictor import Predictor, load_predictor
+from protopo_ray.training.splits import Split, local_split, split_folds
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # annotation only: sessions are handed in by the caller
     from protopo_ray.training.session import Session
@@ -38,4 +43,15 @@ def evaluate_checkpoint(path: str | Path, config: Config | None = None, split: s
     data."""
     predictor = load_predictor(path, device)
     config = config or predictor.config
+    for shift in split_input_shifts(predictor, config, split):
+        log.warning("evaluating %s on %s: %s", path, split, shift.message)
     return evaluate_split(predictor.module, local_split(config, split), config, torch.device(device))
+
+
+def split_input_shifts(predictor: Predictor, config: Config, split: str) -> list[InputShift]:
+    """What a split's proteins have that the predictor did not train on (`input_shift`): its graph sources and
+    embedding against the checkpoint's. Evaluation says so and goes on (the figures are then of that shift)."""
+    manifest = shards.read_manifest(config.data.path)
+    table = shards.read_table(config.data.path, folds=split_folds(config, split), columns=["graph_source"])
+    return find_input_shifts(predictor.inputs, table["graph_source"].to_pylist(), manifest.get("embedding"),
+                             where=str(predictor.path))
