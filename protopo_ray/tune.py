@@ -5,6 +5,7 @@
     python -m protopo_ray.tune experiments/full.toml --dry-run          # print the hardware plan and exit
     python -m protopo_ray.tune experiments/full.toml --resume           # continue an interrupted search
     python -m protopo_ray.tune experiments/full.toml --storage /mnt/nfs/runs --shared-storage  # NFS on every node
+    python -m protopo_ray.tune experiments/smoke.toml --prometheus      # and a local Prometheus while it runs
 
 The experiment directory (STORAGE/NAME) is laid out in protopo_ray/search/results.py and described field by
 field in docs/results.md: experiment.json, stages/<stage>.json, the trials' runs, winner/, report.md and plots/,
@@ -16,17 +17,27 @@ the wider input the manifest records, and the winner's checkpoint carries the we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from protopo_ray.cluster.connect import ClusterAuthError, SharedStorageError, ray_init, require_shared_storage
+from protopo_ray.cluster.connect import (
+    ClusterAuthError,
+    SharedStorageError,
+    ray_init,
+    require_shared_storage,
+    session_dir,
+)
 from protopo_ray.cluster.logs import quiet_output
 from protopo_ray.cluster.sessions import NoCudaError
 from protopo_ray.config import describe_keys, parse_overrides
 from protopo_ray.data import storage
+from protopo_ray.monitoring.grafana import provision
+from protopo_ray.monitoring.prometheus import PrometheusError, find_prometheus, local_prometheus, pick_port
 from protopo_ray.reporting.markdown import write_report
 from protopo_ray.search.console import SearchConsole
 from protopo_ray.search.experiment import Experiment, load_experiment
@@ -57,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--stages", help="comma-separated subset of stages to run")
     parser.add_argument("--no-wandb", action="store_true", help="no W&B runs")
+    parser.add_argument("--prometheus", action="store_true", help="run a local Prometheus (the `prometheus` binary on "
+                        "PATH) on Ray's scrape configuration for the search's lifetime and print its URL "
+                        "(docs/monitoring.md)")
     parser.add_argument("--verbose", action="store_true", help="Ray Tune's trial tables, the workers' and W&B's output "
                         "on the console (else in EXP/logs/ray.log)")
     return parser
@@ -90,9 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                                   f"--set name=... starts another")
         experiment.settings.ensure_data(experiment.base.data.path)
         validate_data(experiment.base)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
+        if args.prometheus and not args.dry_run:
+            find_prometheus()
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, PrometheusError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    prometheus_port = None
+    if args.prometheus and not args.dry_run:
+        # Chosen before a local cluster starts, so that its dashboard's Metrics view queries this Prometheus.
+        prometheus_port = pick_port()
+        os.environ.setdefault("RAY_PROMETHEUS_HOST", f"http://127.0.0.1:{prometheus_port}")
 
     # A search keeps Ray's, the workers' and W&B's output in its log file; a dry run has nothing to keep.
     log_path = None if args.verbose or args.dry_run else quiet_output(exp.log_file)
@@ -126,9 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every stage checks again: nodes join and leave
         require_shared_storage(exp_uri, shared=experiment.base.resources.shared_storage,
                                num_nodes=len(inventory.nodes), what="this search")
-        records, winner = run_search(experiment, exp_uri=exp_uri, exp=exp, options=options, longest=longest,
-                                     display=display)
-    except (SharedStorageError, NoCudaError) as error:
+        with contextlib.ExitStack() as running:
+            if prometheus_port is not None:
+                url = running.enter_context(local_prometheus(session_dir(), prometheus_port))
+                dashboard = provision(session_dir())
+                print(f"Prometheus: {url} (scrapes this cluster's nodes until the search ends; Grafana dashboard "
+                      f"{dashboard})", flush=True)
+            records, winner = run_search(experiment, exp_uri=exp_uri, exp=exp, options=options, longest=longest,
+                                         display=display)
+    except (SharedStorageError, NoCudaError, PrometheusError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report = write_report(exp.root)

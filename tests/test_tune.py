@@ -141,3 +141,95 @@ def test_dry_run_json_on_the_cluster_yaml_prices_each_stage(smoke_shards, tmp_pa
     assert (stages["promotion"]["accelerator_type"], stages["promotion"]["market"]) == ("A100", "on-demand")
     assert 0 < stages["search"]["usd_per_device_hour"] < stages["promotion"]["usd_per_device_hour"]
     assert {n["node_type"] for n in plan["inventory"]} == {"head", "search_a10g", "promotion_a100"}
+
+
+# -- watching a search on the shared cluster (protopo_ray.monitoring; docs/monitoring.md) ----------------------------
+# One small search (smoke's base config, a 2-trial grid of 2 epochs, ~30 s), watched while it runs through the state
+# API and the node's metrics endpoint, as the dashboard and Prometheus see it.
+
+LIVE_SEARCH = """
+[[stages]]
+name = "architecture"
+search = "grid"
+scheduler = "none"
+metric = "val_loss"
+mode = "min"
+max_epochs = 2
+[stages.grid]
+"model.lstm_size" = [16, 8]
+"""
+
+
+@pytest.fixture(scope="module")
+def watched_search(smoke_shards, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray.util.state import list_actors, list_jobs
+
+    if not ray.is_initialized():  # the shared cluster as conftest's ray_cluster starts it (that one is per test)
+        from protopo_ray.cluster.connect import ray_init
+
+        os.environ["RAY_ADDRESS"] = "local"
+        context = ray_init(num_cpus=2, logging_level="WARNING", log_to_driver=False)
+        os.environ["RAY_ADDRESS"] = context.address_info["address"]
+        os.environ["PROTOPO_TEST_DASHBOARD"] = context.dashboard_url or ""
+    tmp = tmp_path_factory.mktemp("watched")
+    toml = tmp / "watched.toml"
+    toml.write_text((REPO / "experiments" / "smoke.toml").read_text().split("[[stages]]")[0]
+                    .replace('name = "smoke"', 'name = "watched"') + LIVE_SEARCH)
+    node = next(n for n in ray.nodes() if n["Alive"])
+    endpoint = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    env = {**os.environ, "WANDB_MODE": "offline", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    search = subprocess.Popen([sys.executable, "-m", "protopo_ray.tune", str(toml), "--data", str(smoke_shards),
+                               "--storage", str(tmp), "--no-wandb"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    actors, samples = {}, {}
+    while search.poll() is None:
+        try:
+            for actor in list_actors(filters=[("class_name", "=", "Trial_architecture")], detail=True):
+                actors[actor.actor_id] = actor.repr_name
+            with urllib.request.urlopen(endpoint, timeout=5) as reply:
+                for line in reply.read().decode().splitlines():
+                    if line.startswith("ray_protopo_") and 'experiment="watched"' in line:
+                        series, value = line.rsplit(" ", 1)
+                        samples[series] = float(value)
+        except Exception:  # the state API or the exporter can time out on a loaded machine: ask again
+            pass
+        time.sleep(0.5)
+    output = search.stdout.read()
+    assert search.returncode == 0, output[-3000:]
+    jobs = [job for job in list_jobs(detail=True) if (job.metadata or {}).get("job_name") == "watched"]
+    record = json.loads((tmp / "watched" / "stages" / "architecture.json").read_text())
+    return {"actors": actors, "samples": samples, "jobs": jobs, "record": record}
+
+
+@pytest.mark.ray
+def test_watched_search_trials_are_actors_named_by_stage_trial_and_values(ray_cluster, watched_search):
+    trial_ids = {t["trial_id"]: t for t in watched_search["record"]["trials"]}
+    reprs = list(watched_search["actors"].values())
+    assert reprs, "no Trial_architecture actor seen while the search ran"
+    for text in reprs:  # e.g. "architecture 5e1f2_00001 model.lstm_size=8"
+        stage, trial_id, *values = text.split()
+        assert stage == "architecture" and trial_id in trial_ids, text
+        assert values == [f"model.lstm_size={trial_ids[trial_id]['params']['model.lstm_size']}"], text
+    assert len(watched_search["jobs"]) == 1  # the driver job carries the experiment's name
+
+
+@pytest.mark.ray
+def test_watched_search_metrics_are_on_the_nodes_endpoint_with_their_tags(ray_cluster, watched_search):
+    from protopo_ray.monitoring import metrics
+
+    samples = watched_search["samples"]
+    trial_ids = {t["trial_id"] for t in watched_search["record"]["trials"]}
+    for spec in (metrics.EPOCH, metrics.VAL_LOSS, metrics.TRAIN_LOSS, metrics.STAGE_METRIC, metrics.RESIDUES_PER_S,
+                 metrics.DATA_WAIT_SHARE, metrics.PEAK_MEMORY, metrics.TOPOLOGY_ACCURACY, metrics.DEVICE_HOURS,
+                 metrics.TRIAL_USD):
+        tagged = {s for s in samples if s.startswith(spec.exported + "{")}
+        seen = {trial for trial in trial_ids if any(f'trial="{trial}"' in s for s in tagged)}
+        assert seen == trial_ids, (spec.exported, sorted(samples)[:20])
+        assert all('stage="architecture"' in s and 'member="-"' in s for s in tagged)
+    val_loss = {t["trial_id"]: t["last"]["val_loss"] for t in watched_search["record"]["trials"]}
+    for trial, value in val_loss.items():  # the last value exported is the trial's last reported one
+        series = [v for s, v in samples.items() if s.startswith(metrics.VAL_LOSS.exported) and f'trial="{trial}"' in s]
+        assert series and series[-1] == pytest.approx(value)
+    finished = [v for s, v in samples.items() if s.startswith(metrics.STAGE_TRIALS.exported) and 'state="finished"' in s]
+    assert finished == [2.0]

@@ -147,6 +147,12 @@ def ray_init(*, log_to_driver: bool | None = None, logging_level: int | str | No
     return context
 
 
+def session_dir() -> str:
+    """The connected cluster's session directory on this node (`<temp dir>/session_<time>`): Ray's logs, and the
+    Prometheus and Grafana configurations its dashboard writes under metrics/."""
+    return ray._private.worker._global_node.get_session_dir_path()
+
+
 RESERVED_STATES = ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")
 """Placement-group states that hold (or wait for) resources; REMOVED is the only other one."""
 
