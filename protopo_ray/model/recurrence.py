@@ -86,7 +86,7 @@ class ChainLSTM(nn.Module):
             if self.path(padded.device) == "packed":
                 if host_lengths is None:
                     host_lengths = lengths.cpu()
-                return self._forward_packed(padded.to(dtype), host_lengths)
+                return self._forward_packed(padded.to(dtype), lengths, host_lengths)
             return self._forward_padded(padded.to(dtype), lengths)
 
     def _layer(self, lstm: nn.LSTM, h: Tensor) -> Tensor:
@@ -120,16 +120,23 @@ class ChainLSTM(nn.Module):
                 weights += _weights(self.backward_layers[i])
         return weights
 
-    def _forward_packed(self, padded: Tensor, host_lengths: Tensor) -> Tensor:
-        packed = pack_padded_sequence(padded, host_lengths, batch_first=True, enforce_sorted=False)
+    def _forward_packed(self, padded: Tensor, lengths: Tensor, host_lengths: Tensor) -> Tensor:
+        # Sorted by length here rather than by pack_padded_sequence(enforce_sorted=False), which copies its order to
+        # the device and pad_packed_sequence reads it back (a sync). The same stable sort on the device lengths and
+        # on the host copy gives the same order: the rows on the device, batch sizes on the host.
+        order = torch.sort(lengths, descending=True, stable=True).indices
+        sorted_host = torch.sort(host_lengths.to(torch.int64), descending=True, stable=True).values
+        packed = pack_padded_sequence(padded.index_select(0, order), sorted_host, batch_first=True)
         batch, directions = padded.size(0), 2 if self.bidirectional else 1
         zeros = padded.new_zeros(self.num_layers * directions, batch, self.hidden_size)
         weights = [w.to(padded.dtype) for w in self.flat_weights()]
         # dropout between layers as the padded path has it (nn.Dropout's p; another random mask, same law)
         out, _, _ = torch.lstm(packed.data, packed.batch_sizes, (zeros, zeros), weights, True, self.num_layers,
                                self.dropout.p, self.training, self.bidirectional)
-        result = PackedSequence(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-        return pad_packed_sequence(result, batch_first=True, total_length=padded.size(1))[0]
+        result = pad_packed_sequence(PackedSequence(out, packed.batch_sizes), batch_first=True,
+                                     total_length=padded.size(1))[0]
+        restore = torch.empty_like(order).scatter_(0, order, torch.arange(batch, device=order.device))
+        return result.index_select(0, restore)
 
 
 def _weights(lstm: nn.LSTM) -> list[Tensor]:

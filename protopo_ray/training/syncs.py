@@ -3,7 +3,7 @@
 On CUDA, `torch.cuda.set_sync_debug_mode("warn")` makes every synchronising CUDA call warn, and
 `count_syncs` counts those warnings: the real figure. On CPU nothing waits, but the same code makes the same
 reads, so a `TorchFunctionMode` counts the calls that would synchronise on CUDA: scalar reads (`.item()`,
-`float()`, `int()`, `bool()`, use as an index or size), `.tolist()` / `.numpy()`, and ops whose output size
+`float()`, `int()`, `bool()`, use as an index or size), `.tolist()` / `.numpy()` / `.cpu()`, and ops whose output size
 depends on tensor values (`nonzero`, boolean-mask indexing, `masked_select`, `bincount`, `unique`,
 `repeat_interleave`). Reads of the optimiser's step counters are left out: torch keeps them on the host on
 CUDA too (unless `capturable` / `fused`), so reading them never waits. The CPU count is a structural one: it
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
-_SCALAR_READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy"}
+_SCALAR_READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "cpu"}
 _SIZE_FROM_VALUES = {"nonzero", "argwhere", "masked_select", "bincount", "unique", "unique_consecutive",
                      "repeat_interleave"}
 
