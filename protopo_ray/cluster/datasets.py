@@ -73,7 +73,7 @@ def load_datasets(config: Config) -> dict[str, Any]:
 
 def named(dataset, config: Config, split: str):
     """`dataset` named after its run and split: the dashboard's Data page and Ray Data's metrics say which it is."""
-    dataset.set_name(f"{config.name}/{split}")
+    dataset.set_name(f"{config.name}.{split}")  # no "/": Ray Data names a log directory after it
     return dataset
 
 

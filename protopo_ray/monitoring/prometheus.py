@@ -6,7 +6,9 @@ session's service-discovery file; its data in a temporary directory, removed whe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -56,6 +58,12 @@ def scrape_config(session_dir: str | Path) -> Path:
     return path
 
 
+def _end_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the search's process dies, also when it is killed outright."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def local_prometheus(session_dir: str | Path, port: int | None = None, ready_timeout_s: float = 60.0) -> Iterator[str]:
     """Run Prometheus on 127.0.0.1:`port` scraping the session's nodes; yields its URL, stops it on exit."""
@@ -66,7 +74,8 @@ def local_prometheus(session_dir: str | Path, port: int | None = None, ready_tim
     url = f"http://127.0.0.1:{port}"
     with open(data / "prometheus.log", "wb") as log:
         process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={data / 'tsdb'}",
-                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=_end_with_parent)
     try:
         deadline = time.time() + ready_timeout_s
         while True:
