@@ -18,6 +18,21 @@ FROM rayproject/ray:2.60.0-py311-gpu
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 
+# Prometheus and Grafana for the head (protopo_ray.monitoring.head starts them on Ray's own configuration; the
+# dashboard's Metrics view embeds Grafana's panels). Release binaries at pinned versions, on every node's image so
+# that any node type can be the head; ~200 MB.
+ARG PROMETHEUS_VERSION=2.53.4
+ARG GRAFANA_VERSION=11.6.1
+USER root
+RUN curl -fsSL "https://github.com/prometheus/prometheus/releases/download/v${PROMETHEUS_VERSION}/prometheus-${PROMETHEUS_VERSION}.linux-amd64.tar.gz" \
+        | tar -xz -C /opt \
+ && ln -s "/opt/prometheus-${PROMETHEUS_VERSION}.linux-amd64/prometheus" /usr/local/bin/prometheus \
+ && curl -fsSL "https://dl.grafana.com/oss/release/grafana-${GRAFANA_VERSION}.linux-amd64.tar.gz" | tar -xz -C /opt \
+ && ln -s "/opt/grafana-v${GRAFANA_VERSION}" /opt/grafana \
+ && chown -R 1000:100 "/opt/grafana-v${GRAFANA_VERSION}" \
+ && prometheus --version && /opt/grafana/bin/grafana --version
+USER ray
+
 WORKDIR /home/ray/protopo_ray
 # 1000:100 is the image's `ray` user and `users` group: pip installs into its /home/ray/anaconda3.
 COPY --chown=1000:100 requirements.lock pyproject.toml ./

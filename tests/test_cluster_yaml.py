@@ -238,3 +238,21 @@ def test_head_keeps_dashboard_on_loopback_and_requires_a_token(path):
 @pytest.mark.parametrize("script", ["aws/create-roles.sh", "gcp/create-service-accounts.sh"])
 def test_deploy_scripts_parse(script):
     subprocess.run(["bash", "-n", str(DEPLOY / script)], check=True)
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.name)
+def test_head_runs_prometheus_and_grafana_on_rays_configuration(path):
+    """The dashboard's Metrics view embeds Grafana only where the head's `ray start` names Prometheus and Grafana."""
+    commands = load(path)["head_start_ray_commands"]
+    start = next(c for c in commands if "ray start --head" in c)
+    for variable in ("RAY_PROMETHEUS_HOST=http://127.0.0.1:9090", "RAY_GRAFANA_HOST=http://127.0.0.1:3000",
+                     "RAY_GRAFANA_IFRAME_HOST="):
+        assert variable in start
+    after = commands[commands.index(start) + 1:]
+    assert any("python -m protopo_ray.monitoring.head" in c and "--grafana-home /opt/grafana" in c for c in after)
+
+
+def test_project_image_carries_prometheus_and_grafana():
+    runs = " ".join(args for op, args in dockerfile_instructions(REPO / "Dockerfile") if op == "RUN")
+    assert "/usr/local/bin/prometheus" in runs and "ln -s \"/opt/grafana-v${GRAFANA_VERSION}\" /opt/grafana" in runs
+    assert "prometheus --version && /opt/grafana/bin/grafana --version" in runs

@@ -92,3 +92,17 @@ def test_prometheus_flag_without_a_binary_says_what_to_install(smoke_shards, tmp
     err = capsys.readouterr().err
     assert "--prometheus needs the `prometheus` binary on PATH" in err and "apt-get install prometheus" in err
     assert not (tmp_path / "smoke" / "stages").exists()
+
+
+def test_head_runs_prometheus_and_grafana_on_the_sessions_ray_configuration(tmp_path):
+    from protopo_ray.monitoring.head import monitoring_commands
+
+    config = tmp_path / "metrics" / "prometheus" / "prometheus.yml"
+    config.parent.mkdir(parents=True)
+    config.write_text("scrape_configs: []\n")
+    commands = monitoring_commands(tmp_path, prometheus="/usr/bin/prometheus", grafana_home=Path("/opt/grafana"))
+    assert f"--config.file={config}" in commands["prometheus"]
+    assert "--web.listen-address=127.0.0.1:9090" in commands["prometheus"]
+    grafana_argv = commands["grafana"]
+    assert grafana_argv[:2] == ["/opt/grafana/bin/grafana", "server"]
+    assert grafana_argv[grafana_argv.index("--config") + 1] == str(tmp_path / "metrics" / "grafana" / "grafana.ini")
