@@ -17,7 +17,8 @@ from pathlib import Path
 PACKAGE = "protopo_ray"
 ROOT = Path(__file__).resolve().parents[1]
 #: Subpackages from the bottom up: a subpackage imports only those before it (the entry points, at the top level,
-#: import anything). `reporting` reads what `search` writes; `inference` runs what `training` saves.
+#: import anything). `reporting` reads what `search` writes; `inference` runs what `training` saves; `monitoring` (live
+#: metrics, Ray side) is what `cluster` and `search` emit through.
 LAYERS = ("data", "config", "model", "training", "inference", "monitoring", "cluster", "search", "reporting")
 #: Subpackages whose modules must import without Ray installed (a bare GPU box runs them).
 RAY_FREE = ("data", "config", "model", "training", "inference", "reporting")
