@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -128,3 +129,65 @@ def test_a_type_mix_sets_the_proportions_and_bad_mixes_are_named():
         check_mix({"TM": 1, "ALPHA": 1})
     with pytest.raises(ValueError, match="shares > 0"):
         check_mix({"TM": 0})
+
+
+# ---- the sequence signals real proteins carry (issue 27: a model trained on these must work from a FASTA) ----
+
+def _segments(labels: str, label: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in re.finditer(f"{label}+", labels)]
+
+
+def test_helix_flanks_follow_the_positive_inside_rule_most_strongly(proteins):
+    near, far, out = [], [], []
+    for record, _ in proteins:
+        if record.type not in ("TM", "SP+TM"):
+            continue
+        seq, labels = record.sequence, record.labels
+        flank = np.zeros(len(seq), dtype=bool)
+        for start, end in _segments(labels, "M"):
+            flank[max(start - 6, 0):start] = True
+            flank[end:end + 6] = True
+        kr = np.array([a in "KR" for a in seq])
+        inside = np.array([c == "I" for c in labels])
+        outside = np.array([c == "O" for c in labels])
+        near.append(kr[flank & inside].mean() if (flank & inside).any() else np.nan)
+        far.append(kr[~flank & inside].mean() if (~flank & inside).any() else np.nan)
+        out.append(kr[flank & outside].mean() if (flank & outside).any() else np.nan)
+    assert np.nanmean(near) > 1.5 * np.nanmean(far) > 1.5 * np.nanmean(out)
+
+
+def test_signal_peptides_have_n_h_c_regions(proteins):
+    pos_n, hydro_h, hydro_rest, axa = [], [], [], []
+    for record, _ in proteins:
+        n = record.labels.count("S")
+        if not n:
+            continue
+        assert 14 <= n <= 31, (record.id, n)
+        seq = record.sequence
+        pos_n.append(np.mean([a in "KR" for a in seq[1:5]]))
+        hydro_h.append(np.mean([a in "AILMFVW" for a in seq[max(n - 14, 5):n - 5]]))  # past n, before c
+        hydro_rest.append(np.mean([a in "AILMFVW" for a in seq[n:]]))
+        axa.append(seq[n - 3] == "A" and seq[n - 1] in "AGS")
+    assert np.mean(pos_n) > 0.2 and np.mean(hydro_h) > np.mean(hydro_rest) + 0.2
+    assert 0.5 < np.mean(axa) < 0.9  # the cleavage motif, usually but not always (as in real signal peptides)
+
+
+def test_barrel_strands_alternate_and_count_even(proteins):
+    facing, away = [], []
+    for record, _ in proteins:
+        if record.type != "BETA":
+            continue
+        strands = _segments(record.labels, "B")
+        assert len(strands) % 2 == 0 and 8 <= len(strands) <= 24
+        for start, end in strands:
+            inner = record.sequence[start + 1:end - 1]  # the girdle residues at the ends are aromatic either way
+            facing += [a in "AILMFVWY" for a in inner[1::2]]  # even positions of the strand: the lipid side
+            away += [a in "AILMFVWY" for a in inner[0::2]]
+    assert np.mean(facing) > np.mean(away) + 0.3
+
+
+def test_soluble_regions_are_no_more_hydrophobic_than_real_ones(proteins):
+    # DeepTMHMM's labels: 33 % of I and O residues are A I L M F V W, 65 % of M residues (tools/synthetic_realism).
+    soluble = [a in "AILMFVW" for r, _ in proteins for a, c in zip(r.sequence, r.labels) if c in "IO"]
+    membrane = [a in "AILMFVW" for r, _ in proteins for a, c in zip(r.sequence, r.labels) if c == "M"]
+    assert np.mean(soluble) < 0.40 and np.mean(membrane) > 0.6

@@ -4,9 +4,10 @@ It exists so that every part of the pipeline (prepare -> shards -> training -> t
 The proteins follow DeepTMHMM's conventions and type mix (GLOBULAR all I; SP = S then O; TM = alternating I/O
 loops around M helices; SP+TM = S, O, then M segments; BETA = S, P, then B strands alternating O and P), and the
 traces put TM helices and beta strands into bundles/barrels crossing a membrane slab at z in [-15, 15] Angstrom,
-so the kNN graph carries real structure. Sequences are noisy on purpose: hydrophobic residues also occur in
-soluble amphipathic helices and strands, K/R appear outside too, and 8 % of residues are drawn from the
-background, so a per-amino-acid lookup cannot solve the task while a windowed model can.
+so the kNN graph carries real structure. This module lays proteins out and traces them;
+`synthetic_sequences` draws their residues with the signals real sequences carry (hydrophobic membrane cores,
+positive-inside, signal peptides' n/h/c regions, alternating barrel strands) at a realistic noise level, so a
+model trained on them also works from sequence alone (a FASTA's proteins get no structure).
 
 Each protein is generated from its own generator `default_rng([seed, index])`: same seed -> identical data.
 """
@@ -17,51 +18,20 @@ import math
 
 import numpy as np
 
-from protopo_ray.data.alphabet import AMINO_ACIDS, PROTEIN_TYPES
+from protopo_ray.data.alphabet import PROTEIN_TYPES
 from protopo_ray.data.records import ProteinRecord, label_type
+from protopo_ray.data.synthetic_sequences import GENERATOR_VERSION, protein_sequence  # noqa: F401 (the set's version)
 
 #: DeepTMHMM-like protein type proportions.
 TYPE_FRACTIONS = {"GLOBULAR": 0.56, "SP": 0.28, "TM": 0.11, "SP+TM": 0.03, "BETA": 0.02}
 FOLD_FRACTIONS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 MEDIAN_LENGTH, LENGTH_SIGMA, MIN_LENGTH, MAX_LENGTH = 350, 0.5, 50, 1200
-NOISE = 0.08  # fraction of residues replaced by a background draw, whatever their region
-
 STEP = 3.8  # CA-CA distance, Angstrom
 HELIX_RISE, HELIX_TURN, HELIX_RADIUS = 1.5, np.deg2rad(100.0), 2.3
 STRAND_RISE = 3.3
 STRAND_ZIGZAG = np.sqrt(STEP**2 - STRAND_RISE**2)  # makes consecutive strand residues 3.8 A apart too
 BARREL_TILT = 0.6  # radians; strands lean the same way, as in real barrels
 MEMBRANE_HALF = 15.0
-
-# Relative amino-acid weights per region, in AMINO_ACIDS order "ACDEFGHIKLMNPQRSTVWY".
-_BACKGROUND = [8.3, 1.4, 5.5, 6.7, 3.9, 7.1, 2.3, 5.9, 5.8, 9.7, 2.4, 4.1, 4.7, 3.9, 5.5, 6.6, 5.3, 6.9, 1.1, 2.9]
-
-
-def _weights(base=None, **scale: float) -> np.ndarray:
-    w = np.array(base if base is not None else _BACKGROUND, dtype=float)
-    for aa, factor in scale.items():
-        w[AMINO_ACIDS.index(aa)] *= factor
-    return w / w.sum()
-
-
-_HYDROPHOBIC = _weights([10, 2, 0.3, 0.3, 8, 7, 0.5, 10, 0.5, 16, 4, 0.5, 1, 0.5, 0.5, 5, 5, 10, 3, 3])
-COMPOSITIONS = {
-    "background": _weights(),
-    "tm_helix": _HYDROPHOBIC,
-    "inside": _weights(K=2.5, R=2.5, D=0.8, E=0.8),  # positive-inside rule
-    "outside": _weights(K=0.6, R=0.6, D=1.2, E=1.2, N=1.3, S=1.2, T=1.2, G=1.2),
-    "sp_n": _weights(K=6, R=6, D=0.1, E=0.1),
-    "sp_h": _weights([12, 2, 0.1, 0.1, 5, 3, 0.2, 6, 0.1, 20, 3, 0.1, 1, 0.3, 0.1, 2, 2, 8, 1.5, 0.5]),
-    "sp_c": _weights(A=3, S=2.5, G=2, T=2, Q=1.5, P=1.5, L=0.3, I=0.3, V=0.5, K=0.3, R=0.3),
-    "amph_polar": _weights(E=2.5, K=2.5, Q=2, R=1.5, A=1.5, D=1.2, L=0.6, I=0.5, V=0.5, F=0.4, G=0.5, P=0.1),
-    "strand_polar": _weights(S=2, T=2.5, N=1.5, Q=1.5, Y=1.5, G=1.2, K=1.2, R=1.2, D=0.8, E=0.8, L=0.4),
-    "strand_apolar": _weights([6, 2, 0.2, 0.2, 8, 6, 0.5, 8, 0.3, 12, 2, 0.3, 0.3, 0.3, 0.3, 2, 4, 12, 3, 8]),
-    "peri_turn": _weights(G=3, N=2.5, D=2.5, P=2, S=1.5, K=1.5),
-    "girdle": _weights(Y=12, W=10, F=4),
-}
-_CUM = {name: np.cumsum(w) for name, w in COMPOSITIONS.items()}
-_AA = np.array(list(AMINO_ACIDS))
-
 
 # ----------------------------------------------------------------------------------------------- layout
 # A protein is a list of segments (label, length, shape, composition). Shapes: "coil" (flexible), "helix",
@@ -100,8 +70,9 @@ def _split(rng, total: int, minimums: list[int]) -> list[int]:
 
 
 def _signal_peptide(rng) -> list[tuple]:
-    return [("S", int(rng.integers(2, 7)), "coil", "sp_n"), ("S", int(rng.integers(7, 16)), "helix", "sp_h"),
-            ("S", int(rng.integers(3, 8)), "coil", "sp_c")]
+    # n 3-8 positive, h 7-15 hydrophobic, c 4-8 small/polar: 14-31, mean ~22 (DeepTMHMM's labels: mean 24)
+    return [("S", int(rng.integers(3, 9)), "coil", "sp_n"), ("S", int(rng.integers(7, 16)), "helix", "sp_h"),
+            ("S", int(rng.integers(4, 9)), "coil", "sp_c")]
 
 
 def _membrane_protein(rng, length: int, signal: bool) -> list[tuple]:
@@ -143,7 +114,9 @@ def _beta_protein(rng, length: int) -> list[tuple]:
     for i in range(num_strands):
         segments.append(("B", strand_sizes[i], "tm_strand", "tm_strand"))
         label = "O" if i % 2 == 0 else "P"
-        segments += _soluble(rng, label, loops[i + 1], "outside" if label == "O" else "peri_turn")
+        # Plain loops, no soluble helices and strands: a barrel's long outside loops are flexible, and a soluble
+        # strand inside one would read like another membrane strand from sequence.
+        segments.append((label, loops[i + 1], "coil", "outside" if label == "O" else "peri_turn"))
     return segments
 
 
@@ -156,41 +129,6 @@ def _layout(rng, protein_type: str, length: int) -> list[tuple]:
     if protein_type in ("TM", "SP+TM"):
         return _membrane_protein(rng, max(length, 80), signal=protein_type == "SP+TM")
     return _beta_protein(rng, max(length, 220))
-
-
-# --------------------------------------------------------------------------------------------- sequence
-
-
-def _draw(rng, composition: str, size: int) -> np.ndarray:
-    return _AA[np.searchsorted(_CUM[composition], rng.random(size) * _CUM[composition][-1])]
-
-
-def _segment_sequence(rng, length: int, composition: str) -> np.ndarray:
-    if composition == "amphipathic":  # heptad a/d (and some e) hydrophobic, the rest polar helix formers
-        face = np.isin(np.arange(length) % 7, (0, 3)) | ((np.arange(length) % 7 == 4) & (rng.random(length) < 0.5))
-        return np.where(face, _draw(rng, "tm_helix", length), _draw(rng, "amph_polar", length))
-    if composition in ("soluble_strand", "tm_strand"):
-        # Even positions face the membrane (or the core) and match the outward zig-zag in `_strand`.
-        apolar = np.arange(length) % 2 == 0
-        seq = np.where(apolar, _draw(rng, "strand_apolar", length), _draw(rng, "strand_polar", length))
-        if composition == "tm_strand":  # aromatic girdles at the membrane interfaces
-            seq[[0, -1]] = _draw(rng, "girdle", 2)
-        return seq
-    return _draw(rng, composition, length)
-
-
-def _sequence(rng, segments: list[tuple]) -> str:
-    parts = [_segment_sequence(rng, size, comp) for _, size, _, comp in segments]
-    seq = np.concatenate(parts)
-    # The S c-region ends in an A-x-A cleavage motif.
-    ends = np.cumsum([s[1] for s in segments])
-    for (_, _, _, comp), end in zip(segments, ends):
-        if comp == "sp_c" and end >= 3:
-            seq[end - 3], seq[end - 1] = "A", rng.choice(["A", "A", "G", "S"])
-    noisy = rng.random(len(seq)) < NOISE
-    seq[noisy] = _draw(rng, "background", int(noisy.sum()))
-    seq[0] = "M"
-    return "".join(seq)
 
 
 # ------------------------------------------------------------------------------------------ coordinates
@@ -409,7 +347,7 @@ def generate_protein(index: int, protein_type: str, seed: int = 0, fold: str = "
     length = int(np.clip(round(rng.lognormal(np.log(MEDIAN_LENGTH), LENGTH_SIGMA)), MIN_LENGTH, MAX_LENGTH))
     segments = _layout(rng, protein_type, length)
     labels = "".join(label * size for label, size, _, _ in segments)
-    sequence = _sequence(rng, segments)
+    sequence = protein_sequence(rng, segments)
     ca = _coordinates(rng, segments)
     assert len(sequence) == len(labels) == len(ca) and label_type(labels) == protein_type, (index, protein_type)
     record = ProteinRecord(id=f"SYN{index:06d}", sequence=sequence, labels=labels, type=protein_type, fold=fold,

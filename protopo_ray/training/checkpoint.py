@@ -50,12 +50,15 @@ class ModelInputs:
     graph_k: int
     """Neighbours per residue (structure graphs) or window width (sequence graphs) of the training shards."""
     graph_sources: dict[str, int]
-    """Training-shard proteins per graph source ('structure' / 'sequence'): what the model has seen."""
+    """Training-shard proteins per graph source ('structure' / 'sequence'): what the model has seen. With structure
+    dropout, "sequence" also counts the structure proteins seen as sequence graphs in an epoch (expected number)."""
     node_features: tuple[str, ...]
     edge_features: tuple[str, ...]
     embedding: dict[str, Any] | None = None
     """The shards' per-residue embeddings (protopo_ray.data.embeddings.EmbeddingSpec: model, weights, layer, dim,
     ...), None without: predict embeds new proteins with the same model and layer."""
+    structure_dropout: float = 0.0
+    """The run's `data.structure_dropout`: the share of structure proteins seen as sequence graphs each epoch."""
 
     @property
     def embedding_dim(self) -> int:
@@ -67,6 +70,15 @@ class ModelInputs:
         return cls(graph_k=int(manifest["k"]), graph_sources=dict(manifest["counts"]["graph_source"]),
                    node_features=tuple(manifest["node_features"]), edge_features=tuple(manifest["edge_features"]),
                    embedding=manifest.get("embedding"))
+
+    def with_structure_dropout(self, share: float) -> ModelInputs:
+        """These inputs as a run with `data.structure_dropout = share` sees them: that share of the structure
+        proteins also counted under "sequence" (so `input_shift` passes a FASTA's sequence graphs)."""
+        if share <= 0:
+            return self
+        sources = dict(self.graph_sources)
+        sources["sequence"] = sources.get("sequence", 0) + round(share * sources.get("structure", 0))
+        return dataclasses.replace(self, graph_sources=sources, structure_dropout=float(share))
 
     def check_builds_here(self, where: str) -> None:
         """Raise unless this code builds graphs with the same node and edge features as the checkpoint's."""
@@ -115,7 +127,8 @@ class CheckpointMeta:
                        inputs=ModelInputs(graph_k=int(inputs["graph_k"]), graph_sources=dict(inputs["graph_sources"]),
                                           node_features=tuple(inputs["node_features"]),
                                           edge_features=tuple(inputs["edge_features"]),
-                                          embedding=inputs.get("embedding")),
+                                          embedding=inputs.get("embedding"),
+                                          structure_dropout=float(inputs.get("structure_dropout", 0.0))),
                        grammar=SegmentStats.from_json(values["grammar"]), format=int(values.get("format", FORMAT)))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{where}: malformed ({type(error).__name__}: {error})") from None

@@ -50,6 +50,8 @@ REPORTED_METRICS = (
     ("epoch", "val_loss", "epoch_time_s", "train_padding_efficiency", "train_proteins_all_ranks", "train_rank_overlap",
      "resumed_from_epoch", "peak_rss_bytes_max_rank", "peak_anon_bytes_max_rank")
     + tuple(f"val_{key}" for key in METRIC_KEYS)
+    # With data.structure_dropout: the validation split again, every protein through its sequence-window graph.
+    + ("val_seq_loss",) + tuple(f"val_seq_{key}" for key in METRIC_KEYS)
     + tuple(loop.EpochStats().as_metrics().keys())
 )
 
@@ -118,7 +120,8 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         device = torch.device("cuda", session.rank % torch.cuda.device_count())
     loop.set_seed(cfg.seed)
     train, val_split = session.split("train"), session.split("val")
-    inputs = ModelInputs.of_manifest(shards.read_manifest(config.data.path))
+    inputs = ModelInputs.of_manifest(shards.read_manifest(config.data.path)).with_structure_dropout(
+        config.data.structure_dropout)
 
     own = session.resume_state()
     start = own or continuation(config)
@@ -158,6 +161,9 @@ def fit(config: Config, session: Session) -> dict[str, float]:
         trim()
         memory = session.gather(process_watch().peaks())
         val = evaluate_split(model, val_split, config, device, session)
+        if config.data.structure_dropout > 0:  # a model meant to serve FASTA inputs too: measured on them
+            seq = evaluate_split(model, val_split, config, device, session, graphs="sequence")
+            val.update({f"seq_{k}": v for k, v in seq.items()})
         metrics = {"epoch": epoch + 1, "val_loss": val.pop("loss"), **{f"val_{k}": v for k, v in val.items()},
                    **stats.as_metrics(), "train_padding_efficiency": trained.real / max(1, trained.padded),
                    # Proteins this epoch over all ranks, and how many of them more than one rank trained on (0 = disjoint).

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from protopo_ray.config import Config
 from protopo_ray.data import batching, shards, storage
+from protopo_ray.training.structure_dropout import drop_structures
 
 SPLIT_FOLDS = {"train": "train_folds", "val": "val_folds", "test": "test_folds"}
 
@@ -130,7 +131,7 @@ class MemorySplit:
                                          bucket_batches=data.bucket_batches, seed=self.config.train.seed, epoch=epoch,
                                          weights=weights, world_size=world_size)
         plan = batching.shard_batches(plan, self.lengths, rank, world_size)
-        return len(plan), (self.table.take(pa.array(idx)) for idx in plan)
+        return len(plan), with_structure_dropout((self.table.take(pa.array(idx)) for idx in plan), self.config, epoch)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[pa.Table]:
         """Length-sorted batches over the whole split, dealt to ranks: every protein on exactly one rank."""
@@ -173,8 +174,9 @@ class StreamSplit:
         batch_size = -(-data.batch_size // world_size)  # this rank's part of each global batch
         window = batch_size * data.bucket_batches
         pool_rows = data.shuffle_rows or 2 * window
-        return steps, bucketed(self.source(epoch), rng, batch_size=batch_size, max_residues=data.max_residues_per_batch,
-                               window=window, pool_rows=pool_rows, repeat=repeat)
+        batches = bucketed(self.source(epoch), rng, batch_size=batch_size, max_residues=data.max_residues_per_batch,
+                           window=window, pool_rows=pool_rows, repeat=repeat)
+        return steps, with_structure_dropout(batches, self.config, epoch)
 
     def eval_batches(self, rank: int, world_size: int) -> Iterator[pa.Table]:
         """Every row of this rank's stream once, in length-sorted windows (exact metrics once gathered)."""
@@ -187,6 +189,18 @@ class StreamSplit:
 
 
 Split = MemorySplit | StreamSplit
+
+
+def with_structure_dropout(batches: Iterable[pa.Table], config: Config, epoch: int) -> Iterator[pa.Table]:
+    """Training batches with `data.structure_dropout` of their structure rows seen as sequence graphs this epoch
+    (`structure_dropout`: the same proteins on every rank and path, by seed, epoch and id)."""
+    share = config.data.structure_dropout
+    if share <= 0:
+        yield from batches
+        return
+    k = int(shards.read_manifest(config.data.path).get("k", 16))  # the window the set's sequence graphs have
+    for table in batches:
+        yield drop_structures(table, share, seed=config.train.seed, epoch=epoch, k=k)
 
 
 def type_weight_table(types: pa.ChunkedArray | pa.Array, config: Config) -> dict[str, float] | None:
