@@ -315,7 +315,8 @@ def prepare_synthetic(n: int, out: str | os.PathLike, *, seed: int = 0, k: int =
     types = synthetic.allocate_types(n, seed, mix)
     jobs = list(zip(range(n), types, synthetic.assign_folds(types, seed)))
     summary = PrepareSummary(out=str(out), num_read=n)
-    generator = {"module": SYNTHETIC_MODULE, "n": n, "seed": seed, **({"mix": synthetic.check_mix(mix)} if mix else {})}
+    generator = {"module": SYNTHETIC_MODULE, "version": synthetic.GENERATOR_VERSION, "n": n, "seed": seed,
+                 **({"mix": synthetic.check_mix(mix)} if mix else {})}
     build = builder or LocalBuilder()
     sources = {"synthetic": f"{SYNTHETIC_MODULE} n={n} seed={seed}"}
     extra = {"graph_builder": GRAPH_BUILDER, "generator": generator}
@@ -353,17 +354,20 @@ def _synthetic_generator(manifest: dict[str, Any]) -> dict[str, Any] | None:
     # Sets made before the package moved into subpackages name the generator "protopo_ray.synthetic".
     if generator.get("module") not in (SYNTHETIC_MODULE, "protopo_ray.synthetic"):
         return None
-    return {"n": generator.get("n"), "seed": generator.get("seed"), "mix": generator.get("mix")}
+    # Sets made before the generator had a version are version 1 (the sequences before issue 27).
+    return {"n": generator.get("n"), "seed": generator.get("seed"), "mix": generator.get("mix"),
+            "version": generator.get("version", 1)}
 
 
 def _synthetic_params(n: int, seed: int, mix: dict[str, float] | None) -> dict[str, Any]:
     """What a manifest records of the embedded set these arguments make (`_synthetic_generator`'s form)."""
-    return {"n": n, "seed": seed, "mix": synthetic.check_mix(mix) if mix else None}
+    return {"n": n, "seed": seed, "mix": synthetic.check_mix(mix) if mix else None,
+            "version": synthetic.GENERATOR_VERSION}
 
 
 def _describe(generator: dict[str, Any]) -> str:
     mix = generator["mix"]
-    return f"n={generator['n']} seed={generator['seed']} mix=" + (
+    return f"generator v{generator['version']} n={generator['n']} seed={generator['seed']} mix=" + (
         ", ".join(f"{t} {f:g}" for t, f in mix.items()) if mix else "DeepTMHMM's proportions")
 
 

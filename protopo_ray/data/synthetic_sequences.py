@@ -44,7 +44,8 @@ def _weights(base=None, **scale: float) -> np.ndarray:
 
 COMPOSITIONS = {
     "background": _weights(),
-    "tm_helix": _weights([10, 2, 0.3, 0.3, 8, 7, 0.5, 10, 0.5, 16, 4, 0.5, 1, 0.5, 0.5, 5, 5, 10, 3, 3]),
+    # strongly hydrophobic: L I V F A dominate, G S T (common in real helices, often at packing faces) less so
+    "tm_helix": _weights([10, 2, 0.3, 0.3, 9, 4, 0.5, 12, 0.5, 18, 4, 0.5, 0.5, 0.5, 0.5, 3, 3, 12, 3, 3]),
     "tm_belt": _weights(W=8, Y=6, F=2, K=0.8, R=0.8, D=0.2, E=0.2),  # helix ends at the interfaces
     # a soluble protein's buried face: hydrophobic, but far from a membrane helix (real soluble regions: ~1/3
     # of A I L M F V W against ~2/3 in membrane helices)

@@ -274,6 +274,9 @@ def winner_section(winner: WinnerRecord | None) -> list[str]:
             rows.append([f"`{key}`", _fmt_param(config[section][name]), "config"])
     lines += _table(["field", "value", "from"], rows) + ["", "Test-fold metrics:", ""]
     lines += _table(["type", "topology", "type acc", "count"], metrics_rows(winner.test))
+    if "fasta_n_proteins" in winner.test:  # the same proteins from sequence alone, as predict sees a FASTA
+        lines += ["", "Test-fold metrics from sequence alone (every protein through its sequence-window graph):", ""]
+        lines += _table(["type", "topology", "type acc", "count"], metrics_rows(winner.test, "fasta_"))
     lines += ["", "Validation metrics at the chosen epoch:", ""]
     lines += _table(["type", "topology", "type acc", "count"], metrics_rows(winner.val, "val_"))
     return lines + [""]

@@ -40,6 +40,27 @@ SUMMARY_METRICS = (("loss", "loss"), ("residue_acc", "residue acc"), ("type_acc"
                    ("topo_mean", "topology acc (mean)"), ("overlap_acc", "overlap acc"))
 
 
+def test_rows(test: dict[str, float]) -> list[tuple[str, str]]:
+    """The winner's test figures: on the test shards' own graphs, then (keys `fasta_*`, `search.run`) the same
+    proteins from sequence alone, as `predict` sees a FASTA (issue 27: a winner can be good on one, not the other)."""
+    rows = []
+    for prefix, label, graphs in (("", "test", ""), ("fasta_", "test FASTA", " from sequence alone,")):
+        values = {key[len(prefix):]: v for key, v in test.items() if key.startswith(prefix)}
+        if prefix == "":
+            values = {key: v for key, v in values.items() if not key.startswith("fasta_")}
+        if not values:
+            continue
+        parts = [f"{name} {format_value(values[key])}" for key, name in SUMMARY_METRICS if key in values]
+        if "n_proteins" in values:
+            parts.append(f"on {int(values['n_proteins'])} proteins")
+        rows.append((label, ", ".join(parts)))
+        per_type = [f"{name} {format_value(values[f'topo_{key}'])} ({int(values.get(f'n_{key}', 0))})"
+                    for name, key in TYPE_KEYS.items() if f"topo_{key}" in values]
+        if per_type:
+            rows.append(("topology", ", ".join(per_type) + f"  (per type,{graphs} test proteins in brackets)"))
+    return rows
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
@@ -379,15 +400,7 @@ class SearchConsole:
             if shown:
                 rows.append(("validation", shown))
             if winner.test:
-                parts = [f"{label} {format_value(winner.test[key])}" for key, label in SUMMARY_METRICS
-                         if key in winner.test]
-                if "n_proteins" in winner.test:
-                    parts.append(f"on {int(winner.test['n_proteins'])} proteins")
-                rows.append(("test", ", ".join(parts)))
-                per_type = [f"{name} {format_value(winner.test[f'topo_{key}'])} ({int(winner.test.get(f'n_{key}', 0))})"
-                            for name, key in TYPE_KEYS.items() if f"topo_{key}" in winner.test]
-                if per_type:
-                    rows.append(("topology", ", ".join(per_type) + "  (per type, test proteins in brackets)"))
+                rows += test_rows(winner.test)
             decoding = winner.ensemble.decoding if winner.ensemble else winner.decoding
             if decoding is not None:
                 rows.append(("decoding", describe_decoding(decoding) + "  (grammar Viterbi, chosen on validation)"))

@@ -49,7 +49,7 @@ from protopo_ray.search.results import (
 from protopo_ray.search.stages import PromotionStage, SearchStage, Stage
 from protopo_ray.search.tracking import wandb_callbacks
 from protopo_ray.training.checkpoint import load_checkpoint
-from protopo_ray.training.evaluation import evaluate_checkpoint
+from protopo_ray.training.evaluation import evaluate_checkpoint, evaluate_checkpoint_from_sequence
 from protopo_ray.training.predictor import choose_checkpoint_decoding
 
 
@@ -253,6 +253,8 @@ def pick_winner(record: StageRecord, exp: ExperimentDir) -> WinnerRecord | None:
     # Every ensemble member has the same test folds; the whole test split, never the capped quick-run one.
     config = run_config.replace({"data.max_proteins": 0})
     test = evaluate_checkpoint(target, config, split="test") if config.data.test_folds else {}
+    if test:  # the same proteins from sequence alone, as predict builds a FASTA's (console: "test FASTA")
+        test.update({f"fasta_{k}": v for k, v in evaluate_checkpoint_from_sequence(target, config, "test").items()})
     winner = WinnerRecord(stage=record.stage, trial_id=winner_id, params=params, config=run_config, val=val,
                           test=test, checkpoint=str(target), source=source,
                           promoted_from=trial.promoted_from if record.ensemble is None else None,
