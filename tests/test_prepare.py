@@ -15,6 +15,7 @@ from protopo_ray import prepare
 from protopo_ray.data import build, shards
 from protopo_ray.data.build import LocalBuilder, OutputExists, ensure_synthetic, prepare_records, prepare_synthetic
 from protopo_ray.data.structures import THREE_TO_ONE
+from protopo_ray.data.synthetic_sequences import GENERATOR_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +144,8 @@ def test_synthetic_prepare_writes_a_readable_set(tmp_path):
     assert done.returncode == 0, done.stderr
     manifest = shards.read_manifest(tmp_path / "syn")
     assert manifest["num_proteins"] == 40 and manifest["counts"]["graph_source"] == {"structure": 40}
-    assert manifest["extra"]["generator"] == {"module": "protopo_ray.data.synthetic", "n": 40, "seed": 5}
+    assert manifest["extra"]["generator"] == {"module": "protopo_ray.data.synthetic", "version": GENERATOR_VERSION,
+                                              "n": 40, "seed": 5}
     assert set(manifest["counts"]["fold"]) == {"train", "val", "test"}
     table = shards.read_table(tmp_path / "syn", folds=["train"])
     assert 0 < table.num_rows < 40 and table["id"][0].as_py().startswith("SYN")
@@ -236,8 +238,21 @@ def test_an_embedded_set_made_with_other_numbers_is_made_again(tmp_path, capsys)
     manifest = build.ensure_data(out, synthetic=12, seed=1, mix={"TM": 1, "BETA": 1})
     assert manifest["num_proteins"] == 12 and set(manifest["counts"]["type"]) == {"TM", "BETA"}
     said = capsys.readouterr().out
-    assert "made with n=8 seed=1 mix=DeepTMHMM's proportions" in said and "TM 0.5, BETA 0.5" in said
+    assert f"made with generator v{GENERATOR_VERSION} n=8 seed=1 mix=DeepTMHMM's proportions" in said
+    assert "TM 0.5, BETA 0.5" in said
     assert build.ensure_data(out, synthetic=12, seed=1, mix={"TM": 1, "BETA": 1}) == manifest
+
+
+def test_an_embedded_set_of_an_older_generator_is_made_again(tmp_path, capsys):
+    """A set made before the generator's sequences changed (no version in its manifest) is not trained on as if new."""
+    out = tmp_path / "syn"
+    manifest = build.ensure_data(out, synthetic=8, seed=1)
+    manifest["extra"]["generator"].pop("version")
+    (out / shards.MANIFEST).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    again = build.ensure_data(out, synthetic=8, seed=1)
+    assert "made with generator v1 n=8" in capsys.readouterr().out
+    assert again["extra"]["generator"]["version"] == GENERATOR_VERSION
 
 
 def test_a_set_of_real_records_is_used_as_it_is_whatever_synthetic_says(tmp_path, subset):

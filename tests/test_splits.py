@@ -211,3 +211,26 @@ def test_in_process_run_on_a_stream(many_shards, tmp_path):
     assert metrics["train_proteins_all_ranks"] == num_train and metrics["train_rank_overlap"] == 0
     assert metrics["peak_rss_bytes_max_rank"] >= metrics["peak_anon_bytes_max_rank"] > 0
     assert 0 < metrics["train_padding_efficiency"] <= 1
+
+
+def test_structure_dropout_drops_the_same_proteins_on_both_paths_and_ranks(many_shards):
+    """data.structure_dropout: which proteins a training epoch sees as sequence graphs depends on seed, epoch and
+    id only: the in-memory plan, a stream and every DDP rank's slice agree, and each epoch draws anew."""
+    from protopo_ray.training.structure_dropout import dropped
+
+    def sequence_ids(split, epoch, rank=0, world=1):
+        _, tables = split.train_epoch(epoch, rank, world)
+        return {i for t in tables for i, s in zip(t.column("id").to_pylist(), t.column("graph_source").to_pylist())
+                if s == "sequence"}
+
+    memory = splits.local_split(config_for(many_shards, loading="memory", batch_size=8, structure_dropout=0.4),
+                                "train")
+    stream = splits.local_split(config_for(many_shards, loading="stream", batch_size=8, structure_dropout=0.4),
+                                "train")
+    ids = shards.read_table(many_shards, folds=["train"], columns=["id"]).column("id").to_pylist()
+    expected = {i for i, d in zip(ids, dropped(ids, 0.4, seed=memory.config.train.seed, epoch=1)) if d}
+    assert 0.25 < len(expected) / len(ids) < 0.55
+    assert sequence_ids(memory, 1) == sequence_ids(stream, 1) == expected
+    assert sequence_ids(memory, 1, 0, 2) | sequence_ids(memory, 1, 1, 2) == expected
+    assert sequence_ids(memory, 2) != expected
+    assert not sequence_ids(splits.local_split(config_for(many_shards, loading="memory"), "train"), 1)

@@ -116,7 +116,7 @@ def _beta_protein(rng, length: int) -> list[tuple]:
         label = "O" if i % 2 == 0 else "P"
         # Plain loops, no soluble helices and strands: a barrel's long outside loops are flexible, and a soluble
         # strand inside one would read like another membrane strand from sequence.
-        segments.append((label, loops[i + 1], "coil", "outside" if label == "O" else "peri_turn"))
+        segments.append((label, loops[i + 1], "coil", "barrel_loop" if label == "O" else "peri_turn"))
     return segments
 
 

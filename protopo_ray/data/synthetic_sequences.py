@@ -58,8 +58,12 @@ COMPOSITIONS = {
     "sp_c": _weights(A=3, S=2.5, G=2, T=2, Q=1.5, P=1.5, L=0.3, I=0.3, V=0.5, K=0.3, R=0.3),
     "amph_polar": _weights(E=2.5, K=2.5, Q=2, R=1.5, A=1.5, D=1.2, L=0.6, I=0.5, V=0.5, F=0.4, G=0.5, P=0.1),
     "strand_polar": _weights(S=2, T=2.5, N=1.5, Q=1.5, Y=1.5, G=1.2, K=1.2, R=1.2, D=0.8, E=0.8, L=0.4),
-    "strand_apolar": _weights([6, 2, 0.2, 0.2, 8, 6, 0.5, 8, 0.3, 12, 2, 0.3, 0.3, 0.3, 0.3, 2, 4, 12, 3, 8]),
+    # a barrel strand's lipid-facing side: aliphatic and aromatic (real ones: V L F Y A G I W)
+    "strand_apolar": _weights([5, 1, 0.2, 0.2, 9, 3, 0.5, 8, 0.3, 12, 2, 0.3, 0.3, 0.3, 0.3, 2, 3, 12, 4, 10]),
     "peri_turn": _weights(G=3, N=2.5, D=2.5, P=2, S=1.5, K=1.5),
+    # a barrel's long extracellular loops: flexible and polar, nothing like the strands beside them
+    "barrel_loop": _weights(G=1.8, N=1.8, D=1.8, S=1.5, T=1.5, E=1.3, Q=1.3, P=1.3, K=0.8, L=0.5, I=0.4, V=0.4,
+                            F=0.4, A=0.7, M=0.5, W=0.4, Y=0.8),
     "girdle": _weights(Y=12, W=10, F=4),
 }
 _CUM = {name: np.cumsum(w) for name, w in COMPOSITIONS.items()}
