@@ -216,6 +216,25 @@ def test_summary_names_winner_test_metrics_report_and_logs(tmp_path):
     assert str(tmp_path / "report.md") in text and "ray.log" in text
     assert "TM 0.7 (10), BETA 0.4 (5)  (per type, test proteins in brackets)" in text
     assert "entry penalty 4, helix loops >= 3, beta offset 0, length priors x1, rule mean" in text
+    assert "test FASTA" not in text  # no from-sequence figures recorded: no such row
+
+
+def test_summary_shows_the_winner_from_sequence_beside_its_shard_graphs(tmp_path):
+    """search.run records the test split from sequence alone as fasta_*: the console shows both, each per type."""
+    console, out = plain_console()
+    display = SearchConsole(console=console)
+    test = {"overlap_acc": 0.9, "n_proteins": 40, "topo_tm": 0.8, "n_tm": 10}
+    test.update({f"fasta_{k}": v for k, v in {"overlap_acc": 0.55, "n_proteins": 40, "topo_tm": 0.4, "n_tm": 10}.items()})
+    winner = WinnerRecord(stage="promotion", trial_id="p_00000", params={}, config=Config(), val={}, source="/s",
+                          checkpoint=str(tmp_path / "ckpt"), test=test)
+    display.summary(winner=winner, report=tmp_path / "report.md")
+    lines = out.getvalue().splitlines()
+    shards_row = next(line for line in lines if line.startswith("test ") and "FASTA" not in line)
+    fasta_row = next(line for line in lines if line.startswith("test FASTA"))
+    assert "overlap acc 0.9, on 40 proteins" in shards_row and "0.55" not in shards_row
+    assert "overlap acc 0.55, on 40 proteins" in fasta_row
+    assert any("TM 0.8 (10)  (per type, test proteins" in line for line in lines)
+    assert any("TM 0.4 (10)  (per type, from sequence alone, test proteins" in line for line in lines)
 
 
 def test_route_logs_keeps_python_stderr_and_files_the_rest(tmp_path):

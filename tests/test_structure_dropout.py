@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from protopo_ray.data import shards
 from protopo_ray.data.graphs import build_graph
@@ -59,3 +60,31 @@ def test_drop_depends_on_the_protein_not_its_batch():
     was = table.column("graph_source").to_pylist()
     assert whole.column("graph_source").to_pylist() == ["sequence" if d else s for d, s in zip(drop, was)]
     assert drop_structures(table, 0.0, seed=3, epoch=0, k=K) is table
+
+
+def test_evaluating_from_sequence_equals_a_set_prepared_without_structures(tmp_path):
+    """evaluate_split(graphs="sequence") scores structure shards exactly as shards of the same proteins built
+    without coordinates, as `predict` builds a FASTA's (so the console's 'test FASTA' row is what a user gets)."""
+    import torch
+
+    from protopo_ray.config import load_config
+    from protopo_ray.data import synthetic
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.training.evaluation import evaluate_split
+    from protopo_ray.training.splits import local_split
+
+    records = [synthetic.generate_protein(i, t, fold="val") for i, t in
+               enumerate(["TM", "SP", "GLOBULAR", "BETA", "SP+TM", "TM"])]
+    for name, with_ca in (("structure", True), ("sequence", False)):
+        shards.write_shards((shards.record_to_row(r, build_graph(r.sequence, ca if with_ca else None, 16))
+                             for r, ca in records), tmp_path / name, k=16)
+    torch.manual_seed(0)
+    config = load_config("experiments/smoke.toml", {"data.path": str(tmp_path / "structure")})
+    model = TopologyModel(config.model)
+    seq_config = config.replace({"data.path": str(tmp_path / "sequence")})
+    from_sequence = evaluate_split(model, local_split(config, "val", "memory"), config, torch.device("cpu"),
+                                   graphs="sequence")
+    prepared = evaluate_split(model, local_split(seq_config, "val", "memory"), seq_config, torch.device("cpu"))
+    as_is = evaluate_split(model, local_split(config, "val", "memory"), config, torch.device("cpu"))
+    assert from_sequence == pytest.approx(prepared)
+    assert from_sequence["loss"] != pytest.approx(as_is["loss"])  # the structure graphs are another input
