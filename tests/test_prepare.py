@@ -293,6 +293,6 @@ def test_ensure_data_makes_the_named_mix_and_refuses_a_set_of_another_mix(tmp_pa
     assert manifest["counts"]["type"] == {"BETA": 5, "TM": 5}
     assert manifest["extra"]["generator"]["mix"] == {"TM": 0.5, "BETA": 0.5}
     assert build.ensure_synthetic(tmp_path / "syn", 10, 2, mix=mix) == tmp_path / "syn"
-    with pytest.raises(OutputExists, match="not synthetic n=10 seed=2 mix="):
+    with pytest.raises(OutputExists, match=f"not synthetic generator v{GENERATOR_VERSION} n=10 seed=2 mix="):
         build.ensure_synthetic(tmp_path / "syn", 10, 2, mix={"TM": 1.0})
     assert prepare.main(["--synthetic", "5", "--mix", "TM=two", "--out", str(tmp_path / "x")]) == 2
