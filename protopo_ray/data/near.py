@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from protopo_ray.data.embeddings import EmbeddingError, EmbeddingSpec, local_weights
+from protopo_ray.data.embedding_spec import EmbeddingError, EmbeddingSpec, fetch_weights
 
 MODEL = "near"
 """EmbeddingSpec.model of NEAR embeddings (anything else is an ESM-2 model name)."""
@@ -88,10 +88,10 @@ def packaged_weights() -> Path:
 
 def weights_file(weights: str | os.PathLike) -> Path:
     """The local .npz of an EmbeddingSpec's `weights`: the packaged one, a local path, or an object-store URI
-    copied once into the cache (embeddings.local_weights)."""
+    copied once into the cache (embedding_spec.fetch_weights)."""
     if str(weights) == PACKAGED:
         return packaged_weights()
-    return local_weights(weights, what="NEAR weights .npz", hint=INSTALL_HINT)
+    return fetch_weights(weights, "NEAR weights .npz", INSTALL_HINT, "near")
 
 
 def read_weights(path: str | os.PathLike) -> NEARWeights:
@@ -165,8 +165,9 @@ def forward(tokens: Any, mask: Any, params: dict[str, Any], layer: int) -> Any:
 
 
 class NEAREmbedder:
-    """NEAR in memory: `embed(sequences)` -> one float16 [L, dim] array per sequence (embeddings.Embedder's
-    NEAR half; tools/gpu_check may build one directly: NEAREmbedder(near.read_spec(), device))."""
+    """NEAR in memory: `embed(sequences)` -> one float16 [L, dim] array per sequence (embeddings.Embedder's NEAR
+    half). `device` default: CUDA where present, where cuDNN may run the convolutions in TF32 (torch's default;
+    ~1e-3 relative, the order of the float16 the values are stored in)."""
 
     def __init__(self, spec: EmbeddingSpec, device: str | None = None, max_tokens: int = MAX_TOKENS_PER_BATCH) -> None:
         import torch
@@ -184,21 +185,21 @@ class NEAREmbedder:
         self.max_tokens = max_tokens
 
     def embed(self, sequences: list[str]) -> list[np.ndarray]:
-        import torch
-
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: little padding
         out: list[np.ndarray | None] = [None] * len(sequences)
         batch: list[int] = []
         for i in [*order, None]:
             # sorted ascending, so the newest member is the longest: the padded size is its length x the count
             if batch and (i is None or len(sequences[i]) * (len(batch) + 1) > self.max_tokens):
-                self._embed_batch([sequences[j] for j in batch], batch, out, torch)
+                self._embed_batch([sequences[j] for j in batch], batch, out)
                 batch = []
             if i is not None:
                 batch.append(i)
         return out  # type: ignore[return-value]
 
-    def _embed_batch(self, sequences: list[str], where: list[int], out: list, torch: Any) -> None:
+    def _embed_batch(self, sequences: list[str], where: list[int], out: list) -> None:
+        import torch
+
         longest = max(len(s) for s in sequences)
         tokens = np.zeros((len(sequences), longest), dtype=np.int64)
         mask = np.zeros((len(sequences), longest), dtype=bool)
