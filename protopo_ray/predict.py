@@ -51,7 +51,7 @@ from protopo_ray.inference.predictions import (
 )
 from protopo_ray.model.metrics import format_metrics, protein_metrics
 from protopo_ray.training.checkpoint import CheckpointError
-from protopo_ray.training.input_shift import find_input_shifts, refusal
+from protopo_ray.training.input_shift import expected_shifts, find_input_shifts, refusal
 from protopo_ray.training.loop import resolve_device
 from protopo_ray.training.predictor import Predictor, load_predictor
 
@@ -124,10 +124,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.ray or args.dry_run:
-        from protopo_ray.cluster import batch_predict  # deferred: Ray is imported only for --ray
-
-        return batch_predict.main(args, predictor, files, cut)
+        return predict_on_ray(args, predictor, files, cut)
     return predict_in_process(args, predictor, files, cut, device)
+
+
+def predict_on_ray(args: argparse.Namespace, predictor: Predictor, files: list[str], cut: Batching) -> int:
+    """--ray / --dry-run: the hardware plan from the cluster (or --cluster YAML), then the Ray Data pipeline."""
+    # Deferred: Ray, the planner and the pipeline are imported only for --ray (a bare GPU box predicts without Ray).
+    from protopo_ray.cluster import batch_predict, prepare_tasks  # deferred: Ray (see above)
+    from protopo_ray.search import inventory as cluster_inventory  # deferred: the planner (see above)
+    from protopo_ray.search.predict_plan import format_predict_plan, inference_bytes, plan_prediction  # see above
+
+    shifts = expected_shifts(predictor.inputs, bool(args.structures), where=str(args.checkpoint))
+    if refusal(shifts) and not args.allow_input_shift:
+        print(f"error: {refusal(shifts)}", file=sys.stderr)
+        return 2
+    for shift in shifts:
+        print(f"warning: {shift.message}", file=sys.stderr)
+    import ray  # deferred with the rest: only --ray needs it
+
+    owned = not ray.is_initialized()  # a cluster this call starts is shut down when it ends; a joined one stays
+    if args.cluster:
+        inventory = cluster_inventory.inventory_from_cluster_yaml(args.cluster)
+    else:
+        prepare_tasks.connect(args.address)
+        inventory = cluster_inventory.read_inventory()
+    members = len(getattr(predictor.module, "members", [None]))
+    footprint = inference_bytes(predictor.config.model, cut.max_residues, members, predictor.inputs.embedding_dim)
+    plan = plan_prediction(inventory, footprint, embedding=bool(predictor.inputs.embedding))
+    print(format_predict_plan(plan, inventory), flush=True)
+    if args.dry_run:
+        if owned:
+            prepare_tasks.disconnect()
+        return 0
+    resources = batch_predict.Resources(
+        network_actors=plan.network_actors, gpus_per_actor=plan.gpus_per_actor, cpus_per_actor=plan.cpus_per_actor,
+        embed_actors=plan.embed_actors, embed_gpus=plan.embed_gpus, devices=plan.devices, device=plan.device,
+        usd_per_device_hour=plan.usd_per_device_hour)
+    try:
+        return batch_predict.run(args, predictor, files, cut, resources)
+    except (InputError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if owned:
+            prepare_tasks.disconnect()
 
 
 def predict_in_process(args: argparse.Namespace, predictor: Predictor, files: list[str], cut: Batching,
