@@ -59,6 +59,10 @@ class DataConfig:
     """With loading = auto: the in-memory size of the train split above which runs stream it."""
     shuffle_rows: int = 0
     """Streaming: rows held in the shuffle pool each window is drawn from (0 = two windows' worth)."""
+    structure_dropout: float = 0.0
+    """Share of the training proteins with structure graphs seen through their sequence-window graph instead, drawn
+    anew each epoch (training/structure_dropout): one model then serves proteins with and without structures
+    (a FASTA gets sequence graphs). Validation is then also measured on sequence graphs (val_seq_*)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path must name a shard directory")
@@ -76,6 +80,8 @@ class DataConfig:
         _check(self.stream_above_gib >= 0, "data.stream_above_gib must be >= 0")
         _check(self.shuffle_rows >= 0, "data.shuffle_rows must be >= 0 (0 = two windows)")
         _check(self.balance in ("none", "type"), f"data.balance must be none or type, got {self.balance!r}")
+        _check(0.0 <= self.structure_dropout <= 1.0,
+               f"data.structure_dropout must be a share in [0, 1], got {self.structure_dropout}")
         _check(not (self.balance == "type" and self.type_weights),
                "data.balance = 'type' draws every type equally; remove data.type_weights or set balance = 'none'")
         for name, weight in self.type_weights.items():
