@@ -111,7 +111,7 @@ def test_smoke_search_killed_then_resumed_end_to_end(ray_cluster, smoke_shards, 
     promotion = json.loads((exp_dir / "stages" / "promotion.json").read_text())
     (promoted,) = promotion["trials"]
     source = next(t for s in (architecture, regularization) for t in s["trials"]
-                  if t["trial_id"] == promoted["params"]["promoted_from"])
+                  if t["trial_id"] == promoted["promoted_from"])
     assert promoted["start_epoch"] == source["epochs"] >= 1
     assert [h["epoch"] for h in promoted["history"]] == list(range(source["epochs"] + 1, 6))
     assert promoted["history"][0]["resumed_from_epoch"] == source["epochs"]
