@@ -119,7 +119,7 @@ def test_s3_input_and_output(s3_server, checkpoint, tmp_path):  # noqa: F811 (th
     its workers must see the S3 endpoint), equal to the in-process path reading the same object."""
     env, fs = s3_server
     source = proteome(tmp_path / "p.fasta", count=30)
-    with fs.open_output_stream("protopo/in/p.fasta.gz") as handle:
+    with fs.open_output_stream("protopo/in/p.fasta.gz", compression=None) as handle:  # already gzipped
         handle.write(gzip.compress(source.read_bytes()))
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     try:
