@@ -1,6 +1,6 @@
 """Residues per second per core of a training step on the quality run's model, and the validation decode's cost.
 
-    .venv/bin/python -m tools.bench_step [--proteins 320] [--repeats 3] [--out benchmarks/bench_step.json] [--syncs-only]
+    .venv/bin/python -m tools.bench_step [--proteins 320] [--repeats 3] [--out benchmarks/bench_step.json] [--issue30]
 
 The model and features of experiments/deeptmhmm_ensemble.toml (GC 64 x 2, BiLSTM 64 x 2, hydropathy, charge,
 BLOSUM) on the first `--proteins` training proteins of data/deeptmhmm (sequence-window graphs), batched as the
@@ -18,6 +18,7 @@ pass's longest-length read) and as it is (`loop.train_step` after `loop.to_devic
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -59,7 +60,7 @@ def step_rate(config, batches: list, window: bool, threads: int) -> float:
 
 def legacy_step(model, batch, optimizer, scheduler, loss_fn, cfg, device: torch.device) -> tuple[float, int, float]:
     """The training step of `loop.train_epoch` before issue 30, reads and all: (loss, residues, grad norm)."""
-    batch = batch.to(device, non_blocking=True)
+    batch = copy.copy(batch).to(device, non_blocking=True)  # a copy: the caller's batch stays on the host
     with loop._autocast(device, cfg.bf16):
         logits = model(batch)
     loss = unwrap(model).loss(batch, logits, loss_fn)
@@ -152,6 +153,31 @@ def device_step(config, batches: list, device: torch.device, *, warmup: int = 2,
             "lstm_path": unwrap(model).lstm.path(device)}
 
 
+def legacy_rate(config, batches: list) -> float:
+    """Residues/s of the step before issue 30 (`legacy_step`) over `batches`, from a fresh seeded model."""
+    loop.set_seed(0)
+    model = TopologyModel(config.model)
+    optimizer = loop.build_optimizer(model, config.train)
+    loss_fn = loop.build_loss(config.train)
+    model.train()
+    began, residues = time.perf_counter(), 0
+    for batch in batches:
+        residues += legacy_step(model, batch, optimizer, _NoSchedule(), loss_fn, config.train, torch.device("cpu"))[1]
+    return residues / (time.perf_counter() - began)
+
+
+def issue30_rates(config, batches: list, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Residues/s on one thread, interleaved `repeats` times: the step before issue 30 and now (padded LSTM), and
+    now with the packed LSTM path (what auto picks on CUDA)."""
+    packed = config.replace({"model.lstm_impl": "packed"})
+    rates: dict[str, list[float]] = {"before (per-step reads)": [], "now, padded LSTM": [], "now, packed LSTM": []}
+    for _ in range(repeats):
+        rates["before (per-step reads)"].append(legacy_rate(config, batches))
+        rates["now, padded LSTM"].append(step_rate(config, batches, window=True, threads=1))
+        rates["now, packed LSTM"].append(step_rate(packed, batches, window=True, threads=1))
+    return {"rates": rates}
+
+
 def decode_cost(config) -> dict[str, float]:
     torch.set_num_threads(1)
     val = local_split(config.replace({"data.max_proteins": 0}), "val", mode="memory")
@@ -178,18 +204,21 @@ def main() -> int:
     parser.add_argument("--proteins", type=int, default=320)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/bench_step.json")
-    parser.add_argument("--syncs-only", action="store_true", help="only count host syncs per step (seconds)")
+    parser.add_argument("--issue30", action="store_true", help="only issue 30's CPU figures: host syncs per step, "
+                        "the step before / now and the LSTM paths (1 thread, --repeats interleaved)")
     args = parser.parse_args()
     config = load_config(CONFIG, {"data.max_proteins": args.proteins, "model.decoder": "argmax"})
     steps, tables = local_split(config, "train").train_epoch(0, 0, 1)
     batches = list(loop.collated(tables, depth=0))
     assert all(b.window > 0 for b in batches), "expected sequence-window graphs"
-    if args.syncs_only:
+    if args.issue30:
         torch.set_num_threads(1)
-        host_syncs = syncs_per_step(config, batches[:6], torch.device("cpu"))
-        print(json.dumps(host_syncs))
+        figures = {"host_syncs": syncs_per_step(config, batches[:6], torch.device("cpu")),
+                   **issue30_rates(config, batches, args.repeats), "proteins": args.proteins,
+                   "batches": len(batches), "load_before": os.getloadavg()}
+        print(json.dumps(figures, indent=1))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"host_syncs": host_syncs, "proteins": args.proteins}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(figures, indent=1) + "\n")
         return 0
     rates: dict[str, list[float]] = {"sparse GC, 1 thread": [], "window GC, 1 thread": [],
                                      "window GC, 2 threads": []}

@@ -38,13 +38,15 @@ def bench_stage(args: argparse.Namespace) -> dict:
     for size in sizes:
         config = base.replace({"data.batch_size": size})
         _, tables = local_split(config, "train", mode="memory").train_epoch(0, 0, 1)
-        batches_by_size[size] = list(loop.collated(itertools.islice(tables, steps), depth=0))
+        # pinned up front, as fit's prefetch thread pins them (collated(pin=True)): the step is what is timed
+        batches_by_size[size] = list(loop.collated(itertools.islice(tables, steps), depth=0,
+                                                   pin=device.type == "cuda"))
         for (precision, bf16, lstm_bf16), impl in itertools.product(precisions, ("padded", "packed")):
             run = config.replace({"train.bf16": bf16, "model.lstm_bf16": lstm_bf16, "model.lstm_impl": impl})
             row = {"batch_size": size, "precision": precision, "lstm_impl": impl}
             try:
                 row.update(bench_step.device_step(run, batches_by_size[size], device, warmup=1 if args.tiny else 2))
-            except torch.OutOfMemoryError as error:  # a figure too: this size does not fit
+            except torch.cuda.OutOfMemoryError as error:  # a figure too: this size does not fit
                 row["error"] = f"out of memory: {str(error).splitlines()[0]}"
                 torch.cuda.empty_cache()
             results.append(row)
