@@ -185,8 +185,10 @@ def predict_in_process(args: argparse.Namespace, predictor: Predictor, files: li
                              f"{args.input}: none of its record(s) is valid, so there is nothing to predict; the "
                              f"first problem: {first.reason}")
         built = [build_inputs(unit.records, args.structures, predictor.inputs.graph_k, cut) for unit in units]
+        # The new proteins are embedded with the checkpoint's own model and layer (embed_records), so only their
+        # graph kinds can differ from what it trained on.
         shifts = find_input_shifts(predictor.inputs, [i.graph_source for group in built for i in group],
-                                   where=str(args.checkpoint))
+                                   predictor.inputs.embedding, where=str(args.checkpoint))
         if refusal(shifts) and not args.allow_input_shift:
             raise InputError(refusal(shifts))
         for shift in shifts:

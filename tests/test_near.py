@@ -213,10 +213,9 @@ def test_prepare_embed_near_then_train_then_predict(tmp_path, capsys):
 
     fasta = tmp_path / "new.fasta"
     fasta.write_text(">new1\nMKTLLVAGLLLAVSAQAAPLLIVAVLAGLFYLRKK\n>new2\nMSEEKKDEQ\n")
-    # --allow-input-shift: predict's shift check is not yet told that the proteins get the recorded embedding
-    # (find_input_shifts without embedding=), so it calls any embedding-trained predictor's inputs a shift
+    # Sequence graphs in training and here, embedded with the recorded spec: no input shift, no flag needed.
     assert predict.main(["--checkpoint", str(checkpoint), "--input", str(fasta), "--out",
-                         str(tmp_path / "p.3line"), "--allow-input-shift"]) == 0
+                         str(tmp_path / "p.3line")]) == 0
     lines = (tmp_path / "p.3line").read_text().splitlines()
     assert lines[0].startswith(">new1") and len(lines[2]) == 35 and len(lines[5]) == 9
 
