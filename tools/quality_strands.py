@@ -9,7 +9,8 @@ labels, under one or more decodings, from a model's validation posteriors saved 
     # the same for posteriors made from the true labels (every residue's label at probability P, the rest
     # sharing 1 - P, multiplied by log-normal noise): what the grammar does with clear evidence
     .venv/bin/python -m tools.quality_strands --posteriors cv1_posteriors.pt --oracle 0.45 --decoding ...
-    # --choose: also the decoding ensemble.choose_decoding picks on these posteriors (its figures printed too)
+    # --choose: also the decodings ensemble.choose_decoding picks on these posteriors, with strands paying the
+    # entry penalty (the rule before issue 27 item 4) and with their own strand penalty (its figures printed too)
 
 The strand-count error of a protein is |predicted strands - true strands| (predicted: B segments of the decoded
 labels, whatever type they make the protein). B posterior mass is reported too: the mean B posterior over
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--posteriors", help="posteriors saved with --save")
     parser.add_argument("--decoding", action="append", default=[], help="k=v,... Decoding fields (repeatable)")
     parser.add_argument("--oracle", type=float, help="decode true-label posteriors at this probability instead")
-    parser.add_argument("--choose", action="store_true", help="also ensemble.choose_decoding's pick")
+    parser.add_argument("--choose", action="store_true",
+                        help="also ensemble.choose_decoding's picks, without and with a strand penalty")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.checkpoint:
@@ -213,11 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         print(format_figures(str(decoding.to_json()), strand_figures(posteriors, decode_all(grammar, decoding,
                                                                                                 posteriors.log_probs))))
     if args.choose:
-        from protopo_ray.model.ensemble import choose_decoding
+        from protopo_ray.model.ensemble import STRAND_PENALTIES, choose_decoding
         batches, log_probs = as_batches(posteriors)
-        chosen = choose_decoding(batches, log_probs, grammar, start=decodings[0]).decoding
-        print(format_figures(f"chosen {chosen.to_json()}", strand_figures(
-            posteriors, decode_all(grammar, chosen, posteriors.log_probs))))
+        for name, grid in (("chosen, strands paying the entry penalty (before)", (None,)),
+                           ("chosen with a strand penalty", STRAND_PENALTIES)):
+            chosen = choose_decoding(batches, log_probs, grammar, start=decodings[0], strand_penalties=grid).decoding
+            print(format_figures(f"{name} {chosen.to_json()}", strand_figures(
+                posteriors, decode_all(grammar, chosen, posteriors.log_probs))))
     return 0
 
 
