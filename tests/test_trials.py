@@ -4,6 +4,7 @@ their checkpoints' schemes; and the winner taken from a run's best/ checkpoint (
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -11,15 +12,16 @@ from pyarrow import fs as pafs
 from ray.tune import Checkpoint, Result
 
 from protopo_ray.config import Config
-from protopo_ray.model.ensemble import MIN_LOOPS, PENALTIES
+from protopo_ray.model.ensemble import MIN_LOOPS, PENALTIES, STRAND_PENALTIES
 from protopo_ray.search import trials
 from protopo_ray.search.inventory import GIB, Inventory, node_from_resources
 from protopo_ray.search.plan import plan_promotion, plan_search
 from protopo_ray.search.results import ExperimentDir, StageRecord, TrialRecord
 from protopo_ray.search.run import pick_winner
 from protopo_ray.search.stages import CONTINUE_KEY, PromotionStage, SearchStage, Stage
+from protopo_ray.training.evaluation import evaluate_checkpoint
 from protopo_ray.training.fit import fit
-from protopo_ray.training.predictor import load_predictor
+from protopo_ray.training.predictor import choose_checkpoint_decoding, load_predictor
 from protopo_ray.training.session import LocalSession
 
 SEARCH = SearchStage(name="architecture", metric="val_loss", mode="min", max_epochs=4,
@@ -144,7 +146,8 @@ def test_a_viterbi_winner_decodes_with_numbers_chosen_on_validation(smoke_shards
     config = trials.trial_config(ctx, {"model.lstm_size": 8}, "v").replace(
         {"data.path": str(smoke_shards), "train.epochs": 1, "train.device": "cpu", "resources.gpus_per_worker": 0.0,
          "resources.accelerator_type": "", "data.train_folds": ["train"], "data.val_folds": ["val"],
-         "data.test_folds": ["test"], "model.decoder": "viterbi", "model.entry_penalty": 3.0})
+         "data.test_folds": ["test"], "model.decoder": "viterbi", "model.entry_penalty": 3.0,
+         "data.structure_dropout": 0.5})
     fit(config, LocalSession(config))
     run_dir = tmp_path / "train" / "architecture_v"
     record = StageRecord(stage="architecture", kind="search", scheduler="asha", metric="val_loss", mode="min",
@@ -156,8 +159,14 @@ def test_a_viterbi_winner_decodes_with_numbers_chosen_on_validation(smoke_shards
     chosen = winner.decoding
     # One of the values choose_decoding tries (3.0 is not), recorded, and what the winner checkpoint decodes with.
     assert chosen is not None and chosen.entry_penalty in PENALTIES and chosen.min_loop in MIN_LOOPS
+    assert chosen.strand_penalty in STRAND_PENALTIES
     assert exp.load_winner().decoding == chosen
     model = load_predictor(exp.winner_checkpoint).module
     assert model.decoding == chosen and winner.config.model.entry_penalty == chosen.entry_penalty
     # The run's own checkpoint is left as it was trained.
     assert json.loads((run_dir / "best" / "meta.json").read_text())["config"]["model"]["entry_penalty"] == 3.0
+    # Trained for both graph kinds, it is chosen on both: each validation protein through its structure graph and
+    # again through the sequence-window graph a FASTA gets.
+    copy = shutil.copytree(run_dir / "best", tmp_path / "copy")
+    val_proteins = evaluate_checkpoint(copy, split="val")["n_proteins"]
+    assert choose_checkpoint_decoding(copy).figures["n_proteins"] == 2 * val_proteins > 0

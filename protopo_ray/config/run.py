@@ -120,6 +120,10 @@ class ModelConfig:
     min_loop: int = 1
     """decoder = viterbi: shortest loop allowed between two membrane helices (1 = no floor; beta turns stay
     free). Tune it on the validation fold."""
+    strand_penalty: float | None = None
+    """decoder = viterbi: log-score cost of entering a barrel strand (None: strands pay `entry_penalty`, as in
+    configs written before it). Its own number because a 22-strand barrel pays it 22 times: an entry cost that
+    keeps spurious helices out under-calls strands (docs/benchmarks.md, issue 27 item 4). Chosen on validation."""
     feature_hydropathy: bool = False
     """Add Kyte-Doolittle hydropathy and its 7- and 19-residue window means to the residue inputs."""
     feature_charge: bool = False
@@ -150,6 +154,8 @@ class ModelConfig:
                f"model.duration_weight must be a finite number >= 0, got {self.duration_weight}")
         _check(math.isfinite(self.beta_offset), f"model.beta_offset must be a finite number, got {self.beta_offset}")
         _check(self.min_loop >= 1, f"model.min_loop must be >= 1, got {self.min_loop}")
+        _check(self.strand_penalty is None or math.isfinite(self.strand_penalty),
+               f"model.strand_penalty must be a finite number or none, got {self.strand_penalty}")
         _check(self.lstm_impl in LSTM_IMPLS, f"model.lstm_impl must be one of {LSTM_IMPLS}, got {self.lstm_impl!r}")
 
 
@@ -316,6 +322,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint == float | None:  # TOML has no null: a field left out, or "none" from --set, means None
+        return None if value is None or value in ("none", "None", "") else _coerce(float, value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     origin = typing.get_origin(hint)

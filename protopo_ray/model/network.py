@@ -178,10 +178,10 @@ class TopologyModel(nn.Module):
     @property
     def decoding(self) -> Decoding:
         """How decoder = viterbi turns its softmax into a topology (`model.entry_penalty`, `duration_weight`,
-        `beta_offset`, `min_loop`)."""
+        `beta_offset`, `min_loop`, `strand_penalty`)."""
         cfg = self.cfg
         return Decoding(entry_penalty=cfg.entry_penalty, duration_weight=cfg.duration_weight,
-                        beta_offset=cfg.beta_offset, min_loop=cfg.min_loop)
+                        beta_offset=cfg.beta_offset, min_loop=cfg.min_loop, strand_penalty=cfg.strand_penalty)
 
     def forward(
         self,

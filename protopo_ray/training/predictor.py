@@ -37,6 +37,7 @@ from protopo_ray.model.grammar import Decoding
 from protopo_ray.training import loop
 from protopo_ray.training.checkpoint import META_FILE, CheckpointError, ModelInputs, load_checkpoint, write_meta
 from protopo_ray.training.splits import local_split
+from protopo_ray.training.structure_dropout import all_sequence
 
 ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
@@ -134,26 +135,31 @@ def build_ensemble(members: list[EnsembleMember], target: Path, rule: str = "mea
 
 
 def choose_checkpoint_decoding(path: str | Path) -> DecodingChoice:
-    """Choose a decoder = viterbi checkpoint's free decoding numbers (entry penalty, helix-loop floor, beta
-    offset) on its own validation folds, as an ensemble's are chosen out of fold, and write them into the
-    checkpoint's config (model.entry_penalty, model.min_loop, model.beta_offset): predict and evaluation then
-    decode with them. The training run decoded validation with the config's values; those only ranked epochs."""
+    """Choose a decoder = viterbi checkpoint's free decoding numbers (entry penalty, helix-loop floor, strand
+    penalty, beta offset) on its own validation folds, as an ensemble's are chosen out of fold, and write them into
+    the checkpoint's config (model.entry_penalty, model.min_loop, model.strand_penalty, model.beta_offset): predict
+    and evaluation then decode with them. The training run decoded validation with the config's values; those only
+    ranked epochs. A model trained for both graph kinds (`data.structure_dropout`) is chosen for both: the
+    validation proteins through their shard graphs and again through the sequence-window graphs a FASTA gets,
+    pooled, so the numbers do not favour one kind of input."""
     checkpoint = load_checkpoint(path)
     if checkpoint.config.model.decoder != "viterbi":
         raise ValueError(f"{path}: decoder {checkpoint.config.model.decoder!r} has no free decoding numbers "
                          f"(only decoder = viterbi decodes with chosen ones)")
     model = checkpoint.model()
-    split = local_split(checkpoint.config.replace({"data.max_proteins": 0}), "val", mode="memory")
-    batches = list(loop.collated(split.eval_batches(0, 1), depth=0))
+    config = checkpoint.config.replace({"data.max_proteins": 0})
+    split = local_split(config, "val", mode="memory")
+    views = [split.eval_batches(0, 1)]
+    if checkpoint.meta.inputs.structure_dropout > 0:
+        k = checkpoint.meta.inputs.graph_k
+        views.append(all_sequence(table, k) for table in split.eval_batches(0, 1))
+    batches = [batch for view in views for batch in loop.collated(view, depth=0)]
     with torch.no_grad():
         log_probs = [mean_log_posteriors([model.label_posteriors(b, model(b).float())]) for b in batches]
-    # The strand penalty stays as the model's config decodes (strands pay the entry penalty): the model config
-    # has no field to carry a chosen one; an ensemble's (ensemble.json) does.
-    choice = choose_decoding(batches, log_probs, grammar=model.grammar, start=model.decoding,
-                             strand_penalties=(model.decoding.strand_penalty,))
+    choice = choose_decoding(batches, log_probs, grammar=model.grammar, start=model.decoding)
     chosen = choice.decoding
     config = checkpoint.config.replace({"model.entry_penalty": chosen.entry_penalty, "model.min_loop": chosen.min_loop,
+                                        "model.strand_penalty": chosen.strand_penalty,
                                         "model.beta_offset": chosen.beta_offset})
     write_meta(path, dataclasses.replace(checkpoint.meta, config=config))
     return choice
-
