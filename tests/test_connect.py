@@ -268,3 +268,39 @@ def test_search_joins_a_ray_start_head_without_auth_found_on_this_machine(smoke_
     done = dry_run(smoke_shards, head_dir, env)  # no RAY_ADDRESS: the live `ray start` of RAY_TMPDIR
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in done.stderr
+
+
+PRIVATE_CLUSTER = """
+import sys
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+ray.shutdown()
+"""
+PROBE = """
+from ray._private import services
+from protopo_ray.cluster.connect import running_cluster
+print(running_cluster(), " ".join(sorted(services.find_gcs_addresses())))
+"""
+
+
+@pytest.mark.ray
+def test_another_process_private_cluster_is_not_joined(head_dir):
+    """A second `tune` beside a first on one machine: the first's cluster (its own `ray.init`) ends when it exits,
+    so the second must start its own instead of joining it (its trials died with "owner's node has crashed")."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": str(head_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    holder = subprocess.Popen([sys.executable, "-c", PRIVATE_CLUSTER], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        gcs = holder.stdout.readline().strip()
+        probe = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert probe.returncode == 0, probe.stderr[-2000:]
+        joined, live = probe.stdout.split(" ", 1)
+        assert gcs and gcs in live.split()  # it is alive and visible ...
+        assert joined == "None"  # ... but nobody's `ray start`
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)

@@ -33,13 +33,13 @@ def running_cluster() -> str | None:
     """Address of a Ray cluster running on this machine (started by `ray start`), if its GCS is alive.
 
     `ray.init(address="auto")` trusts the address file of the last `ray start`; after that cluster died it
-    retries a dead GCS for minutes. Only addresses of live GCS processes count here.
+    retries a dead GCS for minutes. Only addresses of live GCS processes count here, and only the one `ray start`
+    recorded: a live GCS nobody recorded is another process's private cluster (a second `tune` or `predict --ray`
+    on the same machine started it with `ray.init`), which ends when that process exits, taking this one's trials
+    with it.
     """
-    live = services.find_gcs_addresses()
     recorded = services.find_bootstrap_address(None)
-    if recorded and recorded in live:
-        return recorded
-    return next(iter(live)) if len(live) == 1 else None
+    return recorded if recorded and recorded in services.find_gcs_addresses() else None
 
 
 class ClusterAuthError(ValueError):
