@@ -207,7 +207,7 @@ def test_summary_names_winner_test_metrics_report_and_logs(tmp_path):
                           checkpoint=str(tmp_path / "winner" / "checkpoint"),
                           test={"loss": 0.5, "residue_acc": 0.875, "type_acc": 0.75, "topo_mean": 0.5,
                                 "overlap_acc": 0.5, "n_proteins": 40, "topo_tm": 0.7, "n_tm": 10, "topo_beta": 0.4,
-                                "n_beta": 5}, decoding=Decoding(entry_penalty=4.0, min_loop=3))
+                                "n_beta": 5}, decoding=Decoding(entry_penalty=4.0, min_loop=3, strand_penalty=-2.0))
     display.summary(winner=winner, report=tmp_path / "report.md", metric="val_loss")
     text = out.getvalue()
     assert "p_00000 (promotion, from a_1)  gc_size=32" in text
@@ -215,7 +215,7 @@ def test_summary_names_winner_test_metrics_report_and_logs(tmp_path):
     assert "loss 0.5, residue acc 0.875, type acc 0.75, topology acc (mean) 0.5, overlap acc 0.5, on 40 proteins" in text
     assert str(tmp_path / "report.md") in text and "ray.log" in text
     assert "TM 0.7 (10), BETA 0.4 (5)  (per type, test proteins in brackets)" in text
-    assert "entry penalty 4, helix loops >= 3, beta offset 0, length priors x1, rule mean" in text
+    assert "entry penalty 4, strand penalty -2, helix loops >= 3, beta offset 0, length priors x1, rule mean" in text
     assert "test FASTA" not in text  # no from-sequence figures recorded: no such row
 
 

@@ -332,8 +332,10 @@ def _error_file(trial) -> str | None:
 
 
 def describe_decoding(decoding: Decoding) -> str:
-    """'entry penalty 4, helix loops >= 3, beta offset 0, length priors x1, rule mean'."""
-    return (f"entry penalty {decoding.entry_penalty:g}, helix loops >= {decoding.min_loop}, beta offset "
+    """'entry penalty 4, strand penalty 2, helix loops >= 3, beta offset 0, length priors x1, rule mean' (no
+    strand penalty when strands pay the entry penalty)."""
+    strand = "" if decoding.strand_penalty is None else f", strand penalty {decoding.strand_penalty:g}"
+    return (f"entry penalty {decoding.entry_penalty:g}{strand}, helix loops >= {decoding.min_loop}, beta offset "
             f"{decoding.beta_offset:g}, length priors x{decoding.duration_weight:g}, rule {decoding.rule}")
 
 
