@@ -67,9 +67,19 @@ def plan_prediction(inventory: Inventory, footprint_bytes: int, *, embedding: bo
         if not fit:
             notes.append("the model's batch may not fit a GPU share: batches that run out of memory are split")
         actors = int(gpus * per_gpu)
+        # A network actor holds its CPUs for the whole run: where a GPU node has fewer CPUs than its actors (and its
+        # embedding actor, 1 CPU each) plus one, the actors share them, or the decoding and graph tasks find no CPU
+        # there and the pipeline stalls with every actor placed and none fed (cluster-fake.yaml: 2 CPUs, 2 GPUs).
+        spare = min((n.cpus - 1 - (n.gpus if embedding else 0)) / (n.gpus * per_gpu) for n in gpu_nodes)
+        cpus_per_actor = 1.0 if spare >= 1 else max(0.05, math.floor(spare * 20) / 20)
+        if cpus_per_actor < 1:
+            notes.append(f"GPU nodes have few CPUs: {cpus_per_actor:g} CPU per network actor, so the decoding keeps "
+                         f"one per node")
+        embed_actors = int(gpus) if embedding else 0
         return PredictPlan(device="gpu", network_actors=actors, gpus_per_actor=gpu_fraction(int(per_gpu / share)),
-                           cpus_per_actor=1.0, embed_actors=int(gpus) if embedding else 0,
-                           embed_gpus=0.5 if embedding else 0.0, decode_cpus=max(1.0, cpus - actors),
+                           cpus_per_actor=cpus_per_actor, embed_actors=embed_actors,
+                           embed_gpus=0.5 if embedding else 0.0,
+                           decode_cpus=max(1.0, cpus - actors * cpus_per_actor - embed_actors),
                            footprint_bytes=footprint_bytes, devices=gpus,
                            usd_per_device_hour=prices.device_hour_price(gpu_nodes, "gpu"), notes=tuple(notes))
     actors = max(1, int(cpus // 2))
