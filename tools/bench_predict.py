@@ -19,6 +19,7 @@ Modes (each a fresh `python -m protopo_ray.predict` process, OMP_NUM_THREADS=1):
   cluster2x2 the same with 2 logical CPUs a node (the plan: 2 network actors), oversubscribing 2 real cores;
   fake       --ray on `ray start --head --num-cpus=0 --autoscaling-config=cluster-fake.yaml` (RAY_FAKE_CLUSTER=1):
              the autoscaler starts a worker node for the job (wall includes its start);
+  fakeyaml   the same with --cluster cluster-fake.yaml: planned on its GPU node type (logical GPUs);
   resume     --ray killed with SIGKILL once half the shards exist, then the same command again; its outputs
              compared byte for byte with an uninterrupted --ray run and the in-process run.
 Memory: every process this tool starts carries a marker in its environment; a poller (psutil, every 0.2 s) takes
@@ -317,9 +318,11 @@ def mode_cluster(ctx: dict, fasta: dict, out: Path, cpus_per_node: int) -> dict:
                   nodes=2, logical_cpus_per_node=cpus_per_node)
 
 
-def mode_fake(ctx: dict, fasta: dict, out: Path) -> dict:
+def mode_fake(ctx: dict, fasta: dict, out: Path, plan_from_yaml: bool = False) -> dict:
     """The project's cluster-fake.yaml: a CPU-0 head, worker nodes (2 CPUs, 2 logical GPUs: the network runs on the
-    CPU) at min_workers 0, started by the autoscaler when the job asks for them."""
+    CPU) at min_workers 0, started by the autoscaler when the job asks for them. A local `ray start` writes no
+    bootstrap config, so the planner sees the live head alone (0 CPUs: one CPU actor); `plan_from_yaml` passes
+    --cluster cluster-fake.yaml, as the project's tune job does, and the plan is the GPU node type's."""
     probe = socket.socket()
     if probe.connect_ex(("127.0.0.1", 6379)) == 0:
         probe.close()
@@ -335,11 +338,13 @@ def mode_fake(ctx: dict, fasta: dict, out: Path) -> dict:
                         f"--dashboard-agent-listen-port={free_port()}"],
                        env={**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}, check=True,
                        capture_output=True, timeout=120)
-        cmd = predict_cmd(ctx["checkpoint"], fasta["path"], out, "--ray", "--address", "127.0.0.1:6379")
+        cmd = predict_cmd(ctx["checkpoint"], fasta["path"], out, "--ray", "--address", "127.0.0.1:6379",
+                          *(["--cluster", str(ROOT / "cluster-fake.yaml")] if plan_from_yaml else []))
         run = run_predict(cmd, env, ctx["marker"])
     finally:
         kill_marked(ctx["marker"], wait_s=0)  # no `ray stop`: it would stop other sessions' clusters too
-    return row_of("fake", fasta, run, 2, cmd, started_from="0 worker nodes (head: 0 CPUs)")
+    return row_of("fakeyaml" if plan_from_yaml else "fake", fasta, run, 2, cmd,
+                  started_from="0 worker nodes (head: 0 CPUs)")
 
 
 def mode_resume(ctx: dict, fasta: dict, out: Path, reference: Path, inprocess: Path | None) -> dict:
@@ -367,7 +372,7 @@ def mode_resume(ctx: dict, fasta: dict, out: Path, reference: Path, inprocess: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default="inprocess,ray,cluster2,cluster2x2,fake,resume")
+    parser.add_argument("--modes", default="inprocess,ray,cluster2,cluster2x2,fake,fakeyaml,resume")
     parser.add_argument("--sizes", default="2000,20000", help="proteins per FASTA (comma-separated)")
     parser.add_argument("--checkpoint", help="a predictor (default: one trained here, see above)")
     parser.add_argument("--work", default="/tmp/bench_predict", help="FASTAs, outputs and the trained checkpoint")
@@ -400,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = mode_ray(ctx, fasta, out)
             elif mode.startswith("cluster2"):
                 row = mode_cluster(ctx, fasta, out, 1 if mode == "cluster2" else int(mode.split("x")[-1]))
-            elif mode == "fake":
-                row = mode_fake(ctx, fasta, out)
+            elif mode in ("fake", "fakeyaml"):
+                row = mode_fake(ctx, fasta, out, plan_from_yaml=mode == "fakeyaml")
             elif mode == "resume":
                 reference = outs.get("ray") or work / f"out_ray_{size}"
                 if not (reference / "summary.tsv").exists():
