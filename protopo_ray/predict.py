@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--structures", help="directory of AlphaFold/PDB structures (optional)")
     parser.add_argument("--out-dir", help="write predicted.3line, predicted.gff3, summary.tsv here (--ray: also "
                         "the result shards; a local path or s3:// / gs:// URI)")
-    parser.add_argument("--plots", action="store_true", help="also write --out-dir/plots/<id>.png per protein")
+    parser.add_argument("--plots", action="store_true",
+                        help="also write --out-dir/plots/<id>.png per protein (not with --ray)")
     parser.add_argument("--out", type=Path, help="write the 3-line predictions to this file")
     parser.add_argument("--embed-weights", metavar="FILE", help="ESM-2 weights file (local path or s3:// / gs://) "
                         "for a predictor trained on embeddings; default: the path its checkpoint records")
@@ -111,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("say where the predictions go: --out-dir DIR (3-line, GFF3, TSV, plots) and/or --out FILE.3line")
     if args.plots and args.out_dir is None:
         parser.error("--plots writes into --out-dir/plots; give --out-dir")
+    if args.plots and (args.ray or args.dry_run):
+        # Refused before any cluster starts: the Ray path writes shards and the assembled text files, never PNGs
+        # (a proteome's worth of plots is not what --ray is for), so the flag would silently do nothing.
+        parser.error("--plots is not supported with --ray: plot the proteins you want to see with the in-process "
+                     "path (the same command without --ray, on a FASTA of those proteins); --ray --probabilities "
+                     "keeps every protein's per-residue probabilities in its result shard")
     if (args.ray or args.dry_run) and args.out_dir is None and not args.dry_run:
         parser.error("--ray writes result shards into --out-dir; give --out-dir")
     try:
@@ -159,8 +166,8 @@ def predict_on_ray(args: argparse.Namespace, predictor: Predictor, files: list[s
         return 0
     resources = batch_predict.Resources(
         network_actors=plan.network_actors, gpus_per_actor=plan.gpus_per_actor, cpus_per_actor=plan.cpus_per_actor,
-        embed_actors=plan.embed_actors, embed_gpus=plan.embed_gpus, devices=plan.devices, device=plan.device,
-        usd_per_device_hour=plan.usd_per_device_hour)
+        embed_actors=plan.embed_actors, embed_gpus=plan.embed_gpus, embed_cpus=plan.embed_cpus, devices=plan.devices,
+        device=plan.device, usd_per_device_hour=plan.usd_per_device_hour)
     try:
         return batch_predict.run(args, predictor, files, cut, resources)
     except (InputError, ValueError) as error:

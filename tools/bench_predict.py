@@ -254,6 +254,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_freed(port: int, wait_s: float = 30.0) -> bool:
+    deadline = time.time() + wait_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return True
+        if time.time() > deadline:
+            return False
+        time.sleep(1)
+
+
 def closing_line(text: str) -> str:
     return next((line for line in reversed(text.splitlines()) if line.startswith("wrote ")), "")
 
@@ -323,11 +334,8 @@ def mode_fake(ctx: dict, fasta: dict, out: Path, plan_from_yaml: bool = False) -
     CPU) at min_workers 0, started by the autoscaler when the job asks for them. A local `ray start` writes no
     bootstrap config, so the planner sees the live head alone (0 CPUs: one CPU actor); `plan_from_yaml` passes
     --cluster cluster-fake.yaml, as the project's tune job does, and the plan is the GPU node type's."""
-    probe = socket.socket()
-    if probe.connect_ex(("127.0.0.1", 6379)) == 0:
-        probe.close()
+    if not port_freed(6379):  # a fake cluster this tool just stopped lets go of it within seconds
         raise RuntimeError("port 6379 is taken by another Ray cluster; the fake nodes need the default GCS port")
-    probe.close()
     bin_dir = Path(sys.executable).parent
     env = {**ctx["env"], "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token", MARKER: ctx["marker"]}
     env.pop("RAY_ADDRESS", None)
@@ -343,6 +351,7 @@ def mode_fake(ctx: dict, fasta: dict, out: Path, plan_from_yaml: bool = False) -
         run = run_predict(cmd, env, ctx["marker"])
     finally:
         kill_marked(ctx["marker"], wait_s=0)  # no `ray stop`: it would stop other sessions' clusters too
+        port_freed(6379)
     return row_of("fakeyaml" if plan_from_yaml else "fake", fasta, run, 2, cmd,
                   started_from="0 worker nodes (head: 0 CPUs)")
 

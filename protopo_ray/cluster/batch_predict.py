@@ -72,6 +72,7 @@ class Resources:
     cpus_per_actor: float
     embed_actors: int
     embed_gpus: float
+    embed_cpus: float
     devices: float
     device: str
     usd_per_device_hour: float | None
@@ -163,7 +164,8 @@ def build_pipeline(files: list[str], done: dict[str, str], predictor: Predictor,
         if args.embed_weights:
             spec["weights"] = str(storage.resolve(args.embed_weights))
         ds = ds.map_batches(EmbedUnits, batch_size=1, compute=ray.data.ActorPoolStrategy(size=resources.embed_actors),
-                            fn_constructor_kwargs={"spec": spec}, num_gpus=resources.embed_gpus or None, num_cpus=1)
+                            fn_constructor_kwargs={"spec": spec}, num_gpus=resources.embed_gpus or None,
+                            num_cpus=resources.embed_cpus)
     ds = ds.map_batches(PosteriorActor, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=resources.network_actors),
                         fn_constructor_kwargs={"checkpoint": checkpoint, "cut": cut,

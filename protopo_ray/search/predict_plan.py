@@ -6,7 +6,9 @@ Inference keeps no activations for a backward pass, so a network actor needs its
 and one batch's activations under the residue budget; the training activation count (`model.footprint`) is
 used for them, an upper bound. A GPU takes as many actors as fit (at most `MAX_ACTORS_PER_GPU`: small models
 leave a GPU idle between Python-side batches, a few actors keep it busy); with embeddings, half of each GPU goes
-to an embedding actor. Without GPUs half the CPUs run network actors and the rest decode.
+to an embedding actor. Without GPUs half the CPUs run network actors and the rest decode. Actors never take the
+CPUs one Viterbi task and a read and a graph task need (`TASK_CPUS`): where too few are left, they share fractions
+of a CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from protopo_ray.search.plan import CUDA_CONTEXT_BYTES, gpu_fraction
 from protopo_ray.search.prices import PriceConfig
 
 MAX_ACTORS_PER_GPU = 4
+#: CPUs the plan leaves free of actors: one Viterbi task (1 CPU) and a read and a graph task
+#: (`cluster.batch_predict`: READ_CPUS, GRAPH_CPUS).
+TASK_CPUS = 1.5
 #: Share of a GPU's memory the plan fills (the rest: allocator slack, the embedding model, other tenants).
 MEMORY_HEADROOM = 0.8
 
@@ -35,6 +40,8 @@ class PredictPlan:
     embed_actors: int
     """0 when the predictor takes no embeddings."""
     embed_gpus: float
+    embed_cpus: float
+    """CPUs of an embedding actor."""
     decode_cpus: float
     """CPUs the Viterbi tasks may use at once."""
     footprint_bytes: int
@@ -68,28 +75,38 @@ def plan_prediction(inventory: Inventory, footprint_bytes: int, *, embedding: bo
             notes.append("the model's batch may not fit a GPU share: batches that run out of memory are split")
         actors = int(gpus * per_gpu)
         # A network actor holds its CPUs for the whole run: where a GPU node has fewer CPUs than its actors (and its
-        # embedding actor, 1 CPU each) plus one, the actors share them, or the decoding and graph tasks find no CPU
-        # there and the pipeline stalls with every actor placed and none fed (cluster-fake.yaml: 2 CPUs, 2 GPUs).
-        spare = min((n.cpus - 1 - (n.gpus if embedding else 0)) / (n.gpus * per_gpu) for n in gpu_nodes)
-        cpus_per_actor = 1.0 if spare >= 1 else max(0.05, math.floor(spare * 20) / 20)
+        # embedding actor, 1 CPU) plus TASK_CPUS, the actors share them, or the tasks find no CPU there and the
+        # pipeline stalls with every actor placed and none fed (cluster-fake.yaml: 2 CPUs, 2 GPUs).
+        cpus_per_actor = cpu_share(min((n.cpus - TASK_CPUS - (n.gpus if embedding else 0)) / (n.gpus * per_gpu)
+                                       for n in gpu_nodes))
         if cpus_per_actor < 1:
             notes.append(f"GPU nodes have few CPUs: {cpus_per_actor:g} CPU per network actor, so the decoding keeps "
                          f"one per node")
         embed_actors = int(gpus) if embedding else 0
         return PredictPlan(device="gpu", network_actors=actors, gpus_per_actor=gpu_fraction(int(per_gpu / share)),
                            cpus_per_actor=cpus_per_actor, embed_actors=embed_actors,
-                           embed_gpus=0.5 if embedding else 0.0,
+                           embed_gpus=0.5 if embedding else 0.0, embed_cpus=1.0 if embedding else 0.0,
                            decode_cpus=max(1.0, cpus - actors * cpus_per_actor - embed_actors),
                            footprint_bytes=footprint_bytes, devices=gpus,
                            usd_per_device_hour=prices.device_hour_price(gpu_nodes, "gpu"), notes=tuple(notes))
     actors = max(1, int(cpus // 2))
     embed = max(1, int(cpus // 4)) if embedding else 0
+    # The same rule as on GPU nodes: actors that take every CPU leave the Viterbi tasks none (2 CPUs with
+    # embeddings: a network and an embedding actor of 1 CPU each, and the pipeline waits forever).
+    share = cpu_share((cpus - TASK_CPUS) / (actors + embed))
     cpu_nodes = [n for n in inventory.nodes if n.cpus]
-    return PredictPlan(device="cpu", network_actors=actors, gpus_per_actor=0.0, cpus_per_actor=1.0,
-                       embed_actors=embed, embed_gpus=0.0, decode_cpus=max(1.0, cpus - actors - embed),
+    notes = [f"no GPUs: network actors on {share:g} CPU each, the rest of the CPUs decode"]
+    return PredictPlan(device="cpu", network_actors=actors, gpus_per_actor=0.0, cpus_per_actor=share,
+                       embed_actors=embed, embed_gpus=0.0, embed_cpus=share if embedding else 0.0,
+                       decode_cpus=max(1.0, cpus - (actors + embed) * share),
                        footprint_bytes=footprint_bytes, devices=cpus,
-                       usd_per_device_hour=prices.device_hour_price(cpu_nodes, "cpu"),
-                       notes=("no GPUs: network actors on one CPU each, the rest of the CPUs decode",))
+                       usd_per_device_hour=prices.device_hour_price(cpu_nodes, "cpu"), notes=tuple(notes))
+
+
+def cpu_share(spare: float) -> float:
+    """CPUs per actor: 1 where there are `spare` CPUs per actor or more, else `spare` in steps of 0.05 (at least
+    0.05: an actor of fewer logical CPUs still runs one thread)."""
+    return 1.0 if spare >= 1 else max(0.05, math.floor(spare * 20) / 20)
 
 
 def format_predict_plan(plan: PredictPlan, inventory: Inventory) -> str:
@@ -97,7 +114,8 @@ def format_predict_plan(plan: PredictPlan, inventory: Inventory) -> str:
     lines = [f"cluster: {len(inventory.nodes)} node(s), {inventory.total_cpus:g} CPUs, {inventory.total_gpus:g} GPUs",
              f"network: {plan.network_actors} actor(s) on {plan.device}, {plan.gpus_per_actor:g} GPU and "
              f"{plan.cpus_per_actor:g} CPU each, {gib_text(plan.footprint_bytes)} GiB each",
-             f"embeddings: {plan.embed_actors} actor(s), {plan.embed_gpus:g} GPU each" if plan.embed_actors else
+             f"embeddings: {plan.embed_actors} actor(s), {plan.embed_gpus:g} GPU and {plan.embed_cpus:g} CPU each"
+             if plan.embed_actors else
              "embeddings: none (the predictor takes none)",
              f"decoding (Viterbi): CPU tasks, up to {plan.decode_cpus:g} CPUs at once",
              f"price: {price} per {plan.device.upper()}-hour, {plan.devices:g} {plan.device.upper()}(s) held"]
